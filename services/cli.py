@@ -1,0 +1,131 @@
+"""The `xrayq` command line: run the stack or one of its services, migrate, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from shared.settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xrayq", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run gateway, worker and trainer as supervised child processes")
+    up.add_argument("--no-starter", action="store_true", help="do not train a starter model when none is active")
+    commands.add_parser("gateway", help="run the HTTP gateway (uvicorn)")
+    worker = commands.add_parser("worker", help="run an inference worker (Celery, queue 'predict')")
+    worker.add_argument("--concurrency", type=int, default=None)
+    commands.add_parser("trainer", help="run the trainer (Celery, queue 'train')")
+    commands.add_parser("migrate", help="create or upgrade the database schema")
+    commands.add_parser("ensure-model", help="train and activate the starter model if none is active")
+
+    train = commands.add_parser("train", help="train a model on a folder of class subfolders or a .npz",
+                                description="Options left out take the starter recipe's values.")
+    train.add_argument("data", type=Path)
+    train.add_argument("--name", default=None, help="model name (default: XRAYQ_DEFAULT_MODEL)")
+    train.add_argument("--architecture", "--arch", default=None)
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--image-size", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--learning-rate", "--lr", type=float, default=None)
+    train.add_argument("--color", choices=["auto", "grayscale", "rgb"], default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--val-fraction", type=float, default=None)
+    train.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")
+    train.add_argument("--no-augment", action="store_true")
+    train.add_argument("--activate", choices=["if_none_active", "always", "never"], default="if_none_active")
+
+    args = parser.parse_args(argv)
+    handler = {
+        "up": _up, "gateway": _gateway, "worker": _worker, "trainer": _trainer,
+        "migrate": _migrate, "ensure-model": _ensure_model, "train": _train,
+    }[args.command]
+    return handler(args) or 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.supervisor import run_stack
+
+    return run_stack(get_settings(), train_starter=not args.no_starter)
+
+
+def _gateway(_: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("services.gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=10)
+    return 0
+
+
+def _celery_worker(app_module: str, queue: str, concurrency: int) -> int:
+    module = __import__(app_module, fromlist=["app"])
+    settings = get_settings()
+    module.app.worker_main([
+        "worker", "--queues", queue, "--concurrency", str(concurrency), "--pool", "prefork",
+        "--hostname", f"{queue}-{os.getpid()}@%h", "--loglevel", settings.log_level.upper(),
+        "--without-mingle", "--without-gossip",
+    ])
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    return _celery_worker("services.worker.app", "predict", args.concurrency or get_settings().worker_concurrency)
+
+
+def _trainer(_: argparse.Namespace) -> int:
+    return _celery_worker("services.trainer.app", "train", 1)  # one run at a time per trainer
+
+
+def _migrate(_: argparse.Namespace) -> int:
+    from shared.db.migrate import upgrade_database
+
+    upgrade_database(get_settings())
+    print("database is at the latest schema")
+    return 0
+
+
+def _ensure_model(_: argparse.Namespace) -> int:
+    from services.supervisor import ensure_starter_model
+
+    return 0 if ensure_starter_model(get_settings()) else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from services.trainer.pipeline import STARTER_CONFIG, train_and_register
+    from services.trainer.training import TrainConfig
+    from shared.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings)
+    known = {f.name for f in fields(TrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    config = replace(STARTER_CONFIG, **options, augment=not args.no_augment, device=settings.device)
+    summary = train_and_register(settings, args.data, name=args.name or settings.default_model,
+                                 config=config, activate=args.activate, progress=print_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def print_progress(event: dict) -> None:
+    if event["event"] == "data":
+        print(f"data: {event['train']} train / {event['val']} validation images, classes {event['counts']}"
+              f" (loaded in {event['load_seconds']} s)", flush=True)
+    elif event["event"] == "epoch":
+        auc = event["val_roc_auc"]
+        print(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, "
+              f"val loss {event['val_loss']:.4f}, val accuracy {event['val_accuracy']:.4f}, "
+              f"val ROC-AUC {auc if auc is None else round(auc, 4)} ({event['seconds']:.0f} s)", flush=True)
+    elif event["event"] == "step" and sys.stdout.isatty():
+        print(f"\r  epoch {event['epoch']}: step {event['step']}/{event['steps']} loss {event['loss']:.4f}",
+              end="" if event["step"] < event["steps"] else "\n", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Batches: many images in one request (multipart `files`, or one ZIP), tracked together."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
+from services.gateway.metrics import JOBS_SUBMITTED
+from services.gateway.routes.jobs import PROBLEMS
+from services.gateway.uploads import clean_filename, expand_zip, validate_image
+from shared.errors import XrayqError
+from shared.imaging import sniff_media_type
+from shared.jobs import Upload, batch_view, create_jobs, publish_jobs
+from shared.schemas import BatchAccepted, BatchView, JobAccepted
+from shared.settings import Settings
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+@router.post("", status_code=202, response_model=BatchAccepted, responses=PROBLEMS)
+def submit_batch(
+    response: Response,
+    settings: SettingsDep,
+    session: SessionDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    files: Annotated[list[UploadFile], File(description="PNG/JPEG images, or a single ZIP of them.")],
+    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.",
+                                      max_length=160)] = None,
+    client_ref: Annotated[str | None, Form(max_length=256)] = None,
+) -> BatchAccepted:
+    uploads = collect_uploads(files, settings)
+    batch, jobs = create_jobs(session, store, uploads, model_ref=model or settings.default_model,
+                              as_batch=True, client_ref=client_ref)
+    assert batch is not None
+    session.commit()  # rows first, then messages
+    publish_jobs(celery, [job.id for job in jobs if job.input_key], settings.predict_chunk_size)
+    JOBS_SUBMITTED.labels(model=batch.model_name, kind="batch").inc(len(jobs))
+    location = f"/v1/batches/{batch.id}"
+    response.headers["Location"] = location
+    return BatchAccepted(
+        id=batch.id,
+        location=location,
+        total=len(jobs),
+        job_ids=[job.id for job in jobs],
+        jobs=[JobAccepted(id=job.id, status=job.status.value, filename=job.filename,
+                          location=f"/v1/jobs/{job.id}") for job in jobs],
+    )
+
+
+def collect_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
+    """Files in request order; a lone ZIP is expanded in archive order. Bad images are kept as refusals."""
+    if not files:
+        raise XrayqError("missing_file", "Send at least one file in the `files` field.")
+    if len(files) > settings.max_batch_files:
+        raise XrayqError("too_many_files", f"{len(files)} files; the limit is {settings.max_batch_files}.")
+    uploads: list[Upload] = []
+    lone = len(files) == 1
+    for index, file in enumerate(files):
+        filename = clean_filename(file.filename, f"file-{index}")
+        # A lone file may be a ZIP as large as a whole request; images have the per-file limit.
+        limit = settings.max_request_bytes if lone else settings.max_file_bytes
+        if file.size is not None and file.size > limit:
+            uploads.append(_too_large(filename, settings))
+            continue
+        data = file.file.read(limit + 1)
+        if lone and sniff_media_type(data) == "application/zip":
+            return expand_zip(data, settings)
+        if len(data) > settings.max_file_bytes:
+            uploads.append(_too_large(filename, settings))
+            continue
+        uploads.append(validate_image(filename, data, settings))
+    return uploads
+
+
+def _too_large(filename: str, settings: Settings) -> Upload:
+    return Upload(filename, b"", None,
+                  XrayqError("file_too_large", f"{filename!r} is larger than {settings.max_file_bytes} bytes."))
+
+
+@router.get("/{batch_id}", response_model=BatchView, responses=PROBLEMS)
+def read_batch(
+    batch_id: str,
+    session: SessionDep,
+    cursor: Annotated[str | None, Query(pattern=r"^\d{1,9}$", description="From `next_cursor`.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> BatchView:
+    return batch_view(session, batch_id, int(cursor or 0), limit)

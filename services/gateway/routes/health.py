@@ -1,0 +1,72 @@
+"""Liveness, readiness (database, broker, storage, active model) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from services.gateway.metrics import REGISTRY
+from shared.registry import any_active_version
+from shared.schemas import ReadinessView
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up and serving HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=ReadinessView, responses={503: {"model": ReadinessView}})
+async def readyz(request: Request, response: Response) -> ReadinessView:
+    """Everything a submission needs answers: database, broker, object storage, an active model."""
+    state = request.app.state
+    checks = await run_in_threadpool(_run_checks, state)
+    ready = all(check["ok"] for check in checks.values())
+    if not ready:
+        response.status_code = 503
+    return ReadinessView(ready=ready, checks=checks)
+
+
+def _run_checks(state: Any) -> dict[str, dict[str, Any]]:
+    def database() -> None:
+        with state.database.session() as session:
+            session.execute(text("SELECT 1"))
+
+    def broker() -> None:
+        with state.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    def storage() -> None:
+        state.store.ping()
+
+    def active_model() -> None:
+        with state.database.session() as session:
+            if not any_active_version(session, state.settings.default_model):
+                raise RuntimeError(f"no active version of {state.settings.default_model!r}")
+
+    return {name: _timed(check) for name, check in
+            {"database": database, "broker": broker, "storage": storage, "model": active_model}.items()}
+
+
+def _timed(check: Callable[[], None]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        check()
+        result: dict[str, Any] = {"ok": True}
+    except Exception as exc:
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    result["ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return result
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,90 @@
+"""Single-image jobs: submit, look up (with long-polling), list."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
+from services.gateway.metrics import JOBS_SUBMITTED
+from services.gateway.uploads import clean_filename, read_bounded, validate_image
+from shared.db.models import TERMINAL_STATUSES, Job
+from shared.jobs import create_jobs, get_job, job_view, publish_jobs
+from shared.schemas import JobAccepted, JobView, Problem
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+PROBLEMS = {code: {"model": Problem, "content": {"application/problem+json": {}}}
+            for code in (400, 404, 409, 413, 415, 422)}
+
+
+@router.post("", status_code=202, response_model=JobAccepted, responses=PROBLEMS)
+def submit_job(
+    response: Response,
+    settings: SettingsDep,
+    session: SessionDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
+    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.",
+                                      max_length=160)] = None,
+    client_ref: Annotated[str | None, Form(max_length=256)] = None,
+) -> JobAccepted:
+    filename = clean_filename(file.filename, "upload")
+    data = read_bounded(file.file, settings.max_file_bytes, filename)
+    upload = validate_image(filename, data, settings)
+    if upload.error is not None:
+        raise upload.error
+    model_ref = model or settings.default_model
+    _, jobs = create_jobs(session, store, [upload], model_ref=model_ref, as_batch=False, client_ref=client_ref)
+    session.commit()  # the row exists before the message does
+    job = jobs[0]
+    publish_jobs(celery, [job.id], settings.predict_chunk_size)
+    JOBS_SUBMITTED.labels(model=job.model_name, kind="single").inc()
+    location = f"/v1/jobs/{job.id}"
+    response.headers["Location"] = location
+    return JobAccepted(id=job.id, status=job.status.value, filename=job.filename, location=location)
+
+
+@router.get("/{job_id}", response_model=JobView, responses=PROBLEMS)
+async def read_job(
+    request: Request,
+    job_id: str,
+    settings: SettingsDep,
+    wait: Annotated[float, Query(ge=0, description="Long-poll: seconds to wait for a terminal state.")] = 0,
+) -> JobView:
+    database = request.app.state.database
+    deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
+    delay = 0.02
+    while True:
+        view = await run_in_threadpool(_load_view, database, job_id)
+        if view.status in {s.value for s in TERMINAL_STATUSES} or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.25)
+
+
+def _load_view(database, job_id: str) -> JobView:  # type: ignore[no-untyped-def]
+    with database.session() as session:
+        return job_view(get_job(session, job_id))
+
+
+@router.get("", response_model=list[JobView], responses=PROBLEMS)
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
+    batch_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[JobView]:
+    query = select(Job).options(selectinload(Job.model_version))
+    if status:
+        query = query.where(Job.status == status)
+    if batch_id:
+        query = query.where(Job.batch_id == batch_id)
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.position).limit(limit))
+    return [job_view(job) for job in jobs]

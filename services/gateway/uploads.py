@@ -1,0 +1,98 @@
+"""Turning uploaded files (and ZIP archives of them) into validated `Upload`s, within hard limits."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import zipfile
+from typing import BinaryIO
+
+from shared.errors import XrayqError
+from shared.imaging import ImageLimits, decode_image, sniff_media_type
+from shared.jobs import Upload
+from shared.settings import Settings
+
+# Entries that archivers add beside the real files; not images, not worth a failed job each.
+_ARCHIVE_CLUTTER = ("__MACOSX/", ".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def read_bounded(stream: BinaryIO, limit: int, filename: str) -> bytes:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise XrayqError("file_too_large", f"{filename!r} is larger than {limit} bytes.")
+    return data
+
+
+def clean_filename(name: str | None, fallback: str) -> str:
+    """Keep the client's name for the job (it is how they match results), minus control characters."""
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1] if name else ""
+    name = "".join(ch for ch in name if ch.isprintable())[:255]
+    return name or fallback
+
+
+def validate_image(filename: str, data: bytes, settings: Settings) -> Upload:
+    """Sniff and fully decode: anything the worker could not read is refused here, with its code."""
+    limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+    media_type = sniff_media_type(data)
+    if media_type == "application/zip":
+        return Upload(filename, data, media_type,
+                      XrayqError("nested_archive", "Archives inside a batch are not unpacked; send images."))
+    try:
+        decode_image(data, limits)
+    except XrayqError as error:
+        return Upload(filename, data, media_type, error)
+    return Upload(filename, data, media_type)
+
+
+def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
+    """The images of a ZIP, in archive order, refusing path escapes, bombs and too many entries.
+
+    The whole archive is refused if any entry is unsafe, so nothing of it is half-submitted.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        entries = [info for info in archive.infolist() if not info.is_dir()]
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise XrayqError("archive_unreadable", f"The ZIP archive could not be read: {exc}") from None
+    for info in entries:
+        if _is_unsafe_path(info.filename):
+            raise XrayqError("archive_unsafe_path", f"Entry {info.filename!r} escapes the archive.")
+    entries = [info for info in entries if not _is_clutter(info.filename)]
+    if not entries:
+        raise XrayqError("archive_empty", "The ZIP archive holds no files.")
+    if len(entries) > settings.max_batch_files:
+        raise XrayqError("too_many_files", f"The archive has {len(entries)} files; the limit is "
+                         f"{settings.max_batch_files}.")
+    declared = sum(info.file_size for info in entries)
+    if declared > settings.max_zip_expanded_bytes:
+        raise XrayqError("archive_too_large", f"The archive expands to {declared} bytes; the limit is "
+                         f"{settings.max_zip_expanded_bytes}.")
+    uploads = []
+    for info in entries:
+        name = info.filename
+        if info.file_size > settings.max_file_bytes:
+            uploads.append(Upload(name, b"", None, XrayqError(
+                "file_too_large", f"{name!r} is larger than {settings.max_file_bytes} bytes.")))
+            continue
+        try:
+            # zipfile stops at the declared size, so a lying header cannot expand past the check above.
+            with archive.open(info) as member:
+                content = member.read(settings.max_file_bytes + 1)
+        except (zipfile.BadZipFile, NotImplementedError, OSError, RuntimeError, EOFError) as exc:
+            uploads.append(Upload(name, b"", None, XrayqError("archive_unreadable", f"{name!r}: {exc}")))
+            continue
+        uploads.append(validate_image(name, content, settings))
+    return uploads
+
+
+def _is_unsafe_path(name: str) -> bool:
+    normalised = name.replace("\\", "/")
+    if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":"):
+        return True
+    parts = posixpath.normpath(normalised).split("/")
+    return ".." in parts or ".." in normalised.split("/")
+
+
+def _is_clutter(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return name.startswith("__MACOSX/") or base in _ARCHIVE_CLUTTER or base.startswith("._")

@@ -1,0 +1,33 @@
+"""The trainer: a Celery app consuming queue `train`, one run at a time (`xrayq trainer`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from celery.signals import worker_process_init
+
+from services.trainer.pipeline import train_and_register
+from services.trainer.training import TrainConfig
+from shared.logs import configure_logging
+from shared.queue import TRAIN_TASK, make_celery
+from shared.settings import get_settings
+
+settings = get_settings()
+app = make_celery(settings, "xrayq-trainer")
+log = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _init_process(**_: object) -> None:
+    configure_logging(settings)
+
+
+@app.task(name=TRAIN_TASK)
+def train(data_path: str, name: str, config: dict[str, Any], activate: str = "if_none_active") -> dict[str, Any]:
+    """Train on a dataset the trainer can read and register the result as a new version of `name`."""
+    return train_and_register(
+        settings, Path(data_path), name=name, config=TrainConfig(**config), activate=activate,
+        progress=lambda event: log.info("training %s: %s", name, event) if event["event"] != "step" else None,
+    )

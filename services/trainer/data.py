@@ -1,0 +1,182 @@
+"""Labelled data for training: a folder of class subfolders or a MedMNIST-style .npz, held in memory.
+
+Images are decoded once with the serving decoder and reduced to the model's input pixels
+(`to_model_pixels`), so training sees exactly what the worker will feed the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.errors import XrayqError
+from shared.imaging import ImageLimits, PreprocessSpec, decode_image, sniff_media_type, to_model_pixels
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class LabelledImages:
+    """uint8 pixels (N x C x S x S), integer labels, class names and a group id per image."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    groups: list[str]
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: np.ndarray) -> LabelledImages:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return LabelledImages(
+            pixels=self.pixels[idx],
+            labels=self.labels[idx],
+            classes=self.classes,
+            groups=[self.groups[i] for i in index],
+            names=[self.names[i] for i in index] if self.names else [],
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, counts, strict=True))
+
+
+# Kermany file names: person123_bacteria_456.jpeg (one patient, several images), IM-0115-0001.jpeg,
+# NORMAL2-IM-0123-0001.jpeg. Images of one patient must not straddle the train/validation split.
+_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_"), re.compile(r"^((?:NORMAL2-)?IM-\d+)-"))
+
+
+def patient_group(filename: str) -> str:
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(filename)
+        if match:
+            return match.group(1)
+    return Path(filename).stem
+
+
+def load_image_folder(root: Path, spec: PreprocessSpec, max_per_class: int | None = None) -> LabelledImages:
+    """Class names are the subfolder names (sorted); every readable PNG/JPEG below them is an example."""
+    root = Path(root)
+    if not root.is_dir():
+        raise XrayqError("dataset_not_found", f"{root} is not a folder.")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise XrayqError("dataset_invalid", f"{root} needs at least two class subfolders, found {len(class_dirs)}.")
+    pixels: list[torch.Tensor] = []
+    labels: list[int] = []
+    groups: list[str] = []
+    names: list[str] = []
+    unreadable: list[str] = []
+    limits = ImageLimits(min_side=8)
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if max_per_class is not None:
+            files = files[:max_per_class]
+        for path in files:
+            data = path.read_bytes()
+            try:
+                array = decode_image(data, limits)
+            except XrayqError:
+                unreadable.append(str(path.relative_to(root)))
+                continue
+            pixels.append(to_model_pixels(array, spec))
+            labels.append(label)
+            groups.append(f"{class_dir.name}/{patient_group(path.name)}")
+            names.append(str(path.relative_to(root)))
+    if unreadable and len(unreadable) > 0.05 * (len(pixels) + len(unreadable)):
+        raise XrayqError("dataset_invalid", f"{len(unreadable)} unreadable images, e.g. {unreadable[:5]}.")
+    if not pixels:
+        raise XrayqError("dataset_invalid", f"No PNG or JPEG images under {root}.")
+    return LabelledImages(
+        pixels=torch.stack(pixels),
+        labels=torch.tensor(labels, dtype=torch.long),
+        classes=[d.name for d in class_dirs],
+        groups=groups,
+        names=names,
+    )
+
+
+def load_npz(path: Path, spec: PreprocessSpec, classes: list[str] | None = None) -> LabelledImages:
+    """MedMNIST layout: `{split}_images` (N x H x W [x 3] uint8) and `{split}_labels` (N x 1), all splits."""
+    with np.load(path, allow_pickle=False) as archive:
+        splits = sorted({key.rsplit("_", 1)[0] for key in archive.files if key.endswith("_images")})
+        if not splits:
+            raise XrayqError("dataset_invalid", f"{path} has no '*_images' arrays.")
+        images = np.concatenate([archive[f"{s}_images"] for s in splits])
+        raw_labels = np.concatenate([archive[f"{s}_labels"].reshape(-1) for s in splits]).astype(np.int64)
+    n_classes = int(raw_labels.max()) + 1
+    classes = classes or [str(i) for i in range(n_classes)]
+    pixels = [to_model_pixels(image.astype(np.float32) / 255.0, spec) for image in images]
+    return LabelledImages(
+        pixels=torch.stack(pixels),
+        labels=torch.from_numpy(raw_labels),
+        classes=classes,
+        groups=[str(i) for i in range(len(raw_labels))],
+    )
+
+
+def load_dataset(path: Path, spec: PreprocessSpec, **options: Any) -> LabelledImages:
+    path = Path(path)
+    if path.is_dir():
+        return load_image_folder(path, spec, max_per_class=options.get("max_per_class"))
+    if path.suffix == ".npz":
+        return load_npz(path, spec, classes=options.get("classes"))
+    if path.is_file() and sniff_media_type(path.read_bytes()[:132]) == "application/zip":
+        raise XrayqError("dataset_invalid", "Unpack the ZIP first; ZIP datasets are uploaded through the API.")
+    raise XrayqError("dataset_not_found", f"{path} is neither a folder of class subfolders nor a .npz file.")
+
+
+def split_by_group(data: LabelledImages, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed, stratified validation split that keeps each group (patient) on one side.
+
+    Groups are ordered by a hash of their id and the seed, not by a random generator, so the split stays
+    the same across library versions and as long as the files do.
+    """
+    by_class: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for index, (label, group) in enumerate(zip(data.labels.tolist(), data.groups, strict=True)):
+        by_class[label][group].append(index)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for _label, groups in sorted(by_class.items()):
+        order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        target = round(val_fraction * sum(len(v) for v in groups.values()))
+        taken = 0
+        for group in order:
+            if taken < target:
+                val_idx.extend(groups[group])
+                taken += len(groups[group])
+            else:
+                train_idx.extend(groups[group])
+    return np.array(sorted(train_idx)), np.array(sorted(val_idx))
+
+
+def detect_color(path: Path, sample: int = 24) -> str:
+    """'grayscale' when the images carry no colour (many X-ray sets are stored as RGB), else 'rgb'."""
+    path = Path(path)
+    if not path.is_dir():
+        return "grayscale" if path.suffix == ".npz" and _npz_is_grey(path) else "rgb"
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    step = max(1, len(files) // sample)
+    for file in files[::step][:sample]:
+        try:
+            array = decode_image(file.read_bytes(), ImageLimits(min_side=8))
+        except XrayqError:
+            continue
+        if array.ndim == 3 and float(np.abs(array - array.mean(axis=2, keepdims=True)).max()) > 0.04:
+            return "rgb"
+    return "grayscale"
+
+
+def _npz_is_grey(path: Path) -> bool:
+    with np.load(path, allow_pickle=False) as archive:
+        key = next(k for k in archive.files if k.endswith("_images"))
+        return archive[key].ndim == 3

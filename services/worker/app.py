@@ -1,0 +1,48 @@
+"""The inference worker: a Celery app consuming queue `predict` (`xrayq worker`).
+
+Each message is a list of job ids (a chunk of a batch, or one single job); the process keeps its
+models loaded between messages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from celery.signals import worker_process_init
+
+from services.worker.inference import ModelCache, Predictor
+from shared.db.session import database_for
+from shared.logs import configure_logging
+from shared.nets import pick_device
+from shared.queue import PREDICT_TASK, make_celery
+from shared.settings import get_settings
+from shared.storage import make_object_store
+
+settings = get_settings()
+app = make_celery(settings, "xrayq-worker")
+log = logging.getLogger(__name__)
+_predictor: Predictor | None = None
+
+
+def get_predictor() -> Predictor:
+    """Built lazily in the pool process: CUDA and thread pools must not be created before the fork."""
+    global _predictor
+    if _predictor is None:
+        store = make_object_store(settings)
+        device = pick_device(settings.device)
+        _predictor = Predictor(settings, database_for(settings), store,
+                               ModelCache(store, device, settings.model_cache_size))
+    return _predictor
+
+
+@worker_process_init.connect
+def _init_process(**_: object) -> None:
+    configure_logging(settings)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+
+@app.task(name=PREDICT_TASK)
+def predict(job_ids: list[str]) -> dict[str, int]:
+    return get_predictor().run(job_ids)

@@ -1,0 +1,48 @@
+"""Errors as values with stable codes. The gateway maps them to HTTP once (problem+json)."""
+
+from __future__ import annotations
+
+# code -> HTTP status. A code is part of the API contract: never rename one, add new ones.
+ERROR_STATUS: dict[str, int] = {
+    "empty_file": 400,
+    "unsupported_media_type": 415,
+    "image_unreadable": 422,
+    "image_too_large": 413,
+    "image_too_small": 422,
+    "file_too_large": 413,
+    "request_too_large": 413,
+    "missing_file": 400,
+    "too_many_files": 413,
+    "archive_unreadable": 422,
+    "archive_unsafe_path": 422,
+    "archive_too_large": 413,
+    "archive_empty": 422,
+    "nested_archive": 422,
+    "invalid_request": 422,
+    "invalid_parameter": 422,
+    "job_not_found": 404,
+    "batch_not_found": 404,
+    "model_not_found": 404,
+    "unknown_architecture": 422,
+    "no_active_model": 409,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    # Failures recorded on a job (not HTTP responses of their own).
+    "inference_failed": 500,
+    "input_missing": 500,
+    "too_many_attempts": 500,
+}
+
+
+class XrayqError(Exception):
+    """A failure with a stable machine-readable code and a human sentence."""
+
+    def __init__(self, code: str, detail: str, **extra: object) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+    @property
+    def http_status(self) -> int:
+        return ERROR_STATUS.get(self.code, 400)

@@ -1,0 +1,169 @@
+"""Image intake: identify uploads by content, decode them safely, and the ONE preprocessing function.
+
+Training, evaluation and serving all call `preprocess`, driven by the `PreprocessSpec` recorded in the
+model's card, so a served model never sees inputs scaled differently from how it was trained.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import XrayqError
+
+MediaType = Literal["image/png", "image/jpeg", "application/dicom", "application/zip"]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty archive
+
+# Pillow's own bomb guard is a warning up to 2x its limit; we check sizes ourselves before decoding and
+# turn Pillow's guard into a hard error as a second line.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def sniff_media_type(data: bytes) -> MediaType | None:
+    """The upload's type from its first bytes; file names and client-sent types are not trusted."""
+    if data.startswith(PNG_MAGIC):
+        return "image/png"
+    if data.startswith(JPEG_MAGIC):
+        return "image/jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "application/dicom"
+    if data.startswith(ZIP_MAGICS):
+        return "application/zip"
+    return None
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = 40_000_000
+    min_side: int = 32
+
+
+def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+    """Decode PNG (8/16-bit, grey, RGB, palette, alpha) or JPEG into float32 in [0, 1].
+
+    Returns HxW for grey images and HxWx3 for colour ones. Raises XrayqError with a stable code for
+    anything that is not a complete, readable image of sensible size.
+    """
+    limits = limits or ImageLimits()
+    media_type = sniff_media_type(data)
+    if not data:
+        raise XrayqError("empty_file", "The file is empty.")
+    if media_type == "application/dicom":
+        raise XrayqError("unsupported_media_type", "DICOM input is not supported yet; send PNG or JPEG.")
+    if media_type not in ("image/png", "image/jpeg"):
+        raise XrayqError("unsupported_media_type", "The file is not a PNG or JPEG image (checked by content).")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise XrayqError(
+                "image_too_large",
+                f"The image has {width}x{height} pixels; the limit is {limits.max_pixels} pixels.",
+            )
+        if min(width, height) < limits.min_side:
+            raise XrayqError(
+                "image_too_small",
+                f"The image is {width}x{height}; both sides must be at least {limits.min_side} pixels.",
+            )
+        image.load()  # full decode: a truncated or corrupt stream fails here, not later in the worker
+    except XrayqError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise XrayqError("image_unreadable", f"The image could not be decoded: {exc}") from None
+    return _to_float_array(image)
+
+
+def _to_float_array(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if mode == "I":
+        # 16-bit PNGs may load as 32-bit ints; their range is still 16 bits.
+        array = np.asarray(image, dtype=np.float32)
+        return np.clip(array / 65535.0, 0.0, 1.0)
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        lo, hi = float(array.min()), float(array.max())
+        return (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+    if mode in ("L", "1"):
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    if mode == "LA":
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How pixels become a model input. Stored in every model card; the worker reads it back."""
+
+    size: int = 224
+    color: Literal["grayscale", "rgb"] = "grayscale"
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+    resize: Literal["stretch"] = "stretch"  # the training data is squashed to square; so is serving
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            size=int(data["size"]),
+            color=data["color"],
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            resize=data.get("resize", "stretch"),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+def to_model_pixels(array: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """Decoded float image -> uint8 CxHxW at the model's size and colour (no normalisation yet).
+
+    Split from `normalize` so a training set can be held in memory compactly as uint8 and augmented
+    before normalising; `preprocess` composes the two for serving.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.ndim == 2:
+        tensor = tensor.unsqueeze(0)
+    else:
+        tensor = tensor.permute(2, 0, 1)
+    if spec.color == "grayscale" and tensor.shape[0] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        tensor = (tensor * weights).sum(0, keepdim=True)
+    elif spec.color == "rgb" and tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    tensor = F.interpolate(
+        tensor.unsqueeze(0), size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False
+    ).squeeze(0)
+    return (tensor.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 [..., C, H, W] -> normalised float32 with 3 channels (grey is repeated: any torchvision net fits)."""
+    x = pixels.float().div_(255.0)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    x = (x - mean) / std
+    if x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    return x
+
+
+def preprocess(array: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """The preprocessing function: decoded image -> model input tensor (3 x size x size)."""
+    return normalize(to_model_pixels(array, spec), spec)

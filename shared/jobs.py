@@ -1,0 +1,213 @@
+"""The job service: submit images as jobs, publish them, and describe jobs and batches.
+
+Callable without HTTP; the gateway is a thin shell over these functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from shared.db.models import Batch, Job, JobStatus, ModelVersion, as_utc, new_id, utcnow
+from shared.errors import XrayqError
+from shared.queue import PREDICT_QUEUE, PREDICT_TASK
+from shared.registry import parse_model_ref, resolve_version
+from shared.schemas import (
+    BatchCounts,
+    BatchView,
+    JobError,
+    JobResult,
+    JobView,
+    ModelRef,
+)
+from shared.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Upload:
+    """One submitted file: its bytes and name, its sniffed type, or why it was refused."""
+
+    filename: str
+    data: bytes
+    media_type: str | None = None
+    error: XrayqError | None = None
+
+
+def check_model_available(session: Session, model_ref: str) -> tuple[str, int | None]:
+    """Refuse submissions no model could answer (unknown name, no active version)."""
+    name, version = parse_model_ref(model_ref)
+    resolve_version(session, name, version)
+    return name, version
+
+
+def create_jobs(
+    session: Session,
+    store: ObjectStore,
+    uploads: Sequence[Upload],
+    *,
+    model_ref: str,
+    as_batch: bool,
+    client_ref: str | None = None,
+) -> tuple[Batch | None, list[Job]]:
+    """Store the inputs, then add the rows (flushed, not committed: the caller's unit of work commits).
+
+    Inputs go to storage first, so a committed row always finds its bytes. Uploads that were refused
+    (`error` set) become failed jobs at once: they keep their place and name in the batch, and never
+    reach a worker.
+    """
+    name, version = check_model_available(session, model_ref)
+    batch = None
+    if as_batch:
+        batch = Batch(id=new_id(), model_name=name, total=len(uploads), client_ref=client_ref)
+        session.add(batch)
+    now = utcnow()
+    jobs = [
+        Job(
+            id=new_id(),
+            batch_id=batch.id if batch else None,
+            position=position,
+            filename=upload.filename,
+            media_type=upload.media_type or "application/octet-stream",
+            input_bytes=len(upload.data),
+            input_sha256=hashlib.sha256(upload.data).hexdigest(),
+            client_ref=client_ref,
+            model_name=name,
+            model_version_requested=version,
+            attempts=0,
+            created_at=now,
+        )
+        for position, upload in enumerate(uploads)
+    ]
+    to_store = []
+    for job, upload in zip(jobs, uploads, strict=True):
+        if upload.error is not None:
+            job.status = JobStatus.failed
+            job.error_code = upload.error.code
+            job.error_detail = upload.error.detail
+            job.finished_at = now
+        else:
+            job.status = JobStatus.queued
+            job.input_key = f"inputs/{now:%Y/%m/%d}/{job.id}"
+            to_store.append((job.input_key, upload.data, job.media_type))
+    _put_all(store, to_store)
+    session.add_all(jobs)
+    session.flush()
+    return batch, jobs
+
+
+def _put_all(store: ObjectStore, items: list[tuple[str, bytes, str]]) -> None:
+    if len(items) <= 1:
+        for key, data, media_type in items:
+            store.put(key, data, media_type)
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
+        list(pool.map(lambda item: store.put(*item), items))
+
+
+def publish_jobs(celery: Celery, job_ids: Sequence[str], chunk_size: int) -> bool:
+    """Put the jobs on queue `predict` in chunks (one forward pass per chunk). Call after commit.
+
+    A failed publish leaves the jobs `queued` in the database, from where they can be published
+    again; it never loses them. Returns whether everything was published.
+    """
+    try:
+        for start in range(0, len(job_ids), chunk_size):
+            celery.send_task(
+                PREDICT_TASK,
+                args=[list(job_ids[start : start + chunk_size])],
+                queue=PREDICT_QUEUE,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+            )
+    except Exception:
+        log.exception("could not publish %d jobs; they stay queued", len(job_ids))
+        return False
+    return True
+
+
+def job_view(job: Job) -> JobView:
+    result = None
+    if job.status == JobStatus.succeeded and job.label is not None:
+        answered: ModelVersion | None = job.model_version
+        result = JobResult(
+            label=job.label,
+            probabilities=job.probabilities or {},
+            model=ModelRef(name=answered.name if answered else job.model_name,
+                           version=answered.version if answered else None),
+        )
+    return JobView(
+        id=job.id,
+        status=job.status.value,
+        filename=job.filename,
+        batch_id=job.batch_id,
+        position=job.position,
+        media_type=job.media_type,
+        input_sha256=job.input_sha256,
+        client_ref=job.client_ref,
+        model=ModelRef(name=job.model_name, version=job.model_version_requested),
+        result=result,
+        error=JobError(code=job.error_code, detail=job.error_detail) if job.error_code else None,
+        attempts=job.attempts,
+        created_at=as_utc(job.created_at),
+        started_at=as_utc(job.started_at),
+        finished_at=as_utc(job.finished_at),
+        timings=job.timings,
+    )
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise XrayqError("job_not_found", f"No job with id {job_id!r}.")
+    return job
+
+
+def batch_status(counts: BatchCounts, total: int) -> str:
+    finished = counts.succeeded + counts.failed + counts.cancelled
+    if finished < total:
+        return "queued" if counts.running == 0 and finished == 0 else "running"
+    if counts.succeeded == total:
+        return "succeeded"
+    if counts.succeeded == 0:
+        return "cancelled" if counts.cancelled == total else "failed"
+    return "partially_failed"
+
+
+def batch_view(session: Session, batch_id: str, cursor: int = 0, limit: int = 100) -> BatchView:
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise XrayqError("batch_not_found", f"No batch with id {batch_id!r}.")
+    rows = session.execute(
+        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+    ).all()
+    counts = BatchCounts(**{status.value: count for status, count in rows})
+    finished = counts.succeeded + counts.failed + counts.cancelled
+    page = session.scalars(
+        select(Job)
+        .options(selectinload(Job.model_version))
+        .where(Job.batch_id == batch_id, Job.position >= cursor)
+        .order_by(Job.position)
+        .limit(limit + 1)
+    ).all()
+    next_cursor = str(page[limit].position) if len(page) > limit else None
+    return BatchView(
+        id=batch.id,
+        status=batch_status(counts, batch.total),
+        model=ModelRef(name=batch.model_name),
+        client_ref=batch.client_ref,
+        created_at=as_utc(batch.created_at),
+        total=batch.total,
+        counts=counts,
+        progress=round(finished / batch.total, 4) if batch.total else 1.0,
+        jobs=[job_view(job) for job in page[:limit]],
+        next_cursor=next_cursor,
+    )

@@ -1,0 +1,106 @@
+"""The one configuration object for every xrayq process (env prefix ``XRAYQ_``).
+
+Two ways to run share one code path: with no service URLs set, everything lives under ``XRAYQ_HOME``
+(SQLite file, local-disk object store, file-system Celery transport) -- the embedded mode; with
+``XRAYQ_DATABASE_URL`` / ``XRAYQ_BROKER_URL`` / ``XRAYQ_S3_ENDPOINT_URL`` set, the same code talks to
+Postgres, Redis and S3/MinIO -- the services mode.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XRAYQ_", env_file=None, extra="ignore")
+
+    # Where the embedded mode keeps its state (database file, objects, broker spool).
+    home: Path = Path(".xrayq")
+    # Real data to train the starter model from (see ../shared/data/README.md).
+    data_dir: Path = Path("../shared/data")
+
+    # Services. Empty means "embedded default under `home`".
+    database_url: str = ""
+    broker_url: str = ""
+    # Prefix for every Redis key Celery writes, so several deployments (or test runs) share one Redis.
+    broker_key_prefix: str = ""
+    s3_endpoint_url: str = ""
+    s3_bucket: str = "xrayq"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    # Local object store folder for the embedded mode (default: `home`/objects).
+    storage_dir: Path | None = None
+
+    # Gateway.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""  # how clients reach the gateway, for Location headers; default http://host:port
+
+    # Upload limits: a request body, a single file, decoded pixels, a ZIP's contents.
+    max_request_bytes: int = 256 * 1024 * 1024
+    max_file_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    min_image_side: int = 32
+    max_batch_files: int = 1000
+    max_zip_expanded_bytes: int = 512 * 1024 * 1024
+    max_wait_seconds: float = 60.0
+
+    # Worker.
+    predict_chunk_size: int = Field(default=32, ge=1, le=512)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = 0  # 0: torch's default (one per core)
+    worker_concurrency: int = 1
+    model_cache_size: int = 3
+    max_attempts: int = 3
+
+    # Models.
+    default_model: str = "chest-xray"
+
+    # Logging: "json" for services, "text" for a person at a terminal.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        home = self.home.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'xrayq.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage_dir is None:
+            self.storage_dir = home / "objects"
+        if not self.public_url:
+            self.public_url = f"http://{self.host}:{self.port}"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when nothing points at external services (the laptop mode)."""
+        return self.uses_sqlite and self.uses_filesystem_broker and not self.uses_s3
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem")
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.s3_endpoint_url)
+
+    @property
+    def broker_spool_dir(self) -> Path:
+        return self.home.resolve() / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
