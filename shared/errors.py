@@ -23,6 +23,7 @@ ERROR_STATUS: dict[str, int] = {
     "job_not_found": 404,
     "batch_not_found": 404,
     "model_not_found": 404,
+    "model_corrupt": 500,
     "unknown_architecture": 422,
     "no_active_model": 409,
     "not_found": 404,

@@ -39,3 +39,121 @@ def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+# --- Real services: each test session gets its own Postgres database, Redis key prefix and S3 server.
+# In CI an unreachable service fails the run (pytest.fail), it is never skipped.
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        pytest.fail(f"Postgres is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
+    name = f"xrayq_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    from shared.db.session import get_database
+
+    get_database.cache_clear()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_prefix():
+    import uuid
+
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except Exception as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    prefix = f"xrayq-test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    for key in client.scan_iter(match=f"{prefix}*", count=500):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3-compatible HTTP server on a loopback port (MinIO plays this part in compose)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def services_env(tmp_path_factory, postgres_url, redis_prefix, s3_endpoint, data_dir) -> dict[str, str]:
+    """XRAYQ_* variables for the services mode against the real local services."""
+    return {
+        "XRAYQ_HOME": str(tmp_path_factory.mktemp("services-home")),
+        "XRAYQ_DATA_DIR": str(data_dir),
+        "XRAYQ_DATABASE_URL": postgres_url,
+        "XRAYQ_BROKER_URL": REDIS_URL,
+        "XRAYQ_BROKER_KEY_PREFIX": redis_prefix,
+        "XRAYQ_S3_ENDPOINT_URL": s3_endpoint,
+        "XRAYQ_S3_BUCKET": "xrayq-test",
+        "XRAYQ_S3_ACCESS_KEY": "testing",
+        "XRAYQ_S3_SECRET_KEY": "testing",
+    }
+
+
+def settings_from_env(env: dict[str, str], **overrides: object) -> Settings:
+    fields = {key.removeprefix("XRAYQ_").lower(): value for key, value in env.items()}
+    return Settings(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def services_settings(services_env) -> Settings:
+    from shared.db.migrate import upgrade_database
+    from shared.storage import S3ObjectStore
+
+    settings = settings_from_env(services_env)
+    upgrade_database(settings)
+    S3ObjectStore(settings).ensure_bucket()
+    return settings
+
+
+# A small model trained for real (one quick epoch on a few real images): enough to check plumbing.
+TINY_TRAIN_ARGS = ["--max-per-class", "48", "--epochs", "1", "--image-size", "64"]
+
+
+def train_tiny_model(settings: Settings, data_dir: Path, name: str = "chest-xray") -> dict:
+    from services.trainer.pipeline import train_and_register
+    from services.trainer.training import TrainConfig
+
+    config = TrainConfig(architecture="mobilenet_v3_small", image_size=64, epochs=1, max_per_class=48)
+    return train_and_register(settings, data_dir / CHEST_TRAIN, name=name, config=config)
+
+
+@pytest.fixture(scope="session")
+def services_model(services_settings, data_dir) -> dict:
+    return train_tiny_model(services_settings, data_dir)

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.gateway.app import create_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(services_settings, services_model):
+    """The real gateway app, in-process, against real Postgres, Redis and the S3 server."""
+    with TestClient(create_app(services_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def redis_client(redis_prefix):
+    import redis
+
+    from tests.conftest import REDIS_URL
+
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
