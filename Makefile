@@ -32,13 +32,13 @@ test-e2e: install
 	$(BIN)/python -m pytest tests/e2e
 
 lint: install
-	$(BIN)/ruff check shared services tests loadtest
-	$(BIN)/ruff format --check shared services tests loadtest
+	$(BIN)/ruff check shared services tests
+	$(BIN)/ruff format --check shared services tests
 	$(BIN)/mypy shared services
 
 format: install
-	$(BIN)/ruff format shared services tests loadtest
-	$(BIN)/ruff check --fix shared services tests loadtest
+	$(BIN)/ruff format shared services tests
+	$(BIN)/ruff check --fix shared services tests
 
 compose-check:
 	docker-compose config -q

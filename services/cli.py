@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="create or upgrade the database schema")
     commands.add_parser("ensure-model", help="train and activate the starter model if none is active")
 
-    train = commands.add_parser("train", help="train a model on a folder of class subfolders or a .npz",
-                                description="Options left out take the starter recipe's values.")
+    train = commands.add_parser(
+        "train",
+        help="train a model on a folder of class subfolders or a .npz",
+        description="Options left out take the starter recipe's values.",
+    )
     train.add_argument("data", type=Path)
     train.add_argument("--name", default=None, help="model name (default: XRAYQ_DEFAULT_MODEL)")
     train.add_argument("--architecture", "--arch", default=None)
@@ -43,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     handler = {
-        "up": _up, "gateway": _gateway, "worker": _worker, "trainer": _trainer,
-        "migrate": _migrate, "ensure-model": _ensure_model, "train": _train,
+        "up": _up,
+        "gateway": _gateway,
+        "worker": _worker,
+        "trainer": _trainer,
+        "migrate": _migrate,
+        "ensure-model": _ensure_model,
+        "train": _train,
     }[args.command]
     return handler(args) or 0
 
@@ -59,19 +67,38 @@ def _gateway(_: argparse.Namespace) -> int:
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run("services.gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        "services.gateway.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 
 def _celery_worker(app_module: str, queue: str, concurrency: int) -> int:
     module = __import__(app_module, fromlist=["app"])
     settings = get_settings()
-    module.app.worker_main([
-        "worker", "--queues", queue, "--concurrency", str(concurrency), "--pool", "prefork",
-        "--hostname", f"{queue}-{os.getpid()}@%h", "--loglevel", settings.log_level.upper(),
-        "--without-mingle", "--without-gossip",
-    ])
+    module.app.worker_main(
+        [
+            "worker",
+            "--queues",
+            queue,
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            "prefork",
+            "--hostname",
+            f"{queue}-{os.getpid()}@%h",
+            "--loglevel",
+            settings.log_level.upper(),
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
     return 0
 
 
@@ -84,9 +111,9 @@ def _trainer(_: argparse.Namespace) -> int:
 
 
 def _migrate(_: argparse.Namespace) -> int:
-    from shared.db.migrate import upgrade_database
+    from shared.bootstrap import prepare_backends
 
-    upgrade_database(get_settings())
+    prepare_backends(get_settings())
     print("database is at the latest schema")
     return 0
 
@@ -100,31 +127,48 @@ def _ensure_model(_: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from services.trainer.pipeline import STARTER_CONFIG, train_and_register
     from services.trainer.training import TrainConfig
+    from shared.bootstrap import prepare_backends
     from shared.logs import configure_logging
 
     settings = get_settings()
     configure_logging(settings)
+    prepare_backends(settings)
     known = {f.name for f in fields(TrainConfig)}
     options = {k: v for k, v in vars(args).items() if k in known and v is not None}
     config = replace(STARTER_CONFIG, **options, augment=not args.no_augment, device=settings.device)
-    summary = train_and_register(settings, args.data, name=args.name or settings.default_model,
-                                 config=config, activate=args.activate, progress=print_progress)
+    summary = train_and_register(
+        settings,
+        args.data,
+        name=args.name or settings.default_model,
+        config=config,
+        activate=args.activate,
+        progress=print_progress,
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def print_progress(event: dict) -> None:
     if event["event"] == "data":
-        print(f"data: {event['train']} train / {event['val']} validation images, classes {event['counts']}"
-              f" (loaded in {event['load_seconds']} s)", flush=True)
+        print(
+            f"data: {event['train']} train / {event['val']} validation images, classes {event['counts']}"
+            f" (loaded in {event['load_seconds']} s)",
+            flush=True,
+        )
     elif event["event"] == "epoch":
         auc = event["val_roc_auc"]
-        print(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, "
-              f"val loss {event['val_loss']:.4f}, val accuracy {event['val_accuracy']:.4f}, "
-              f"val ROC-AUC {auc if auc is None else round(auc, 4)} ({event['seconds']:.0f} s)", flush=True)
+        print(
+            f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, "
+            f"val loss {event['val_loss']:.4f}, val accuracy {event['val_accuracy']:.4f}, "
+            f"val ROC-AUC {auc if auc is None else round(auc, 4)} ({event['seconds']:.0f} s)",
+            flush=True,
+        )
     elif event["event"] == "step" and sys.stdout.isatty():
-        print(f"\r  epoch {event['epoch']}: step {event['step']}/{event['steps']} loss {event['loss']:.4f}",
-              end="" if event["step"] < event["steps"] else "\n", flush=True)
+        print(
+            f"\r  epoch {event['epoch']}: step {event['step']}/{event['steps']} loss {event['loss']:.4f}",
+            end="" if event["step"] < event["steps"] else "\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from shared.db.migrate import upgrade_database
+from shared.bootstrap import prepare_backends
 from shared.db.session import database_for
 from shared.settings import Settings
 
@@ -42,6 +42,7 @@ def ensure_starter_model(settings: Settings) -> bool:
     from services.trainer.pipeline import STARTER_CONFIG, STARTER_MODEL_NAME, starter_data_path, train_and_register
     from shared.registry import any_active_version
 
+    prepare_backends(settings)
     with database_for(settings).session() as session:
         if any_active_version(session, settings.default_model):
             return True
@@ -50,27 +51,33 @@ def ensure_starter_model(settings: Settings) -> bool:
         return False
     data = starter_data_path(settings)
     if not data.is_dir():
-        print(f"No active model, and no starter data at {data} (set XRAYQ_DATA_DIR to the folder that "
-              "holds chest-xray-224/).", flush=True)
+        print(
+            f"No active model, and no starter data at {data} (set XRAYQ_DATA_DIR to the folder that "
+            "holds chest-xray-224/).",
+            flush=True,
+        )
         return False
-    print(f"No active model yet: training the starter chest X-ray model from {data} "
-          f"({STARTER_CONFIG.architecture}, {STARTER_CONFIG.image_size} px, {STARTER_CONFIG.epochs} epochs; "
-          "a few minutes on a laptop CPU)...", flush=True)
-    summary = train_and_register(settings, data, name=STARTER_MODEL_NAME, config=STARTER_CONFIG,
-                                 progress=print_progress)
+    print(
+        f"No active model yet: training the starter chest X-ray model from {data} "
+        f"({STARTER_CONFIG.architecture}, {STARTER_CONFIG.image_size} px, {STARTER_CONFIG.epochs} epochs; "
+        "a few minutes on a laptop CPU)...",
+        flush=True,
+    )
+    summary = train_and_register(
+        settings, data, name=STARTER_MODEL_NAME, config=STARTER_CONFIG, progress=print_progress
+    )
     v = summary["validation"]
-    print(f"Model {summary['name']}@{summary['version']} is active: validation accuracy {v['accuracy']:.3f}, "
-          f"ROC-AUC {v['roc_auc']:.3f}, trained in {summary['train_seconds']:.0f} s.", flush=True)
+    print(
+        f"Model {summary['name']}@{summary['version']} is active: validation accuracy {v['accuracy']:.3f}, "
+        f"ROC-AUC {v['roc_auc']:.3f}, trained in {summary['train_seconds']:.0f} s.",
+        flush=True,
+    )
     return True
 
 
 def run_stack(settings: Settings, train_starter: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    upgrade_database(settings)
-    if settings.uses_s3:
-        from shared.storage import S3ObjectStore
-
-        S3ObjectStore(settings).ensure_bucket()
+    prepare_backends(settings)
     if train_starter:
         ensure_starter_model(settings)
 
@@ -107,7 +114,7 @@ def _restart_if_dead(child: Child) -> None:
         # Back off when it keeps dying: 1 s, 2 s, 4 s ... up to 30 s; reset after a minute of health.
         if now - child.started_at > 60:
             child.restarts = 0
-        delay = min(30.0, 2.0 ** child.restarts)
+        delay = min(30.0, 2.0**child.restarts)
         child.next_start = now + delay
         log.warning("%s exited with code %s; restarting in %.0f s", child.role, code, delay)
         return

@@ -23,6 +23,8 @@ ERROR_STATUS: dict[str, int] = {
     "job_not_found": 404,
     "batch_not_found": 404,
     "model_not_found": 404,
+    "dataset_not_found": 404,
+    "dataset_invalid": 422,
     "model_corrupt": 500,
     "unknown_architecture": 422,
     "no_active_model": 409,

@@ -78,8 +78,14 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         image.load()  # full decode: a truncated or corrupt stream fails here, not later in the worker
     except XrayqError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise XrayqError("image_unreadable", f"The image could not be decoded: {exc}") from None
     return _to_float_array(image)
 
@@ -138,10 +144,7 @@ def to_model_pixels(array: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     before normalising; `preprocess` composes the two for serving.
     """
     tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if tensor.ndim == 2:
-        tensor = tensor.unsqueeze(0)
-    else:
-        tensor = tensor.permute(2, 0, 1)
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     if spec.color == "grayscale" and tensor.shape[0] == 3:
         weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
         tensor = (tensor * weights).sum(0, keepdim=True)

@@ -21,6 +21,7 @@ from shared.queue import PREDICT_QUEUE, PREDICT_TASK
 from shared.registry import parse_model_ref, resolve_version
 from shared.schemas import (
     BatchCounts,
+    BatchStatusName,
     BatchView,
     JobError,
     JobResult,
@@ -141,8 +142,9 @@ def job_view(job: Job) -> JobView:
         result = JobResult(
             label=job.label,
             probabilities=job.probabilities or {},
-            model=ModelRef(name=answered.name if answered else job.model_name,
-                           version=answered.version if answered else None),
+            model=ModelRef(
+                name=answered.name if answered else job.model_name, version=answered.version if answered else None
+            ),
         )
     return JobView(
         id=job.id,
@@ -171,7 +173,7 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def batch_status(counts: BatchCounts, total: int) -> str:
+def batch_status(counts: BatchCounts, total: int) -> BatchStatusName:
     finished = counts.succeeded + counts.failed + counts.cancelled
     if finished < total:
         return "queued" if counts.running == 0 and finished == 0 else "running"
@@ -186,9 +188,7 @@ def batch_view(session: Session, batch_id: str, cursor: int = 0, limit: int = 10
     batch = session.get(Batch, batch_id)
     if batch is None:
         raise XrayqError("batch_not_found", f"No batch with id {batch_id!r}.")
-    rows = session.execute(
-        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
-    ).all()
+    rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)).all()
     counts = BatchCounts(**{status.value: count for status, count in rows})
     finished = counts.succeeded + counts.failed + counts.cancelled
     page = session.scalars(

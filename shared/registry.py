@@ -39,8 +39,10 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
 def resolve_version(session: Session, name: str, version: int | None = None) -> ModelVersion:
     """The pinned version, or the active one of `name`."""
     query = select(ModelVersion).where(ModelVersion.name == name)
-    query = query.where(ModelVersion.version == version) if version is not None else query.where(
-        ModelVersion.is_active.is_(True)
+    query = (
+        query.where(ModelVersion.version == version)
+        if version is not None
+        else query.where(ModelVersion.is_active.is_(True))
     )
     found = session.scalars(query).first()
     if found is None:
@@ -53,9 +55,12 @@ def resolve_version(session: Session, name: str, version: int | None = None) -> 
 
 
 def any_active_version(session: Session, name: str) -> bool:
-    return session.scalars(
-        select(ModelVersion.id).where(ModelVersion.name == name, ModelVersion.is_active.is_(True))
-    ).first() is not None
+    return (
+        session.scalars(
+            select(ModelVersion.id).where(ModelVersion.name == name, ModelVersion.is_active.is_(True))
+        ).first()
+        is not None
+    )
 
 
 def register_version(
@@ -83,7 +88,7 @@ def register_version(
     latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
     version = (latest or 0) + 1
     prefix = f"models/{name}/{version}"
-    card = {
+    card: dict[str, Any] = {
         "name": name,
         "version": version,
         "architecture": architecture,

@@ -13,7 +13,9 @@ BatchStatusName = Literal["queued", "running", "succeeded", "partially_failed", 
 
 class ModelRef(BaseModel):
     name: str
-    version: int | None = Field(None, description="Null until a version answers, unless the request pinned one.")
+    version: int | None = Field(
+        default=None, description="Null until a version answers, unless the request pinned one."
+    )
 
 
 class JobResult(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.problems import problem_response
@@ -43,10 +45,8 @@ class BodySizeLimit:
             if not exceeded:
                 await send(message)
 
-        try:
+        with contextlib.suppress(BodyTooLarge):
             await self.app(scope, counting_receive, guarded_send)
-        except BodyTooLarge:
-            pass
         if exceeded:
             await self._refuse(scope, receive, send)
 

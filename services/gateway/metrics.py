@@ -23,9 +23,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-JOBS_SUBMITTED = Counter(
-    "xrayq_jobs_submitted", "Jobs accepted by the gateway", ["model", "kind"], registry=REGISTRY
-)
+JOBS_SUBMITTED = Counter("xrayq_jobs_submitted", "Jobs accepted by the gateway", ["model", "kind"], registry=REGISTRY)
 HTTP_REQUESTS = Counter(
     "xrayq_http_requests", "HTTP requests handled", ["method", "route", "status"], registry=REGISTRY
 )
@@ -43,8 +41,7 @@ class JobStateCollector(Collector):
         self.database = database
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        gauge = GaugeMetricFamily("xrayq_jobs", "Jobs in the database by status and model",
-                                  labels=["status", "model"])
+        gauge = GaugeMetricFamily("xrayq_jobs", "Jobs in the database by status and model", labels=["status", "model"])
         try:
             with self.database.session() as session:
                 rows = session.execute(

@@ -12,9 +12,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import XrayqError
+from shared.schemas import Problem
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
+
+# For the OpenAPI document: which error statuses a route may answer, and their body.
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in (400, 404, 409, 413, 415, 422)
+}
 
 _CODE_FOR_STATUS = {
     400: "bad_request",
@@ -29,8 +35,9 @@ _CODE_FOR_STATUS = {
 }
 
 
-def problem_response(status: int, code: str, detail: str | None, instance: str | None = None,
-                     **extra: Any) -> JSONResponse:
+def problem_response(
+    status: int, code: str, detail: str | None, instance: str | None = None, **extra: Any
+) -> JSONResponse:
     body: dict[str, Any] = {
         "type": f"https://xrayq.dev/problems/{code}",
         "title": HTTPStatus(status).phrase,

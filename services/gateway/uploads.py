@@ -35,8 +35,12 @@ def validate_image(filename: str, data: bytes, settings: Settings) -> Upload:
     limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
     media_type = sniff_media_type(data)
     if media_type == "application/zip":
-        return Upload(filename, data, media_type,
-                      XrayqError("nested_archive", "Archives inside a batch are not unpacked; send images."))
+        return Upload(
+            filename,
+            data,
+            media_type,
+            XrayqError("nested_archive", "Archives inside a batch are not unpacked; send images."),
+        )
     try:
         decode_image(data, limits)
     except XrayqError as error:
@@ -61,18 +65,27 @@ def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
     if not entries:
         raise XrayqError("archive_empty", "The ZIP archive holds no files.")
     if len(entries) > settings.max_batch_files:
-        raise XrayqError("too_many_files", f"The archive has {len(entries)} files; the limit is "
-                         f"{settings.max_batch_files}.")
+        raise XrayqError(
+            "too_many_files", f"The archive has {len(entries)} files; the limit is {settings.max_batch_files}."
+        )
     declared = sum(info.file_size for info in entries)
     if declared > settings.max_zip_expanded_bytes:
-        raise XrayqError("archive_too_large", f"The archive expands to {declared} bytes; the limit is "
-                         f"{settings.max_zip_expanded_bytes}.")
+        raise XrayqError(
+            "archive_too_large",
+            f"The archive expands to {declared} bytes; the limit is {settings.max_zip_expanded_bytes}.",
+        )
     uploads = []
     for info in entries:
         name = info.filename
         if info.file_size > settings.max_file_bytes:
-            uploads.append(Upload(name, b"", None, XrayqError(
-                "file_too_large", f"{name!r} is larger than {settings.max_file_bytes} bytes.")))
+            uploads.append(
+                Upload(
+                    name,
+                    b"",
+                    None,
+                    XrayqError("file_too_large", f"{name!r} is larger than {settings.max_file_bytes} bytes."),
+                )
+            )
             continue
         try:
             # zipfile stops at the declared size, so a lying header cannot expand past the check above.

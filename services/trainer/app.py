@@ -28,6 +28,10 @@ def _init_process(**_: object) -> None:
 def train(data_path: str, name: str, config: dict[str, Any], activate: str = "if_none_active") -> dict[str, Any]:
     """Train on a dataset the trainer can read and register the result as a new version of `name`."""
     return train_and_register(
-        settings, Path(data_path), name=name, config=TrainConfig(**config), activate=activate,
+        settings,
+        Path(data_path),
+        name=name,
+        config=TrainConfig(**config),
+        activate=activate,
         progress=lambda event: log.info("training %s: %s", name, event) if event["event"] != "step" else None,
     )

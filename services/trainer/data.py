@@ -90,7 +90,7 @@ def load_image_folder(root: Path, spec: PreprocessSpec, max_per_class: int | Non
                 continue
             pixels.append(to_model_pixels(array, spec))
             labels.append(label)
-            groups.append(f"{class_dir.name}/{patient_group(path.name)}")
+            groups.append(patient_group(path.name))
             names.append(str(path.relative_to(root)))
     if unreadable and len(unreadable) > 0.05 * (len(pixels) + len(unreadable)):
         raise XrayqError("dataset_invalid", f"{len(unreadable)} unreadable images, e.g. {unreadable[:5]}.")
@@ -136,27 +136,32 @@ def load_dataset(path: Path, spec: PreprocessSpec, **options: Any) -> LabelledIm
 
 
 def split_by_group(data: LabelledImages, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed, stratified validation split that keeps each group (patient) on one side.
+    """A fixed validation split that keeps each group (patient) on one side, stratified by class.
 
-    Groups are ordered by a hash of their id and the seed, not by a random generator, so the split stays
-    the same across library versions and as long as the files do.
+    Groups are stratified by their most common label and ordered by a hash of their id and the seed,
+    not by a random generator, so the split stays the same across library versions and as long as the
+    files do.
     """
-    by_class: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for index, (label, group) in enumerate(zip(data.labels.tolist(), data.groups, strict=True)):
-        by_class[label][group].append(index)
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(data.groups):
+        members[group].append(index)
+    labels = data.labels.tolist()
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        majority = max(set(labels[i] for i in indices), key=lambda label: sum(labels[i] == label for i in indices))
+        by_class[majority].append(group)
     train_idx: list[int] = []
     val_idx: list[int] = []
     for _label, groups in sorted(by_class.items()):
         order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
-        target = round(val_fraction * sum(len(v) for v in groups.values()))
+        target = round(val_fraction * sum(len(members[g]) for g in groups))
         taken = 0
         for group in order:
-            if taken < target:
-                val_idx.extend(groups[group])
-                taken += len(groups[group])
-            else:
-                train_idx.extend(groups[group])
-    return np.array(sorted(train_idx)), np.array(sorted(val_idx))
+            side = val_idx if taken < target else train_idx
+            side.extend(members[group])
+            if side is val_idx:
+                taken += len(members[group])
+    return np.array(sorted(train_idx), dtype=np.int64), np.array(sorted(val_idx), dtype=np.int64)
 
 
 def detect_color(path: Path, sample: int = 24) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,8 @@ def classification_report(labels: np.ndarray, probabilities: np.ndarray, classes
         report["roc_auc"] = float(
             roc_auc_score(labels, probabilities, multi_class="ovr", average="macro", labels=all_labels)
         )
+    if report["roc_auc"] is not None and not math.isfinite(report["roc_auc"]):
+        report["roc_auc"] = None  # e.g. a class absent from the evaluation set: undefined, not NaN
     if len(classes) == 2:
         (tn, fp), (fn, tp) = report["confusion_matrix"]
         report["positive_class"] = classes[1]

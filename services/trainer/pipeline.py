@@ -18,6 +18,7 @@ import torch
 from services.trainer.data import detect_color, load_dataset, split_by_group
 from services.trainer.training import ProgressCallback, TrainConfig, fit
 from shared.db.session import database_for
+from shared.errors import XrayqError
 from shared.registry import register_version
 from shared.settings import Settings
 from shared.storage import make_object_store
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 STARTER_MODEL_NAME = "chest-xray"
 # The starter recipe: small and quick enough to train from scratch in about three minutes on a
 # 2-core CPU, yet well above the "always pneumonia" baseline. Better recipes come with training runs.
-STARTER_CONFIG = TrainConfig(architecture="mobilenet_v3_small", image_size=128, epochs=5, batch_size=64,
-                             learning_rate=2e-3)
+STARTER_CONFIG = TrainConfig(
+    architecture="mobilenet_v3_small", image_size=128, epochs=5, batch_size=64, learning_rate=2e-3
+)
 
 
 def starter_data_path(settings: Settings) -> Path:
@@ -52,19 +54,37 @@ def train_and_register(
     spec = config.spec()
     data = load_dataset(data_path, spec, max_per_class=config.max_per_class)
     train_idx, val_idx = split_by_group(data, config.val_fraction, config.seed)
+    if len(val_idx) == 0 or len(train_idx) < 2:
+        raise XrayqError(
+            "dataset_invalid",
+            f"{len(data)} images are too few for a training and a validation "
+            f"split at val_fraction={config.val_fraction}.",
+        )
     train, val = data.subset(train_idx), data.subset(val_idx)
     if progress is not None:
-        progress({"event": "data", "train": len(train), "val": len(val), "classes": data.classes,
-                  "counts": data.class_counts(), "load_seconds": round(time.monotonic() - started, 2)})
+        progress(
+            {
+                "event": "data",
+                "train": len(train),
+                "val": len(val),
+                "classes": data.classes,
+                "counts": data.class_counts(),
+                "load_seconds": round(time.monotonic() - started, 2),
+            }
+        )
     result = fit(train, val, config, progress)
     metrics = {"validation": result.report, "history": [vars(h) for h in result.history]}
     data_card = {
         "source": str(data_path),
         "classes": data.classes,
         "counts": data.class_counts(),
-        "split": {"method": "stratified by class, grouped by patient, hashed with seed",
-                  "seed": config.seed, "val_fraction": config.val_fraction,
-                  "train": len(train), "val": len(val)},
+        "split": {
+            "method": "stratified by class, grouped by patient, hashed with seed",
+            "seed": config.seed,
+            "val_fraction": config.val_fraction,
+            "train": len(train),
+            "val": len(val),
+        },
     }
     training_card = {
         "config": config.to_dict(),
@@ -77,15 +97,30 @@ def train_and_register(
     store = make_object_store(settings)
     with database.session() as session:
         row = register_version(
-            session, store, name=name, architecture=config.architecture, classes=data.classes,
-            preprocessing=spec, state_dict=result.state_dict, metrics=metrics, data=data_card,
-            training=training_card, activate=activate,
+            session,
+            store,
+            name=name,
+            architecture=config.architecture,
+            classes=data.classes,
+            preprocessing=spec,
+            state_dict=result.state_dict,
+            metrics=metrics,
+            data=data_card,
+            training=training_card,
+            activate=activate,
         )
-        summary = {"name": row.name, "version": row.version, "active": row.is_active,
-                   "architecture": row.architecture, "classes": row.classes,
-                   "validation": {k: result.report.get(k) for k in
-                                  ("accuracy", "roc_auc", "sensitivity", "specificity", "confusion_matrix")},
-                   "train_seconds": round(result.seconds, 1),
-                   "total_seconds": round(time.monotonic() - started, 1)}
+        summary = {
+            "name": row.name,
+            "version": row.version,
+            "active": row.is_active,
+            "architecture": row.architecture,
+            "classes": row.classes,
+            "validation": {
+                k: result.report.get(k)
+                for k in ("accuracy", "roc_auc", "sensitivity", "specificity", "confusion_matrix")
+            },
+            "train_seconds": round(result.seconds, 1),
+            "total_seconds": round(time.monotonic() - started, 1),
+        }
     log.info("registered %s@%s: %s", summary["name"], summary["version"], summary["validation"])
     return summary

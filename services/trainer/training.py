@@ -124,9 +124,7 @@ def train_one_epoch(
             pixels = torch.stack([augmenter(p) for p in pixels])
         inputs = normalize(pixels, spec).to(device)
         targets = data.labels[index].to(device)
-        loss = F.cross_entropy(
-            model(inputs), targets, weight=class_weights, label_smoothing=config.label_smoothing
-        )
+        loss = F.cross_entropy(model(inputs), targets, weight=class_weights, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -181,19 +179,31 @@ def fit(
 
         def on_step(step: int, steps: int, loss: float, epoch: int = epoch) -> None:
             if progress is not None:
-                progress({"event": "step", "epoch": epoch, "epochs": config.epochs, "step": step,
-                          "steps": steps, "loss": loss})
+                progress(
+                    {
+                        "event": "step",
+                        "epoch": epoch,
+                        "epochs": config.epochs,
+                        "step": step,
+                        "steps": steps,
+                        "loss": loss,
+                    }
+                )
 
         train_loss = train_one_epoch(
             model, train, spec, optimizer, scheduler, config, class_weights, generator, device, on_step
         )
         probabilities = predict_probabilities(model, val, spec, device)
         labels = val.labels.numpy()
-        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probabilities).clamp_min(1e-7)),
-                                    val.labels).item()) if len(val) else float("nan")
+        val_loss = (
+            float(F.nll_loss(torch.log(torch.from_numpy(probabilities).clamp_min(1e-7)), val.labels).item())
+            if len(val)
+            else float("nan")
+        )
         report = classification_report(labels, probabilities, val.classes)
-        stats = EpochStats(epoch, train_loss, val_loss, report["accuracy"], report["roc_auc"],
-                           time.monotonic() - epoch_start)
+        stats = EpochStats(
+            epoch, train_loss, val_loss, report["accuracy"], report["roc_auc"], time.monotonic() - epoch_start
+        )
         history.append(stats)
         if progress is not None:
             progress({"event": "epoch", **asdict(stats), "epochs": config.epochs})

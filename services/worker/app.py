@@ -31,8 +31,9 @@ def get_predictor() -> Predictor:
     if _predictor is None:
         store = make_object_store(settings)
         device = pick_device(settings.device)
-        _predictor = Predictor(settings, database_for(settings), store,
-                               ModelCache(store, device, settings.model_cache_size))
+        _predictor = Predictor(
+            settings, database_for(settings), store, ModelCache(store, device, settings.model_cache_size)
+        )
     return _predictor
 
 

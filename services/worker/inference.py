@@ -44,8 +44,9 @@ class ModelCache:
         if model is None:
             started = time.monotonic()
             model = load_model(row, self.store, self.device)
-            log.info("loaded model %s@%s on %s in %.2fs", row.name, row.version, self.device,
-                     time.monotonic() - started)
+            log.info(
+                "loaded model %s@%s on %s in %.2fs", row.name, row.version, self.device, time.monotonic() - started
+            )
             self._models[row.id] = model
             while len(self._models) > self.size:
                 self._models.popitem(last=False)
@@ -107,13 +108,20 @@ class Predictor:
                 job.started_at = job.started_at or now
                 created = as_utc(job.created_at)
                 claimed.append(
-                    Claimed(job.id, job.input_key, job.model_name, job.model_version_requested, created,
-                            {"queue_ms": round((now - created).total_seconds() * 1000, 2)})
+                    Claimed(
+                        job.id,
+                        job.input_key,
+                        job.model_name,
+                        job.model_version_requested,
+                        created,
+                        {"queue_ms": round((now - created).total_seconds() * 1000, 2)},
+                    )
                 )
         return claimed
 
     def _load_inputs(self, jobs: list[Claimed]) -> None:
         """Fetch concurrently (storage is I/O bound), decode and preprocess; a bad input fails alone."""
+
         def fetch(job: Claimed) -> bytes | XrayqError:
             try:
                 if job.input_key is None:
@@ -195,6 +203,5 @@ class Predictor:
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, _NOT_TERMINAL)
-                .values(status=JobStatus.failed, error_code=error.code, error_detail=error.detail,
-                        finished_at=utcnow())
+                .values(status=JobStatus.failed, error_code=error.code, error_detail=error.detail, finished_at=utcnow())
             )

@@ -45,8 +45,9 @@ def zip_bomb(expanded_bytes: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_single_job_is_stored_committed_and_published(client, chest_images, services_settings, redis_client,
-                                                       redis_prefix) -> None:
+def test_single_job_is_stored_committed_and_published(
+    client, chest_images, services_settings, redis_client, redis_prefix
+) -> None:
     image = chest_images["PNEUMONIA"][0]
     response = client.post("/v1/jobs", files={"file": (image.name, image.read_bytes(), "image/jpeg")})
     assert response.status_code == 202, response.text
@@ -120,8 +121,9 @@ def _zip(entries: dict[str, bytes]) -> bytes:
         ("/v1/batches", ("bad.zip", b"PK\x03\x04 this is no archive"), 422, "archive_unreadable"),
     ],
 )
-def test_bad_uploads_get_problem_json_with_stable_codes(client, chest_images, services_settings, path, upload,
-                                                        status, code) -> None:
+def test_bad_uploads_get_problem_json_with_stable_codes(
+    client, chest_images, services_settings, path, upload, status, code
+) -> None:
     name, data = upload
     if data == "TRUNCATED":
         data = chest_images["NORMAL"][0].read_bytes()[:2000]
@@ -141,10 +143,16 @@ def test_missing_file_unknown_ids_and_unknown_model(client, chest_images) -> Non
     problem(client.get("/v1/batches/nope"), 404, "batch_not_found")
     problem(client.get("/v1/models/chest-xray/versions/99"), 404, "model_not_found")
     image = chest_images["NORMAL"][0]
-    problem(client.post("/v1/jobs", files={"file": (image.name, image.read_bytes())}, data={"model": "bones"}),
-            404, "model_not_found")
-    problem(client.post("/v1/jobs", files={"file": (image.name, image.read_bytes())},
-                        data={"model": "chest-xray@x"}), 422, "invalid_parameter")
+    problem(
+        client.post("/v1/jobs", files={"file": (image.name, image.read_bytes())}, data={"model": "bones"}),
+        404,
+        "model_not_found",
+    )
+    problem(
+        client.post("/v1/jobs", files={"file": (image.name, image.read_bytes())}, data={"model": "chest-xray@x"}),
+        422,
+        "invalid_parameter",
+    )
 
 
 def test_oversized_request_is_refused_while_streaming(services_settings, services_model) -> None:
@@ -154,10 +162,14 @@ def test_oversized_request_is_refused_while_streaming(services_settings, service
 
     small = services_settings.model_copy(update={"max_request_bytes": 100_000, "max_file_bytes": 50_000})
     with TestClient(create_app(small)) as limited:
-        problem(limited.post("/v1/jobs", files={"file": ("big.png", b"\x89PNG" + b"\0" * 200_000)}),
-                413, "request_too_large")
-        problem(limited.post("/v1/jobs", files={"file": ("big.png", b"\x89PNG" + b"\0" * 60_000)}),
-                413, "file_too_large")
+        problem(
+            limited.post("/v1/jobs", files={"file": ("big.png", b"\x89PNG" + b"\0" * 200_000)}),
+            413,
+            "request_too_large",
+        )
+        problem(
+            limited.post("/v1/jobs", files={"file": ("big.png", b"\x89PNG" + b"\0" * 60_000)}), 413, "file_too_large"
+        )
 
 
 def test_long_poll_returns_at_deadline_when_not_finished(client, chest_images) -> None:

@@ -36,9 +36,13 @@ def test_corrupted_weights_are_detected(services_settings, services_model) -> No
     with db.session() as session:
         row = resolve_version(session, "chest-xray")
         session.expunge(row)
-    tampered = ModelVersion(**{c: getattr(row, c) for c in ("id", "name", "version", "architecture", "classes",
-                                                             "weights_key", "card_key", "card", "metrics")},
-                            weights_sha256="0" * 64)
+    tampered = ModelVersion(
+        **{
+            c: getattr(row, c)
+            for c in ("id", "name", "version", "architecture", "classes", "weights_key", "card_key", "card", "metrics")
+        },
+        weights_sha256="0" * 64,
+    )
     with pytest.raises(XrayqError) as caught:
         load_model(tampered, make_object_store(services_settings), torch.device("cpu"))
     assert caught.value.code == "model_corrupt"

@@ -15,8 +15,7 @@ from shared.storage import make_object_store
 @pytest.fixture
 def predictor(services_settings, services_model) -> Predictor:
     store = make_object_store(services_settings)
-    return Predictor(services_settings, database_for(services_settings), store,
-                     ModelCache(store, torch.device("cpu")))
+    return Predictor(services_settings, database_for(services_settings), store, ModelCache(store, torch.device("cpu")))
 
 
 def submit(settings, uploads: list[Upload]) -> list[str]:
@@ -26,8 +25,9 @@ def submit(settings, uploads: list[Upload]) -> list[str]:
         return [job.id for job in jobs]
 
 
-def test_one_forward_pass_serves_the_chunk_and_results_are_complete(predictor, services_settings,
-                                                                    chest_images, services_model) -> None:
+def test_one_forward_pass_serves_the_chunk_and_results_are_complete(
+    predictor, services_settings, chest_images, services_model
+) -> None:
     paths = chest_images["NORMAL"][:3] + chest_images["PNEUMONIA"][:3]
     ids = submit(services_settings, [Upload(p.name, p.read_bytes(), "image/jpeg") for p in paths])
     assert predictor.run(ids) == {"claimed": 6}
@@ -56,9 +56,14 @@ def test_redelivery_never_rewrites_a_finished_job(predictor, services_settings, 
 
 def test_an_unreadable_input_fails_alone(predictor, services_settings, chest_images) -> None:
     good = chest_images["PNEUMONIA"][5].read_bytes()
-    ids = submit(services_settings, [Upload("good.jpeg", good, "image/jpeg"),
-                                     Upload("bad.jpeg", good, "image/jpeg"),
-                                     Upload("good2.jpeg", good, "image/jpeg")])
+    ids = submit(
+        services_settings,
+        [
+            Upload("good.jpeg", good, "image/jpeg"),
+            Upload("bad.jpeg", good, "image/jpeg"),
+            Upload("good2.jpeg", good, "image/jpeg"),
+        ],
+    )
     store = make_object_store(services_settings)
     with database_for(services_settings).session() as session:
         bad = session.get(Job, ids[1])

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
 from services.gateway.metrics import JOBS_SUBMITTED
-from services.gateway.routes.jobs import PROBLEMS
+from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, expand_zip, validate_image
 from shared.errors import XrayqError
 from shared.imaging import sniff_media_type
@@ -27,13 +27,13 @@ def submit_batch(
     store: StoreDep,
     celery: CeleryDep,
     files: Annotated[list[UploadFile], File(description="PNG/JPEG images, or a single ZIP of them.")],
-    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.",
-                                      max_length=160)] = None,
+    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.", max_length=160)] = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
 ) -> BatchAccepted:
     uploads = collect_uploads(files, settings)
-    batch, jobs = create_jobs(session, store, uploads, model_ref=model or settings.default_model,
-                              as_batch=True, client_ref=client_ref)
+    batch, jobs = create_jobs(
+        session, store, uploads, model_ref=model or settings.default_model, as_batch=True, client_ref=client_ref
+    )
     assert batch is not None
     session.commit()  # rows first, then messages
     publish_jobs(celery, [job.id for job in jobs if job.input_key], settings.predict_chunk_size)
@@ -45,8 +45,10 @@ def submit_batch(
         location=location,
         total=len(jobs),
         job_ids=[job.id for job in jobs],
-        jobs=[JobAccepted(id=job.id, status=job.status.value, filename=job.filename,
-                          location=f"/v1/jobs/{job.id}") for job in jobs],
+        jobs=[
+            JobAccepted(id=job.id, status=job.status.value, filename=job.filename, location=f"/v1/jobs/{job.id}")
+            for job in jobs
+        ],
     )
 
 
@@ -76,8 +78,12 @@ def collect_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]
 
 
 def _too_large(filename: str, settings: Settings) -> Upload:
-    return Upload(filename, b"", None,
-                  XrayqError("file_too_large", f"{filename!r} is larger than {settings.max_file_bytes} bytes."))
+    return Upload(
+        filename,
+        b"",
+        None,
+        XrayqError("file_too_large", f"{filename!r} is larger than {settings.max_file_bytes} bytes."),
+    )
 
 
 @router.get("/{batch_id}", response_model=BatchView, responses=PROBLEMS)

@@ -52,8 +52,10 @@ def _run_checks(state: Any) -> dict[str, dict[str, Any]]:
             if not any_active_version(session, state.settings.default_model):
                 raise RuntimeError(f"no active version of {state.settings.default_model!r}")
 
-    return {name: _timed(check) for name, check in
-            {"database": database, "broker": broker, "storage": storage, "model": active_model}.items()}
+    return {
+        name: _timed(check)
+        for name, check in {"database": database, "broker": broker, "storage": storage, "model": active_model}.items()
+    }
 
 
 def _timed(check: Callable[[], None]) -> dict[str, Any]:

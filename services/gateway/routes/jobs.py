@@ -13,14 +13,13 @@ from sqlalchemy.orm import selectinload
 
 from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
 from services.gateway.metrics import JOBS_SUBMITTED
+from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, read_bounded, validate_image
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.jobs import create_jobs, get_job, job_view, publish_jobs
-from shared.schemas import JobAccepted, JobView, Problem
+from shared.schemas import JobAccepted, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-PROBLEMS = {code: {"model": Problem, "content": {"application/problem+json": {}}}
-            for code in (400, 404, 409, 413, 415, 422)}
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=PROBLEMS)
@@ -31,8 +30,7 @@ def submit_job(
     store: StoreDep,
     celery: CeleryDep,
     file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
-    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.",
-                                      max_length=160)] = None,
+    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.", max_length=160)] = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
 ) -> JobAccepted:
     filename = clean_filename(file.filename, "upload")

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from services.gateway.deps import SessionDep
-from services.gateway.routes.jobs import PROBLEMS
+from services.gateway.problems import PROBLEMS
 from shared.db.models import ModelVersion, as_utc
 from shared.errors import XrayqError
 from shared.schemas import ModelVersionView, ModelView

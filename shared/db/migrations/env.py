@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from shared.db.models import Base
 from shared.db.session import make_engine
 from shared.settings import Settings

@@ -1,0 +1,109 @@
+"""Real processes: `xrayq up` (gateway, worker, trainer as children) in embedded and in services mode."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CHEST_TRAIN, TINY_TRAIN_ARGS, free_port
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Stack:
+    """One `xrayq up` process tree, started the way the README says."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "XRAYQ_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        self.log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--no-starter"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own group: nothing outlives the test
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"xrayq up exited early:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"stack not ready within {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def child_pid(self, role: str) -> int:
+        """The pid of the supervised `xrayq <role>` child."""
+        assert self.process is not None
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.process.pid and role.encode() in cmdline:
+                return int(entry.name)
+        raise LookupError(role)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(40)
+        if self.process:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the whole tree
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_env(tmp_path_factory, data_dir) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("embedded-home")
+    env = {"XRAYQ_HOME": str(home), "XRAYQ_DATA_DIR": str(data_dir)}
+    # The newcomer's path: the real CLI trains a (tiny, quick) model into the embedded store.
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "train", str(data_dir / CHEST_TRAIN), *TINY_TRAIN_ARGS],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return env
+
+
+@pytest.fixture(scope="module", params=["embedded", "services"])
+def stack(request, tmp_path_factory):
+    if request.param == "embedded":
+        env = request.getfixturevalue("embedded_env")
+    else:
+        request.getfixturevalue("services_model")  # a model in the services' registry
+        env = request.getfixturevalue("services_env")
+    running = Stack(env, tmp_path_factory.mktemp("logs") / f"{request.param}.log")
+    running.start()
+    running.mode = request.param
+    yield running
+    running.stop()

@@ -1,0 +1,94 @@
+"""The whole system through its HTTP API, with real gateway, worker and trainer processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+import zipfile
+
+import httpx
+import numpy as np
+from PIL import Image
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+BATCH_TERMINAL = {"succeeded", "partially_failed", "failed", "cancelled"}
+
+
+def wait_for_job(url: str, job_id: str, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{url}/v1/jobs/{job_id}", params={"wait": 10}, timeout=20).json()
+        if view["status"] in TERMINAL:
+            return view
+    raise AssertionError(f"job {job_id} not finished within {timeout}s: {view}")
+
+
+def wait_for_batch(url: str, batch_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{url}/v1/batches/{batch_id}", params={"limit": 500}, timeout=20).json()
+        if view["status"] in BATCH_TERMINAL:
+            return view
+        time.sleep(0.25)
+    raise AssertionError(f"batch {batch_id} not finished within {timeout}s: {view['counts']}")
+
+
+def as_16bit_png(jpeg: bytes) -> bytes:
+    grey = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.uint16) * 257
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_single_png_job_is_classified(stack, chest_images) -> None:
+    png = as_16bit_png(chest_images["PNEUMONIA"][10].read_bytes())
+    response = httpx.post(f"{stack.url}/v1/jobs", files={"file": ("chest.png", png, "image/png")}, timeout=30)
+    assert response.status_code == 202, response.text
+    job = wait_for_job(stack.url, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["filename"] == "chest.png"
+    result = job["result"]
+    assert result["label"] in ("NORMAL", "PNEUMONIA")
+    assert set(result["probabilities"]) == {"NORMAL", "PNEUMONIA"}
+    assert result["model"]["name"] == "chest-xray" and result["model"]["version"] >= 1
+    assert job["timings"]["total_ms"] > 0
+
+
+def test_zip_batch_of_50_with_two_bad_files(stack, chest_images) -> None:
+    images = chest_images["NORMAL"][:24] + chest_images["PNEUMONIA"][:24]
+    entries = [(f"case-{i:02d}-{p.name}", p.read_bytes()) for i, p in enumerate(images)]
+    entries.insert(7, ("case-corrupt.jpeg", images[0].read_bytes()[:3000]))
+    entries.insert(30, ("readme.png", b"this is text"))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    response = httpx.post(f"{stack.url}/v1/batches", files={"files": ("study.zip", buffer.getvalue())}, timeout=60)
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["total"] == 50
+    assert [j["filename"] for j in accepted["jobs"]] == [name for name, _ in entries]
+
+    batch = wait_for_batch(stack.url, accepted["id"])
+    assert batch["status"] == "partially_failed"
+    assert batch["counts"]["succeeded"] == 48 and batch["counts"]["failed"] == 2
+    assert batch["progress"] == 1.0
+    assert [j["id"] for j in batch["jobs"]] == accepted["job_ids"]
+    failed = {j["filename"]: j["error"]["code"] for j in batch["jobs"] if j["status"] == "failed"}
+    assert failed == {"case-corrupt.jpeg": "image_unreadable", "readme.png": "unsupported_media_type"}
+    batch_sizes = {j["timings"]["batch_size"] for j in batch["jobs"] if j["status"] == "succeeded"}
+    assert max(batch_sizes) > 1  # chunks run as real tensor batches
+
+
+def test_killed_worker_is_restarted_and_work_goes_on(stack, chest_images) -> None:
+    if stack.mode != "services":
+        return  # one mode is enough for the supervisor; services mode also exercises Redis redelivery
+    worker = stack.child_pid("worker")
+    os.kill(worker, signal.SIGKILL)
+    image = chest_images["NORMAL"][30].read_bytes()
+    job_id = httpx.post(f"{stack.url}/v1/jobs", files={"file": ("after-crash.jpeg", image)}, timeout=30).json()["id"]
+    job = wait_for_job(stack.url, job_id, timeout=120)
+    assert job["status"] == "succeeded"
+    assert stack.child_pid("worker") != worker
