@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, PreprocessSpec, decode_image, sniff_media_type, to_model_pixels
+from shared.imaging import ImageLimits, decode_image, sniff_media_type
+from shared.preprocess import PreprocessSpec, to_model_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

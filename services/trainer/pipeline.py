@@ -17,9 +17,9 @@ import torch
 
 from services.trainer.data import detect_color, load_dataset, split_by_group
 from services.trainer.training import ProgressCallback, TrainConfig, fit
+from shared.artifacts import register_version
 from shared.db.session import database_for
 from shared.errors import XrayqError
-from shared.registry import register_version
 from shared.settings import Settings
 from shared.storage import make_object_store
 

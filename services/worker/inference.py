@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from sqlalchemy import select, update
 
+from shared.artifacts import LoadedModel, load_model
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, as_utc, utcnow
 from shared.db.session import Database
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, decode_image, preprocess
-from shared.registry import LoadedModel, load_model, resolve_version
+from shared.imaging import ImageLimits, decode_image
+from shared.preprocess import preprocess
+from shared.registry import resolve_version
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, ObjectStore
 

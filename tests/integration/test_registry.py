@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shared.artifacts import load_model
 from shared.db.models import ModelVersion
 from shared.db.session import database_for
 from shared.errors import XrayqError
-from shared.registry import load_model, parse_model_ref, resolve_version
+from shared.registry import parse_model_ref, resolve_version
 from shared.storage import make_object_store
 
 

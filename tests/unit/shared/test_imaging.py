@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, PreprocessSpec, decode_image, preprocess, sniff_media_type
+from shared.imaging import ImageLimits, decode_image, sniff_media_type
+from shared.preprocess import PreprocessSpec, preprocess
 from tests.conftest import jpeg_bytes, png_bytes
 
 

@@ -18,7 +18,7 @@ from services.trainer.data import (
     split_by_group,
 )
 from shared.errors import XrayqError
-from shared.imaging import PreprocessSpec
+from shared.preprocess import PreprocessSpec
 from tests.conftest import jpeg_bytes, png_bytes
 
 # --- patient_group -------------------------------------------------------------------------------------
