@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 
 from shared.artifacts import LoadedModel, load_model
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, as_utc, utcnow
@@ -76,19 +77,21 @@ class Predictor:
         self.store = store
         self.cache = cache
         self.limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
-        self.fetch_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prepare")
 
     def run(self, job_ids: list[str]) -> dict[str, int]:
         claimed = self._claim(job_ids)
-        if not claimed:
-            return {"claimed": 0}
-        self._load_inputs(claimed)
-        ready = [job for job in claimed if job.tensor is not None]
         groups: dict[tuple[str, int | None], list[Claimed]] = defaultdict(list)
-        for job in ready:
+        for job in claimed:
             groups[(job.model_name, job.model_version_requested)].append(job)
         for (name, version), jobs in groups.items():
-            self._infer(name, version, jobs)
+            try:
+                # Resolved per message, not cached: a newly activated version serves from the next one.
+                model = self._model_for(name, version)
+            except XrayqError as error:
+                self._write(failures=[(job, error) for job in jobs])
+                continue
+            self._run_group(model, jobs)
         return {"claimed": len(claimed)}
 
     def _claim(self, job_ids: list[str]) -> list[Claimed]:
@@ -121,89 +124,116 @@ class Predictor:
                 )
         return claimed
 
-    def _load_inputs(self, jobs: list[Claimed]) -> None:
-        """Fetch concurrently (storage is I/O bound), decode and preprocess; a bad input fails alone."""
-
-        def fetch(job: Claimed) -> bytes | XrayqError:
-            try:
-                if job.input_key is None:
-                    raise ObjectNotFound("no input key")
-                return self.store.get(job.input_key)
-            except ObjectNotFound:
-                return XrayqError("input_missing", "The job's input is no longer in storage.")
-
-        fetch_start = time.monotonic()
-        payloads = list(self.fetch_pool.map(fetch, jobs))
-        fetch_ms = (time.monotonic() - fetch_start) * 1000
-        for job, payload in zip(jobs, payloads, strict=True):
-            job.timings["fetch_ms"] = round(fetch_ms, 2)
-            if isinstance(payload, XrayqError):
-                self._fail(job.id, payload)
-                continue
+    def _run_group(self, model: LoadedModel, jobs: list[Claimed]) -> None:
+        """Fetch, decode and preprocess concurrently (I/O, and decoders that release the GIL), then one
+        forward pass; a bad input fails alone."""
+        prepared = list(self.pool.map(lambda job: self._prepare(job, model), jobs))
+        failures = [(job, error) for job, error in zip(jobs, prepared, strict=True) if error is not None]
+        ready = [job for job, error in zip(jobs, prepared, strict=True) if error is None]
+        if not ready:
+            self._write(failures=failures)
+            return
+        try:
             started = time.monotonic()
-            try:
-                job.tensor = self._prepare(job, payload)
-            except XrayqError as error:
-                self._fail(job.id, error)
-                continue
-            job.timings["preprocess_ms"] = round((time.monotonic() - started) * 1000, 2)
+            with torch.inference_mode():
+                batch = torch.stack([job.tensor for job in ready if job.tensor is not None]).to(model.device)
+                probabilities = torch.softmax(model.module(batch).float(), dim=1).cpu().tolist()
+            inference_ms = (time.monotonic() - started) * 1000
+        except Exception as exc:  # a broken forward pass fails these jobs, never the process
+            log.exception("inference failed for %d jobs of %s@%s", len(ready), model.name, model.version)
+            error = XrayqError("inference_failed", f"The model failed: {type(exc).__name__}")
+            self._write(failures=[*failures, *((job, error) for job in ready)])
+            return
+        for job in ready:
+            job.timings["inference_ms"] = round(inference_ms, 2)
+            job.timings["batch_size"] = len(ready)
+        self._write(successes=list(zip(ready, probabilities, strict=True)), model=model, failures=failures)
 
-    def _prepare(self, job: Claimed, payload: bytes) -> torch.Tensor:
-        array = decode_image(payload, self.limits)
-        model = self._model_for(job.model_name, job.model_version_requested)
-        return preprocess(array, model.spec)
+    def _prepare(self, job: Claimed, model: LoadedModel) -> XrayqError | None:
+        started = time.monotonic()
+        try:
+            if job.input_key is None:
+                raise ObjectNotFound("no input key")
+            payload = self.store.get(job.input_key)
+        except ObjectNotFound:
+            return XrayqError("input_missing", "The job's input is no longer in storage.")
+        fetched = time.monotonic()
+        try:
+            job.tensor = preprocess(decode_image(payload, self.limits), model.spec)
+        except XrayqError as error:
+            return error
+        job.timings["fetch_ms"] = round((fetched - started) * 1000, 2)
+        job.timings["preprocess_ms"] = round((time.monotonic() - fetched) * 1000, 2)
+        return None
 
     def _model_for(self, name: str, version: int | None) -> LoadedModel:
-        # Resolved per task, not cached: a newly promoted version is picked up by the next task.
         with self.db.session() as session:
             row = resolve_version(session, name, version)
             session.expunge(row)
         return self.cache.get(row)
 
-    def _infer(self, name: str, version: int | None, jobs: list[Claimed]) -> None:
-        try:
-            model = self._model_for(name, version)
-            started = time.monotonic()
-            with torch.inference_mode():
-                batch = torch.stack([job.tensor for job in jobs if job.tensor is not None]).to(model.device)
-                probabilities = torch.softmax(model.module(batch).float(), dim=1).cpu().tolist()
-            inference_ms = (time.monotonic() - started) * 1000
-        except XrayqError as error:
-            for job in jobs:
-                self._fail(job.id, error)
-            return
-        except Exception as exc:  # a broken forward pass fails these jobs, never the process
-            log.exception("inference failed for %d jobs of %s", len(jobs), name)
-            for job in jobs:
-                self._fail(job.id, XrayqError("inference_failed", f"The model failed: {type(exc).__name__}"))
-            return
+    def _write(
+        self,
+        *,
+        successes: Sequence[tuple[Claimed, list[float]]] = (),
+        model: LoadedModel | None = None,
+        failures: Sequence[tuple[Claimed, XrayqError]] = (),
+    ) -> None:
+        """All outcomes of a chunk in one transaction, each written only to a job not yet finished."""
         finished = utcnow()
-        with self.db.session() as session:
-            for job, probs in zip(jobs, probabilities, strict=True):
-                best = max(range(len(probs)), key=probs.__getitem__)
-                timings = {
-                    **job.timings,
-                    "inference_ms": round(inference_ms, 2),
-                    "batch_size": len(jobs),
-                    "total_ms": round((finished - job.created_at).total_seconds() * 1000, 2),
+        rows = []
+        for job, probs in successes:
+            assert model is not None
+            best = max(range(len(probs)), key=probs.__getitem__)
+            rows.append(
+                {
+                    "job_id": job.id,
+                    "new_status": JobStatus.succeeded,
+                    "new_label": model.classes[best],
+                    "new_probabilities": {c: round(p, 6) for c, p in zip(model.classes, probs, strict=True)},
+                    "new_model_version_id": model.id,
+                    "new_error_code": None,
+                    "new_error_detail": None,
+                    "new_timings": {**job.timings, "total_ms": _ms_since(job.created_at, finished)},
                 }
-                session.execute(
-                    update(Job)
-                    .where(Job.id == job.id, _NOT_TERMINAL)
-                    .values(
-                        status=JobStatus.succeeded,
-                        label=model.classes[best],
-                        probabilities={c: round(p, 6) for c, p in zip(model.classes, probs, strict=True)},
-                        model_version_id=model.id,
-                        timings=timings,
-                        finished_at=finished,
-                    )
-                )
-
-    def _fail(self, job_id: str, error: XrayqError) -> None:
-        with self.db.session() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, _NOT_TERMINAL)
-                .values(status=JobStatus.failed, error_code=error.code, error_detail=error.detail, finished_at=utcnow())
             )
+        for job, error in failures:
+            rows.append(
+                {
+                    "job_id": job.id,
+                    "new_status": JobStatus.failed,
+                    "new_label": None,
+                    "new_probabilities": None,
+                    "new_model_version_id": None,
+                    "new_error_code": error.code,
+                    "new_error_detail": error.detail,
+                    "new_timings": {**job.timings, "total_ms": _ms_since(job.created_at, finished)},
+                }
+            )
+        if not rows:
+            return
+        table = cast(Table, Job.__table__)
+        statement = (
+            update(table)
+            .where(
+                table.c.id == bindparam("job_id"),
+                # Not yet finished. (Spelled out: NOT IN expands to a list, which executemany refuses.)
+                or_(*(table.c.status == status.value for status in JobStatus if not status.terminal)),
+            )
+            .values(
+                status=bindparam("new_status"),
+                label=bindparam("new_label"),
+                probabilities=bindparam("new_probabilities"),
+                model_version_id=bindparam("new_model_version_id"),
+                error_code=bindparam("new_error_code"),
+                error_detail=bindparam("new_error_detail"),
+                timings=bindparam("new_timings"),
+                finished_at=finished,
+            )
+        )
+        with self.db.session() as session:
+            session.connection().execute(statement, rows)  # one executemany round trip
+
+
+def _ms_since(start: datetime, end: datetime) -> float:
+    return round((end - start).total_seconds() * 1000, 2)
