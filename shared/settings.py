@@ -53,6 +53,8 @@ class Settings(BaseSettings):
 
     # Worker.
     predict_chunk_size: int = Field(default=32, ge=1, le=512)
+    # A single job's message also takes other waiting single jobs, up to a chunk: dynamic batching.
+    coalesce_singles: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = 0  # 0: torch's default (one per core)
     worker_concurrency: int = 1

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import torch
 from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy.orm import Session
 
 from shared.artifacts import LoadedModel, load_model
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, as_utc, utcnow
@@ -95,10 +96,18 @@ class Predictor:
         return {"claimed": len(claimed)}
 
     def _claim(self, job_ids: list[str]) -> list[Claimed]:
-        """Mark the not-yet-finished jobs running and count the attempt; fail those out of attempts."""
+        """Mark the message's unfinished jobs running and count the attempt; fail those out of attempts.
+
+        A message shorter than a chunk also takes single jobs that are still waiting (dynamic batching):
+        under load one forward pass then serves many single-image clients, and their own messages,
+        arriving later, find them finished and do nothing.
+        """
         now = utcnow()
         with self.db.session() as session:
-            jobs = session.scalars(select(Job).where(Job.id.in_(job_ids), _NOT_TERMINAL)).all()
+            jobs = list(session.scalars(select(Job).where(Job.id.in_(job_ids), _NOT_TERMINAL)))
+            room = self.settings.predict_chunk_size - len(jobs)
+            if self.settings.coalesce_singles and room > 0:
+                jobs += self._waiting_singles(session, job_ids, room)
             claimed = []
             for job in jobs:
                 job.attempts += 1
@@ -119,10 +128,22 @@ class Predictor:
                         job.model_name,
                         job.model_version_requested,
                         created,
-                        {"queue_ms": round((now - created).total_seconds() * 1000, 2)},
+                        {"queue_ms": _ms_since(created, now)},
                     )
                 )
         return claimed
+
+    @staticmethod
+    def _waiting_singles(session: Session, exclude: list[str], limit: int) -> list[Job]:
+        query = (
+            select(Job)
+            .where(Job.status == JobStatus.queued, Job.batch_id.is_(None), Job.id.not_in(exclude))
+            .order_by(Job.created_at)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)  # two workers never take the same waiting job
+        return list(session.scalars(query))
 
     def _run_group(self, model: LoadedModel, jobs: list[Claimed]) -> None:
         """Fetch, decode and preprocess concurrently (I/O, and decoders that release the GIL), then one

@@ -12,16 +12,21 @@ from shared.jobs import Upload, create_jobs, get_job
 from shared.storage import make_object_store
 
 
+def make_predictor(settings) -> Predictor:
+    store = make_object_store(settings)
+    return Predictor(settings, database_for(settings), store, ModelCache(store, torch.device("cpu")))
+
+
 @pytest.fixture
 def predictor(services_settings, services_model) -> Predictor:
-    store = make_object_store(services_settings)
-    return Predictor(services_settings, database_for(services_settings), store, ModelCache(store, torch.device("cpu")))
+    # Coalescing off: these tests count exactly the jobs of their own messages.
+    return make_predictor(services_settings.model_copy(update={"coalesce_singles": False}))
 
 
-def submit(settings, uploads: list[Upload]) -> list[str]:
+def submit(settings, uploads: list[Upload], as_batch: bool = True) -> list[str]:
     db = database_for(settings)
     with db.session() as session:
-        _, jobs = create_jobs(session, make_object_store(settings), uploads, model_ref="chest-xray", as_batch=True)
+        _, jobs = create_jobs(session, make_object_store(settings), uploads, model_ref="chest-xray", as_batch=as_batch)
         return [job.id for job in jobs]
 
 
@@ -84,3 +89,19 @@ def test_a_job_that_keeps_failing_its_worker_ends_failed(predictor, services_set
     with database_for(services_settings).session() as session:
         job = get_job(session, ids[0])
         assert job.status == JobStatus.failed and job.error_code == "too_many_attempts"
+
+
+def test_a_single_jobs_message_takes_other_waiting_singles_into_its_forward_pass(
+    services_settings, services_model, chest_images
+) -> None:
+    predictor = make_predictor(services_settings)
+    ids = [
+        submit(services_settings, [Upload(p.name, p.read_bytes(), "image/jpeg")], as_batch=False)[0]
+        for p in chest_images["PNEUMONIA"][20:25]
+    ]
+    assert predictor.run(ids[:1])["claimed"] >= 5  # the first message serves all five waiting singles
+    with database_for(services_settings).session() as session:
+        jobs = [get_job(session, job_id) for job_id in ids]
+        assert all(job.status == JobStatus.succeeded for job in jobs)
+        assert min(job.timings["batch_size"] for job in jobs) >= 5
+    assert all(predictor.run([job_id]) == {"claimed": 0} for job_id in ids[1:])  # their own messages: no-ops
