@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit test-integration test-e2e lint format bench compose-check clean
+.PHONY: install run test test-unit test-integration test-e2e lint format bench locust compose-check clean
 
 install: $(STAMP)
 
@@ -32,13 +32,22 @@ test-e2e: install
 	$(BIN)/python -m pytest tests/e2e
 
 lint: install
-	$(BIN)/ruff check shared services tests
-	$(BIN)/ruff format --check shared services tests
+	$(BIN)/ruff check shared services tests loadtest
+	$(BIN)/ruff format --check shared services tests loadtest
 	$(BIN)/mypy shared services
 
 format: install
-	$(BIN)/ruff format shared services tests
-	$(BIN)/ruff check --fix shared services tests
+	$(BIN)/ruff format shared services tests loadtest
+	$(BIN)/ruff check --fix shared services tests loadtest
+
+# Benchmark the stack at XRAYQ_PUBLIC_URL (starting `xrayq up` with the same settings if none answers).
+bench: install
+	$(BIN)/python loadtest/bench.py --start --output bench-$$(date +%Y%m%d-%H%M%S).json
+
+# Interactive load test: open http://localhost:8089 (or add --headless -u 40 -r 10 -t 60s).
+locust: install
+	$(BIN)/python -m pip install --quiet -e ".[load]"
+	$(BIN)/locust -f loadtest/locustfile.py --host $${XRAYQ_PUBLIC_URL:-http://127.0.0.1:8000}
 
 compose-check:
 	docker-compose config -q

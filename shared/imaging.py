@@ -45,11 +45,11 @@ class ImageLimits:
     min_side: int = 32
 
 
-def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
-    """Decode PNG (8/16-bit, grey, RGB, palette, alpha) or JPEG into float32 in [0, 1].
+def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+    """Fully decode a PNG (8/16-bit, grey, RGB, palette, alpha) or JPEG, checking its size first.
 
-    Returns HxW for grey images and HxWx3 for colour ones. Raises XrayqError with a stable code for
-    anything that is not a complete, readable image of sensible size.
+    Raises XrayqError with a stable code for anything that is not a complete, readable image of
+    sensible size.
     """
     limits = limits or ImageLimits()
     media_type = sniff_media_type(data)
@@ -84,10 +84,18 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         Image.DecompressionBombWarning,
     ) as exc:
         raise XrayqError("image_unreadable", f"The image could not be decoded: {exc}") from None
-    return _to_float_array(image)
+    return image
 
 
-def _to_float_array(image: Image.Image) -> np.ndarray:
+def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+    """`open_image` as float32 in [0, 1]: HxW for grey images, HxWx3 for colour ones."""
+    return to_float_array(open_image(data, limits))
+
+
+HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def to_float_array(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(image, dtype=np.float32) / 65535.0

@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
+
+from shared.imaging import HIGH_DEPTH_MODES, to_float_array
 
 
 @dataclass(frozen=True)
@@ -43,23 +45,40 @@ class PreprocessSpec:
         )
 
 
-def to_model_pixels(array: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    """Decoded float image -> uint8 CxHxW at the model's size and colour (no normalisation yet).
+def to_model_pixels(image: Image.Image | np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """A decoded image -> uint8 C x size x size in the model's colour (no normalisation yet).
 
-    Split from `normalize` so a training set can be held in memory compactly as uint8 and augmented
-    before normalising; `preprocess` composes the two for serving.
+    Colour conversion (ITU-R 601 luma for grey) and the antialiased bilinear resize run in Pillow's C
+    code, which releases the GIL: the worker prepares a chunk's images in parallel threads. 16-bit
+    images keep their precision until the final rounding. Split from `normalize` so a training set is
+    held in memory compactly as uint8 and augmented before normalising.
     """
+    if isinstance(image, np.ndarray):
+        image = _from_array(image)
+    if image.mode in HIGH_DEPTH_MODES:
+        image = Image.fromarray(to_float_array(image) * np.float32(255.0), mode="F")
+    elif spec.color == "grayscale":
+        image = image.convert("L")
+    else:
+        image = image.convert("RGB")
+    image = image.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    array = np.asarray(image)
+    if image.mode == "F":
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
     tensor = torch.from_numpy(np.ascontiguousarray(array))
-    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-    if spec.color == "grayscale" and tensor.shape[0] == 3:
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-        tensor = (tensor * weights).sum(0, keepdim=True)
-    elif spec.color == "rgb" and tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    tensor = F.interpolate(
-        tensor.unsqueeze(0), size=(spec.size, spec.size), mode="bilinear", antialias=True, align_corners=False
-    ).squeeze(0)
-    return (tensor.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+    if spec.color == "rgb" and tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1).contiguous()
+    return tensor
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """uint8 arrays (as MedMNIST stores them) or floats in [0, 1] (as `decode_image` returns)."""
+    if array.dtype != np.uint8:
+        if array.ndim == 2:
+            return Image.fromarray(np.asarray(array, dtype=np.float32) * np.float32(255.0), mode="F")
+        array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
 
 
 def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
@@ -73,6 +92,6 @@ def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     return x
 
 
-def preprocess(array: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+def preprocess(image: Image.Image | np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """The preprocessing function: decoded image -> model input tensor (3 x size x size)."""
-    return normalize(to_model_pixels(array, spec), spec)
+    return normalize(to_model_pixels(image, spec), spec)

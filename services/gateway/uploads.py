@@ -8,7 +8,7 @@ import zipfile
 from typing import BinaryIO
 
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, decode_image, sniff_media_type
+from shared.imaging import ImageLimits, open_image, sniff_media_type
 from shared.jobs import Upload
 from shared.settings import Settings
 
@@ -42,7 +42,7 @@ def validate_image(filename: str, data: bytes, settings: Settings) -> Upload:
             XrayqError("nested_archive", "Archives inside a batch are not unpacked; send images."),
         )
     try:
-        decode_image(data, limits)
+        open_image(data, limits)
     except XrayqError as error:
         return Upload(filename, data, media_type, error)
     return Upload(filename, data, media_type)

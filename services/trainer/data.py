@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, decode_image, sniff_media_type
+from shared.imaging import ImageLimits, decode_image, open_image, sniff_media_type
 from shared.preprocess import PreprocessSpec, to_model_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -85,11 +85,11 @@ def load_image_folder(root: Path, spec: PreprocessSpec, max_per_class: int | Non
         for path in files:
             data = path.read_bytes()
             try:
-                array = decode_image(data, limits)
+                image = open_image(data, limits)
             except XrayqError:
                 unreadable.append(str(path.relative_to(root)))
                 continue
-            pixels.append(to_model_pixels(array, spec))
+            pixels.append(to_model_pixels(image, spec))
             labels.append(label)
             groups.append(patient_group(path.name))
             names.append(str(path.relative_to(root)))
@@ -116,7 +116,7 @@ def load_npz(path: Path, spec: PreprocessSpec, classes: list[str] | None = None)
         raw_labels = np.concatenate([archive[f"{s}_labels"].reshape(-1) for s in splits]).astype(np.int64)
     n_classes = int(raw_labels.max()) + 1
     classes = classes or [str(i) for i in range(n_classes)]
-    pixels = [to_model_pixels(image.astype(np.float32) / 255.0, spec) for image in images]
+    pixels = [to_model_pixels(np.ascontiguousarray(image, dtype=np.uint8), spec) for image in images]
     return LabelledImages(
         pixels=torch.stack(pixels),
         labels=torch.from_numpy(raw_labels),

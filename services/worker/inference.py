@@ -23,8 +23,8 @@ from shared.artifacts import LoadedModel, load_model
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, as_utc, utcnow
 from shared.db.session import Database
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, decode_image
-from shared.preprocess import preprocess
+from shared.imaging import ImageLimits, open_image
+from shared.preprocess import normalize, to_model_pixels
 from shared.registry import resolve_version
 from shared.settings import Settings
 from shared.storage import ObjectNotFound, ObjectStore
@@ -66,7 +66,7 @@ class Claimed:
     model_version_requested: int | None
     created_at: datetime
     timings: dict[str, float] = field(default_factory=dict)
-    tensor: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # uint8, the model's size and colour
 
 
 class Predictor:
@@ -157,7 +157,8 @@ class Predictor:
         try:
             started = time.monotonic()
             with torch.inference_mode():
-                batch = torch.stack([job.tensor for job in ready if job.tensor is not None]).to(model.device)
+                pixels = torch.stack([job.pixels for job in ready if job.pixels is not None])
+                batch = normalize(pixels, model.spec).to(model.device)  # once per chunk, not per image
                 probabilities = torch.softmax(model.module(batch).float(), dim=1).cpu().tolist()
             inference_ms = (time.monotonic() - started) * 1000
         except Exception as exc:  # a broken forward pass fails these jobs, never the process
@@ -180,7 +181,7 @@ class Predictor:
             return XrayqError("input_missing", "The job's input is no longer in storage.")
         fetched = time.monotonic()
         try:
-            job.tensor = preprocess(decode_image(payload, self.limits), model.spec)
+            job.pixels = to_model_pixels(open_image(payload, self.limits), model.spec)
         except XrayqError as error:
             return error
         job.timings["fetch_ms"] = round((fetched - started) * 1000, 2)

@@ -1,0 +1,421 @@
+"""Headless benchmark of a running xrayq stack; prints one JSON document (`make bench`).
+
+What it measures, all in one run, against the model version the stack serves:
+- model_only: decode + preprocess + forward of that model in this one process, at batch sizes 1..64
+  (the ceiling on this machine: nothing can classify faster);
+- pipeline: images/s through the batch API, from the first byte sent until the last job finished;
+- single: single-image jobs at concurrency 1, 8 and 32 (submit, then long-poll), with latencies;
+- overhead_ms_p50: single-job latency at idle minus the model's time for one image;
+- submit_rps: submissions accepted per second by a gateway whose messages no worker reads;
+- baseline: a synchronous endpoint running the same model inside the request, at concurrency 32;
+- peak RSS of the stack's gateway and worker processes (when they run on this machine).
+
+Usage: python loadtest/bench.py [--url URL] [--start] [--images N] [--output FILE]
+The stack's XRAYQ_* settings must be in the environment (the benchmark reads the model from the same
+registry and storage). With --start, it starts `xrayq up` itself when nothing answers at URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[index], 2)
+
+
+def wait_ready(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def load_images(settings: Settings, count: int) -> list[tuple[str, bytes]]:
+    root = Path(settings.data_dir) / "chest-xray-224" / "train"
+    paths = sorted(root.glob("*/*.jpeg"))
+    if not paths:
+        raise SystemExit(f"no images under {root}; set XRAYQ_DATA_DIR")
+    step = max(1, len(paths) // count)
+    return [(p.name, p.read_bytes()) for p in paths[::step][:count]]
+
+
+# --- model only ----------------------------------------------------------------------------------
+
+
+def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+    import torch
+
+    from shared.artifacts import load_model
+    from shared.db.session import database_for
+    from shared.imaging import open_image
+    from shared.preprocess import preprocess
+    from shared.registry import parse_model_ref, resolve_version
+    from shared.storage import make_object_store
+
+    name, version = parse_model_ref(model_ref)
+    with database_for(settings).session() as session:
+        row = resolve_version(session, name, version)
+        session.expunge(row)
+    model = load_model(row, make_object_store(settings), torch.device("cpu"))
+
+    def run(batch: list[bytes]) -> None:
+        tensors = torch.stack([preprocess(open_image(data), model.spec) for data in batch])
+        with torch.inference_mode():
+            model.module(tensors)
+
+    payloads = [data for _, data in images]
+    per_batch: dict[int, float] = {}
+    forward_only: dict[int, float] = {}
+    for size in (1, 8, 16, 32, 64):
+        batches = [payloads[i : i + size] for i in range(0, min(len(payloads), max(size * 6, 48)), size)]
+        run(batches[0])  # warm-up
+        started = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        per_batch[size] = round(sum(map(len, batches)) / (time.perf_counter() - started), 1)
+        x = torch.randn(size, 3, model.spec.size, model.spec.size)
+        with torch.inference_mode():
+            model.module(x)
+            started = time.perf_counter()
+            for _ in range(max(3, 64 // size)):
+                model.module(x)
+            forward_only[size] = round(size * max(3, 64 // size) / (time.perf_counter() - started), 1)
+    one = []
+    for data in payloads[:20]:
+        started = time.perf_counter()
+        run([data])
+        one.append((time.perf_counter() - started) * 1000)
+    best = max(per_batch, key=per_batch.__getitem__)
+    return {
+        "model": f"{row.name}@{row.version}",
+        "architecture": row.architecture,
+        "input_size": model.spec.size,
+        "best_batch": best,
+        "ips": per_batch[best],
+        "ips_by_batch": per_batch,
+        "forward_only_ips_by_batch": forward_only,
+        "one_image_ms_p50": round(statistics.median(one), 2),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# --- through the API -----------------------------------------------------------------------------
+
+
+def measure_pipeline(url: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, (name, data) in enumerate(images):
+            archive.writestr(f"{index:05d}-{name}", data)
+    body = buffer.getvalue()
+    with httpx.Client(base_url=url, timeout=120) as client:
+        started = time.perf_counter()
+        response = client.post("/v1/batches", files={"files": ("bench.zip", body, "application/zip")})
+        response.raise_for_status()
+        accepted = time.perf_counter()
+        batch_id = response.json()["id"]
+        while True:
+            view = client.get(f"/v1/batches/{batch_id}", params={"limit": 1}).json()
+            if view["progress"] >= 1.0:
+                break
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+    return {
+        "images": len(images),
+        "seconds": round(elapsed, 3),
+        "submit_seconds": round(accepted - started, 3),
+        "ips": round(len(images) / elapsed, 1),
+        "succeeded": view["counts"]["succeeded"],
+    }
+
+
+def run_clients(concurrency: int, total: int, one_request) -> tuple[list[float], float, int]:  # type: ignore[no-untyped-def]
+    """`total` requests spread over `concurrency` threads; returns latencies (ms), wall seconds, failures."""
+    latencies: list[float] = []
+    failures = 0
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def client_loop() -> None:
+        nonlocal failures
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            started = time.perf_counter()
+            ok = one_request(index)
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                latencies.append(elapsed)
+                failures += 0 if ok else 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(concurrency):
+            pool.submit(client_loop)
+    return latencies, time.perf_counter() - started, failures
+
+
+def summarise(latencies: list[float], seconds: float, failures: int) -> dict[str, Any]:
+    return {
+        "requests": len(latencies),
+        "failures": failures,
+        "ips": round(len(latencies) / seconds, 1),
+        "p50_ms": percentile(latencies, 50),
+        "p90_ms": percentile(latencies, 90),
+        "p99_ms": percentile(latencies, 99),
+    }
+
+
+def measure_single(url: str, images: list[tuple[str, bytes]], concurrency: int, total: int) -> dict[str, Any]:
+    client = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency * 2))
+
+    def one(index: int) -> bool:
+        name, data = images[index % len(images)]
+        response = client.post("/v1/jobs", files={"file": (name, data, "image/jpeg")})
+        if response.status_code != 202:
+            return False
+        job_id = response.json()["id"]
+        while True:
+            view = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
+            if view["status"] in TERMINAL:
+                return view["status"] == "succeeded"
+
+    try:
+        result = summarise(*run_clients(concurrency, total, one))
+    finally:
+        client.close()
+    return {"concurrency": concurrency, **result}
+
+
+# --- helpers that run processes of their own -----------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen(
+        args, cwd=ROOT, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def measure_submit_rps(settings: Settings, images: list[tuple[str, bytes]], total: int, workdir: Path) -> dict:
+    """A second gateway on the same database and storage whose messages go where no worker listens."""
+    port = free_port()
+    env = {
+        "XRAYQ_PORT": str(port),
+        "XRAYQ_DATABASE_URL": settings.database_url,
+        "XRAYQ_STORAGE_DIR": str(settings.storage_dir),
+    }
+    if settings.uses_filesystem_broker:
+        env["XRAYQ_HOME"] = str(workdir / "isolated-home")
+    else:
+        env["XRAYQ_BROKER_KEY_PREFIX"] = f"{settings.broker_key_prefix}bench-{uuid.uuid4().hex[:8]}:"
+    process = start_process([sys.executable, "-m", "services.cli", "gateway"], env, workdir / "gateway.log")
+    url = f"http://127.0.0.1:{port}"
+    marker = f"bench-submit-{uuid.uuid4().hex[:8]}"
+    try:
+        if not wait_ready(url, 60):
+            return {"error": "isolated gateway did not start"}
+        client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64))
+
+        def one(index: int) -> bool:
+            name, data = images[index % len(images)]
+            response = client.post("/v1/jobs", files={"file": (name, data, "image/jpeg")}, data={"client_ref": marker})
+            return response.status_code == 202
+
+        one(0)  # warm-up
+        result = summarise(*run_clients(32, total, one))
+        client.close()
+        return {"concurrency": 32, "rps": result.pop("ips"), **result}
+    finally:
+        stop_process(process)
+        _delete_jobs(settings, marker)
+
+
+def _delete_jobs(settings: Settings, client_ref: str) -> None:
+    from sqlalchemy import delete, select
+
+    from shared.db.models import Job
+    from shared.db.session import database_for
+    from shared.storage import make_object_store
+
+    store = make_object_store(settings)
+    with database_for(settings).session() as session:
+        keys = session.scalars(select(Job.input_key).where(Job.client_ref == client_ref)).all()
+        session.execute(delete(Job).where(Job.client_ref == client_ref))
+    for key in keys:
+        if key:
+            store.delete(key)
+
+
+def measure_baseline(
+    model_ref: str, images: list[tuple[str, bytes]], concurrency: int, total: int, workdir: Path
+) -> dict[str, Any]:
+    port = free_port()
+    process = start_process(
+        [sys.executable, "-m", "uvicorn", "loadtest.sync_baseline:app", "--port", str(port), "--log-level", "warning"],
+        {"XRAYQ_BASELINE_MODEL": model_ref},
+        workdir / "baseline.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/docs", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency * 2))
+
+        def one(index: int) -> bool:
+            name, data = images[index % len(images)]
+            return client.post("/predict", files={"file": (name, data, "image/jpeg")}).status_code == 200
+
+        one(0)
+        result = summarise(*run_clients(concurrency, total, one))
+        client.close()
+        return {"concurrency": concurrency, **result}
+    finally:
+        stop_process(process)
+
+
+def peak_rss_mb() -> dict[str, float | None]:
+    """Peak resident memory (VmHWM) of the local gateway and worker processes, the largest of each role."""
+    peaks: dict[str, float | None] = {"gateway": None, "worker": None}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        for role in peaks:
+            if f"services.cli {role}" in cmdline or f"xrayq {role}" in cmdline:
+                hwm = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
+                if hwm:
+                    mb = round(int(hwm.split()[1]) / 1024, 1)
+                    peaks[role] = max(peaks[role] or 0.0, mb)
+    return peaks
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="the stack's gateway (default: XRAYQ_PUBLIC_URL)")
+    parser.add_argument("--start", action="store_true", help="start `xrayq up` if nothing answers at URL")
+    parser.add_argument("--images", type=int, default=512, help="images for the pipeline measurement")
+    parser.add_argument("--single-total", type=int, default=160, help="jobs per single-job concurrency level")
+    parser.add_argument("--submit-total", type=int, default=1000, help="submissions for submit_rps")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    settings = get_settings()
+    url = args.url or settings.public_url
+    workdir = Path(tempfile.mkdtemp(prefix="xrayq-bench-"))
+    stack = None
+    if not wait_ready(url, 2):
+        if not args.start:
+            raise SystemExit(f"no ready stack at {url} (start one with `make run`, or pass --start)")
+        stack = start_process([sys.executable, "-m", "services.cli", "up"], {}, workdir / "stack.log")
+        if not wait_ready(url, 900):
+            raise SystemExit(f"the stack did not become ready; see {workdir / 'stack.log'}")
+    try:
+        images = load_images(settings, args.images)
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()
+        active = next(m for m in models if m["name"] == settings.default_model)
+        model_ref = f"{active['name']}@{active['active_version']}"
+        time.sleep(2)  # let the worker finish starting if the stack just came up
+
+        report: dict[str, Any] = {
+            "mode": "embedded" if settings.embedded else "services",
+            "url": url,
+            "cpu_count": os.cpu_count(),
+        }
+        report["model_only"] = measure_model_only(settings, model_ref, images)
+        measure_single(url, images, 1, 5)  # warm the worker's model cache
+        report["pipeline"] = measure_pipeline(url, images)
+        report["single"] = {
+            f"c{c}": measure_single(url, images, c, max(args.single_total // (4 if c == 1 else 1), 4 * c))
+            for c in (1, 8, 32)
+        }
+        report["overhead_ms_p50"] = round(
+            report["single"]["c1"]["p50_ms"] - report["model_only"]["one_image_ms_p50"], 2
+        )
+        report["submit"] = measure_submit_rps(settings, images, args.submit_total, workdir)
+        report["baseline_sync"] = measure_baseline(model_ref, images, 32, args.single_total, workdir)
+        report["peak_rss_mb"] = peak_rss_mb()
+        model_ips = report["model_only"]["ips"]
+        report["ratios"] = {
+            "pipeline_ips/model_only_ips": round(report["pipeline"]["ips"] / model_ips, 3),
+            "single_ips_c32/model_only_ips": round(report["single"]["c32"]["ips"] / model_ips, 3),
+            "single_ips_c32/baseline_ips_c32": round(
+                report["single"]["c32"]["ips"] / max(report["baseline_sync"]["ips"], 1e-9), 2
+            ),
+        }
+    finally:
+        if stack is not None:
+            stop_process(stack)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
