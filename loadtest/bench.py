@@ -3,7 +3,8 @@
 What it measures, all in one run, against the model version the stack serves:
 - model_only: decode + preprocess + forward of that model in this one process, at batch sizes 1..64
   (the ceiling on this machine: nothing can classify faster);
-- pipeline: images/s through the batch API, from the first byte sent until the last job finished;
+- pipeline: images/s through the batch API (N images as concurrent ZIP batches), from the first byte
+  sent until the last job finished;
 - single: single-image jobs at concurrency 1, 8 and 32 (submit, then long-poll), with latencies;
 - overhead_ms_p50: single-job latency at idle minus the model's time for one image;
 - submit_rps: submissions accepted per second by a gateway whose messages no worker reads;
@@ -133,30 +134,46 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
 # --- through the API -----------------------------------------------------------------------------
 
 
-def measure_pipeline(url: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for index, (name, data) in enumerate(images):
-            archive.writestr(f"{index:05d}-{name}", data)
-    body = buffer.getvalue()
-    with httpx.Client(base_url=url, timeout=120) as client:
-        started = time.perf_counter()
+def measure_pipeline(url: str, images: list[tuple[str, bytes]], batch_size: int, clients: int) -> dict[str, Any]:
+    """N images as ZIP batches of `batch_size`, sent by `clients` concurrent senders (as PACS nodes
+    send studies), timed from the first byte sent until the last job finished."""
+    bodies = []
+    for start in range(0, len(images), batch_size):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for index, (name, data) in enumerate(images[start : start + batch_size], start):
+                archive.writestr(f"{index:05d}-{name}", data)
+        bodies.append(buffer.getvalue())
+    client = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients * 2))
+
+    def send(body: bytes) -> str:
         response = client.post("/v1/batches", files={"files": ("bench.zip", body, "application/zip")})
         response.raise_for_status()
-        accepted = time.perf_counter()
-        batch_id = response.json()["id"]
+        return response.json()["id"]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        batch_ids = list(pool.map(send, bodies))
+    submitted = time.perf_counter()
+    succeeded = 0
+    for batch_id in batch_ids:
         while True:
             view = client.get(f"/v1/batches/{batch_id}", params={"limit": 1}).json()
             if view["progress"] >= 1.0:
+                succeeded += view["counts"]["succeeded"]
                 break
-            time.sleep(0.02)
-        elapsed = time.perf_counter() - started
+            time.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    client.close()
     return {
         "images": len(images),
+        "batches": len(bodies),
+        "batch_size": batch_size,
+        "senders": clients,
         "seconds": round(elapsed, 3),
-        "submit_seconds": round(accepted - started, 3),
+        "submit_seconds": round(submitted - started, 3),
         "ips": round(len(images) / elapsed, 1),
-        "succeeded": view["counts"]["succeeded"],
+        "succeeded": succeeded,
     }
 
 
@@ -359,6 +376,8 @@ def main() -> int:
     parser.add_argument("--url", default=None, help="the stack's gateway (default: XRAYQ_PUBLIC_URL)")
     parser.add_argument("--start", action="store_true", help="start `xrayq up` if nothing answers at URL")
     parser.add_argument("--images", type=int, default=512, help="images for the pipeline measurement")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the pipeline run")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent batch senders in the pipeline run")
     parser.add_argument("--single-total", type=int, default=160, help="jobs per single-job concurrency level")
     parser.add_argument("--submit-total", type=int, default=1000, help="submissions for submit_rps")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON here")
@@ -388,7 +407,7 @@ def main() -> int:
         }
         report["model_only"] = measure_model_only(settings, model_ref, images)
         measure_single(url, images, 1, 5)  # warm the worker's model cache
-        report["pipeline"] = measure_pipeline(url, images)
+        report["pipeline"] = measure_pipeline(url, images, args.batch_size, args.senders)
         report["single"] = {
             f"c{c}": measure_single(url, images, c, max(args.single_total // (4 if c == 1 else 1), 4 * c))
             for c in (1, 8, 32)

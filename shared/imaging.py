@@ -45,13 +45,46 @@ class ImageLimits:
     min_side: int = 32
 
 
+def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
+    """Cheap validation for the submit path: type by content, header, size, and a complete stream.
+
+    No full decode: the header gives the pixel count (so bombs are refused before any decoding) and
+    the file's end shows truncation (a JPEG's EOI marker, a PNG's IEND chunk). Damage deeper inside
+    the stream is found by the worker's decode and fails that job alone.
+    """
+    media_type, _ = _open_header(data, limits or ImageLimits())
+    tail = data[-4096:]
+    complete = b"\xff\xd9" in tail if media_type == "image/jpeg" else b"IEND" in tail[-64:]
+    if not complete:
+        raise XrayqError("image_unreadable", "The image is truncated (its end marker is missing).")
+    return media_type
+
+
 def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Fully decode a PNG (8/16-bit, grey, RGB, palette, alpha) or JPEG, checking its size first.
 
     Raises XrayqError with a stable code for anything that is not a complete, readable image of
     sensible size.
     """
-    limits = limits or ImageLimits()
+    _, image = _open_header(data, limits or ImageLimits())
+    try:
+        image.load()  # full decode: a truncated or corrupt stream fails here
+    except _DECODE_ERRORS as exc:
+        raise XrayqError("image_unreadable", f"The image could not be decoded: {exc}") from None
+    return image
+
+
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+def _open_header(data: bytes, limits: ImageLimits) -> tuple[MediaType, Image.Image]:
     media_type = sniff_media_type(data)
     if not data:
         raise XrayqError("empty_file", "The file is empty.")
@@ -61,30 +94,19 @@ def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
         raise XrayqError("unsupported_media_type", "The file is not a PNG or JPEG image (checked by content).")
     try:
         image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > limits.max_pixels:
-            raise XrayqError(
-                "image_too_large",
-                f"The image has {width}x{height} pixels; the limit is {limits.max_pixels} pixels.",
-            )
-        if min(width, height) < limits.min_side:
-            raise XrayqError(
-                "image_too_small",
-                f"The image is {width}x{height}; both sides must be at least {limits.min_side} pixels.",
-            )
-        image.load()  # full decode: a truncated or corrupt stream fails here, not later in the worker
-    except XrayqError:
-        raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
-        raise XrayqError("image_unreadable", f"The image could not be decoded: {exc}") from None
-    return image
+    except _DECODE_ERRORS as exc:
+        raise XrayqError("image_unreadable", f"The image could not be read: {exc}") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise XrayqError(
+            "image_too_large", f"The image has {width}x{height} pixels; the limit is {limits.max_pixels} pixels."
+        )
+    if min(width, height) < limits.min_side:
+        raise XrayqError(
+            "image_too_small",
+            f"The image is {width}x{height}; both sides must be at least {limits.min_side} pixels.",
+        )
+    return media_type, image
 
 
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:

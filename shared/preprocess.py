@@ -62,7 +62,7 @@ def to_model_pixels(image: Image.Image | np.ndarray, spec: PreprocessSpec) -> to
     else:
         image = image.convert("RGB")
     image = image.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
-    array = np.asarray(image)
+    array = np.array(image)  # a writable copy: torch refuses to wrap read-only buffers
     if image.mode == "F":
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
     tensor = torch.from_numpy(np.ascontiguousarray(array))

@@ -8,6 +8,7 @@ from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, JobStateCollector, RequestMetrics
 from services.gateway.problems import install_problem_handlers
 from services.gateway.routes import batches, health, jobs, models
+from services.gateway.waiter import CompletionWaiter
 from shared.db.session import database_for
 from shared.logs import configure_logging
 from shared.queue import make_celery
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database = database_for(settings)
     app.state.store = make_object_store(settings)
     app.state.celery = make_celery(settings, "xrayq-gateway")
+    app.state.waiter = CompletionWaiter(app.state.database)
     _register_job_collector(settings, app.state.database)
 
     install_problem_handlers(app)

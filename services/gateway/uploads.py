@@ -8,7 +8,7 @@ import zipfile
 from typing import BinaryIO
 
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, open_image, sniff_media_type
+from shared.imaging import ImageLimits, check_image, sniff_media_type
 from shared.jobs import Upload
 from shared.settings import Settings
 
@@ -31,7 +31,7 @@ def clean_filename(name: str | None, fallback: str) -> str:
 
 
 def validate_image(filename: str, data: bytes, settings: Settings) -> Upload:
-    """Sniff and fully decode: anything the worker could not read is refused here, with its code."""
+    """Refuse here, with its code, whatever is plainly not a usable image (see `check_image`)."""
     limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
     media_type = sniff_media_type(data)
     if media_type == "application/zip":
@@ -42,7 +42,7 @@ def validate_image(filename: str, data: bytes, settings: Settings) -> Upload:
             XrayqError("nested_archive", "Archives inside a batch are not unpacked; send images."),
         )
     try:
-        open_image(data, limits)
+        check_image(data, limits)
     except XrayqError as error:
         return Upload(filename, data, media_type, error)
     return Upload(filename, data, media_type)

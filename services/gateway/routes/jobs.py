@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
@@ -16,6 +14,7 @@ from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, read_bounded, validate_image
 from shared.db.models import TERMINAL_STATUSES, Job
+from shared.db.session import Database
 from shared.jobs import create_jobs, get_job, job_view, publish_jobs
 from shared.schemas import JobAccepted, JobView
 
@@ -57,17 +56,18 @@ async def read_job(
     wait: Annotated[float, Query(ge=0, description="Long-poll: seconds to wait for a terminal state.")] = 0,
 ) -> JobView:
     database = request.app.state.database
-    deadline = time.monotonic() + min(wait, settings.max_wait_seconds)
-    delay = 0.005
-    while True:
+    view = await run_in_threadpool(_load_view, database, job_id)
+    timeout = min(wait, settings.max_wait_seconds)
+    if timeout > 0 and view.status not in TERMINAL_NAMES:
+        await request.app.state.waiter.wait(job_id, timeout)
         view = await run_in_threadpool(_load_view, database, job_id)
-        if view.status in {s.value for s in TERMINAL_STATUSES} or time.monotonic() >= deadline:
-            return view
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.1)  # fine-grained at first: most jobs finish within ~100 ms
+    return view
 
 
-def _load_view(database, job_id: str) -> JobView:  # type: ignore[no-untyped-def]
+TERMINAL_NAMES = frozenset(status.value for status in TERMINAL_STATUSES)
+
+
+def _load_view(database: Database, job_id: str) -> JobView:
     with database.session() as session:
         return job_view(get_job(session, job_id))
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from shared.errors import XrayqError
-from shared.imaging import ImageLimits, decode_image, sniff_media_type
+from shared.imaging import ImageLimits, check_image, decode_image, open_image, sniff_media_type
 from shared.preprocess import PreprocessSpec, preprocess
 from tests.conftest import jpeg_bytes, png_bytes
 
@@ -94,3 +94,23 @@ def test_preprocess_treats_grey_and_rgb_copies_of_one_image_alike() -> None:
 def test_spec_round_trips_through_a_card() -> None:
     spec = PreprocessSpec(size=96, color="rgb", mean=(0.4, 0.5, 0.6), std=(0.2, 0.2, 0.2))
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_check_image_refuses_truncation_without_decoding() -> None:
+    jpeg = jpeg_bytes(gradient(256, 256))
+    png = png_bytes(gradient(256, 256))
+    assert check_image(jpeg) == "image/jpeg"
+    assert check_image(png) == "image/png"
+    for cut in (jpeg[: len(jpeg) // 2], png[: len(png) // 2]):
+        with pytest.raises(XrayqError) as caught:
+            check_image(cut)
+        assert caught.value.code == "image_unreadable"
+
+
+def test_damage_inside_a_complete_stream_is_left_to_the_full_decode() -> None:
+    png = bytearray(png_bytes(gradient(256, 256)))
+    png[60:120] = b"\x00" * 60  # inside the compressed data: header and end marker intact
+    assert check_image(bytes(png)) == "image/png"
+    with pytest.raises(XrayqError) as caught:
+        open_image(bytes(png))
+    assert caught.value.code == "image_unreadable"
