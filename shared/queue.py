@@ -42,6 +42,8 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
 
 def make_celery(settings: Settings, name: str = "xrayq") -> Celery:
     app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    if settings.uses_filesystem_broker:
+        app.conf.broker_transport = "shared.spool_transport:Transport"
     app.conf.update(
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
