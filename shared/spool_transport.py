@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from time import monotonic
+from time import monotonic_ns
 from typing import Any
 
 from kombu.transport import filesystem
@@ -19,8 +19,8 @@ from kombu.utils.json import dumps
 
 class Channel(filesystem.Channel):
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        # Zero-padded time first: consumers take files in name order, which is then arrival order.
-        name = f"{round(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
+        # Zero-padded nanoseconds first: consumers take files in name order, which is then arrival order.
+        name = f"{monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = f"{final}.part"  # not "<queue>.msg": consumers skip it
         try:
