@@ -103,7 +103,31 @@ def _celery_worker(app_module: str, queue: str, concurrency: int) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    return _celery_worker("services.worker.app", "predict", args.concurrency or get_settings().worker_concurrency)
+    settings = get_settings()
+    if settings.worker_metrics_port:
+        _serve_worker_metrics(settings.worker_metrics_port)
+    return _celery_worker("services.worker.app", "predict", args.concurrency or settings.worker_concurrency)
+
+
+def _serve_worker_metrics(port: int) -> None:
+    """Pool processes write samples to a folder of their own; this process serves their sum."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="xrayq-worker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # before anything imports prometheus_client
+    import atexit
+
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=folder)
+    try:
+        start_http_server(port, addr="0.0.0.0", registry=registry)
+    except OSError as exc:  # e.g. a second worker on one host: it still works, without its own endpoint
+        print(f"worker metrics not served on port {port}: {exc}", file=sys.stderr)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def _trainer(_: argparse.Namespace) -> int:

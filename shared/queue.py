@@ -69,3 +69,21 @@ def make_celery(settings: Settings, name: str = "xrayq") -> Celery:
         enable_utc=True,
     )
     return app
+
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages waiting per queue, read straight from the broker (for operators' metrics)."""
+    queues = (PREDICT_QUEUE, TRAIN_QUEUE)
+    if settings.uses_filesystem_broker:
+        spool = settings.broker_spool_dir / "queue"
+        names = [path.name for path in spool.iterdir()] if spool.is_dir() else []
+        return {queue: sum(name.endswith(f".{queue}.msg") for name in names) for queue in queues}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+        try:
+            return {queue: int(client.llen(f"{settings.broker_key_prefix}{queue}")) for queue in queues}
+        finally:
+            client.close()
+    return {}

@@ -58,8 +58,15 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = 0  # 0: torch's default (one per core)
     worker_concurrency: int = 1
+    # Where `xrayq worker` serves its Prometheus metrics (0: not at all).
+    worker_metrics_port: int = 9101
     model_cache_size: int = 3
     max_attempts: int = 3
+
+    # Reconciler (runs in each gateway): republishes jobs whose message was lost.
+    reconcile_interval_s: float = 10.0  # 0: off
+    requeue_after_s: float = 30.0  # a queued job this old, with the predict queue empty, is lost
+    stale_running_after_s: float = 300.0  # a running job this old lost its worker
 
     # Models.
     default_model: str = "chest-xray"

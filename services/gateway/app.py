@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 
 from services.gateway.limits import BodySizeLimit
-from services.gateway.metrics import REGISTRY, JobStateCollector, RequestMetrics
+from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
 from services.gateway.problems import install_problem_handlers
 from services.gateway.routes import batches, health, jobs, models
 from services.gateway.waiter import CompletionWaiter
-from shared.db.session import database_for
+from shared.db.session import Database, database_for
 from shared.logs import configure_logging
 from shared.queue import make_celery
+from shared.reconciler import reconcile_once
 from shared.settings import Settings, get_settings
 from shared.storage import make_object_store
 
-_collectors: dict[str, JobStateCollector] = {}
+log = logging.getLogger(__name__)
+_collectors: dict[str, StateCollector] = {}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
     app = FastAPI(
+        lifespan=_lifespan,
         title="xrayq",
         version="1",
         summary="Asynchronous classification of medical images, with retrainable models.",
@@ -32,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_object_store(settings)
     app.state.celery = make_celery(settings, "xrayq-gateway")
     app.state.waiter = CompletionWaiter(app.state.database)
-    _register_job_collector(settings, app.state.database)
+    _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)
     for module in (jobs, batches, models, health):
@@ -42,10 +52,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _register_job_collector(settings: Settings, database) -> None:  # type: ignore[no-untyped-def]
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    task = asyncio.create_task(_reconcile_forever(app)) if settings.reconcile_interval_s > 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _reconcile_forever(app: FastAPI) -> None:
+    state = app.state
+    while True:
+        await asyncio.sleep(state.settings.reconcile_interval_s)
+        try:
+            await run_in_threadpool(reconcile_once, state.settings, state.database, state.celery)
+        except Exception:
+            log.exception("reconciler pass failed")
+
+
+def _register_state_collector(settings: Settings, database: Database) -> None:
     # The registry is process-wide; tests build several apps in one process.
-    previous = _collectors.pop("jobs", None)
+    previous = _collectors.pop("state", None)
     if previous is not None:
         REGISTRY.unregister(previous)
-    _collectors["jobs"] = JobStateCollector(database)
-    REGISTRY.register(_collectors["jobs"])
+    _collectors["state"] = StateCollector(settings, database)
+    REGISTRY.register(_collectors["state"])

@@ -1,7 +1,8 @@
-"""Prometheus metrics of the gateway, plus job counts read from the database at scrape time.
+"""Prometheus metrics of the gateway, plus state read at scrape time.
 
-Job counts come from the database (the source of truth), so they are right however many worker
-processes there are, with no multi-process metric files to share.
+Job counts, active versions and queue depths come from the database and the broker (the sources of
+truth), so they are right however many gateway and worker processes there are. The worker's own
+timings are served by each `xrayq worker` (see services/worker/metrics.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.db.models import Job
+from shared.db.models import Job, ModelVersion
 from shared.db.session import Database
+from shared.queue import queue_depths
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +39,41 @@ HTTP_LATENCY = Histogram(
 )
 
 
-class JobStateCollector(Collector):
-    def __init__(self, database: Database) -> None:
+class StateCollector(Collector):
+    """Read at scrape time from the sources of truth: jobs by status, active versions, queue depths."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.settings = settings
         self.database = database
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        gauge = GaugeMetricFamily("xrayq_jobs", "Jobs in the database by status and model", labels=["status", "model"])
+        jobs = GaugeMetricFamily("xrayq_jobs", "Jobs in the database by status and model", labels=["status", "model"])
+        active = GaugeMetricFamily(
+            "xrayq_model_active_info", "The active version of each model", labels=["model", "version", "architecture"]
+        )
+        depth = GaugeMetricFamily("xrayq_queue_depth", "Messages waiting in the broker", labels=["queue"])
         try:
             with self.database.session() as session:
                 rows = session.execute(
                     select(Job.status, Job.model_name, func.count()).group_by(Job.status, Job.model_name)
                 ).all()
+                versions = session.execute(
+                    select(ModelVersion.name, ModelVersion.version, ModelVersion.architecture).where(
+                        ModelVersion.is_active.is_(True)
+                    )
+                ).all()
             for status, model, count in rows:
-                gauge.add_metric([status.value, model], count)
+                jobs.add_metric([status.value, model], count)
+            for name, version, architecture in versions:
+                active.add_metric([name, str(version), architecture], 1)
         except Exception:  # a scrape must not fail because the database hiccuped
-            log.warning("could not count jobs for /metrics", exc_info=True)
-        yield gauge
+            log.warning("could not read job counts for /metrics", exc_info=True)
+        try:
+            for queue, count in queue_depths(self.settings).items():
+                depth.add_metric([queue], count)
+        except Exception:
+            log.warning("could not read queue depths for /metrics", exc_info=True)
+        yield from (jobs, active, depth)
 
 
 class RequestMetrics:

@@ -19,6 +19,7 @@ import torch
 from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from services.worker import metrics
 from shared.artifacts import LoadedModel, load_model
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, as_utc, utcnow
 from shared.db.session import Database
@@ -81,7 +82,16 @@ class Predictor:
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prepare")
 
     def run(self, job_ids: list[str]) -> dict[str, int]:
+        started = time.monotonic()
+        try:
+            return self._run(job_ids)
+        finally:
+            metrics.BUSY.inc(time.monotonic() - started)
+
+    def _run(self, job_ids: list[str]) -> dict[str, int]:
         claimed = self._claim(job_ids)
+        for job in claimed:
+            metrics.QUEUE_WAIT.observe(job.timings["queue_ms"] / 1000)
         groups: dict[tuple[str, int | None], list[Claimed]] = defaultdict(list)
         for job in claimed:
             groups[(job.model_name, job.model_version_requested)].append(job)
@@ -169,6 +179,8 @@ class Predictor:
         for job in ready:
             job.timings["inference_ms"] = round(inference_ms, 2)
             job.timings["batch_size"] = len(ready)
+        metrics.INFERENCE.labels(model.name).observe(inference_ms / 1000)
+        metrics.BATCH_SIZE.labels(model.name).observe(len(ready))
         self._write(successes=list(zip(ready, probabilities, strict=True)), model=model, failures=failures)
 
     def _prepare(self, job: Claimed, model: LoadedModel) -> XrayqError | None:
@@ -186,6 +198,7 @@ class Predictor:
             return error
         job.timings["fetch_ms"] = round((fetched - started) * 1000, 2)
         job.timings["preprocess_ms"] = round((time.monotonic() - fetched) * 1000, 2)
+        metrics.PREPROCESS.observe(time.monotonic() - started)
         return None
 
     def _model_for(self, name: str, version: int | None) -> LoadedModel:
@@ -234,6 +247,12 @@ class Predictor:
             )
         if not rows:
             return
+        name = model.name if model is not None else "unknown"
+        for job, _ in successes:
+            metrics.JOBS_FINISHED.labels(name, "succeeded").inc()
+            metrics.END_TO_END.labels(name).observe(_ms_since(job.created_at, finished) / 1000)
+        for job, _ in failures:
+            metrics.JOBS_FINISHED.labels(job.model_name, "failed").inc()
         table = cast(Table, Job.__table__)
         statement = (
             update(table)

@@ -25,7 +25,17 @@ class Stack:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "XRAYQ_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        self.worker_metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        self.env = {
+            **os.environ,
+            **env,
+            "XRAYQ_PORT": str(self.port),
+            "XRAYQ_WORKER_METRICS_PORT": self.worker_metrics_url.rsplit(":", 1)[1].split("/")[0],
+            "PYTHONUNBUFFERED": "1",
+            # Quick reconciler: a message lost with a killed worker is republished within seconds.
+            "XRAYQ_RECONCILE_INTERVAL_S": "1",
+            "XRAYQ_REQUEUE_AFTER_S": "5",
+        }
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 

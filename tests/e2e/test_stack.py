@@ -92,3 +92,15 @@ def test_killed_worker_is_restarted_and_work_goes_on(stack, chest_images) -> Non
     job = wait_for_job(stack.url, job_id, timeout=120)
     assert job["status"] == "succeeded"
     assert stack.child_pid("worker") != worker
+
+
+def test_operators_see_gateway_and_worker_metrics(stack) -> None:
+    gateway = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    assert 'xrayq_queue_depth{queue="predict"}' in gateway
+    assert 'xrayq_model_active_info{architecture="mobilenet_v3_small",model="chest-xray"' in gateway
+    assert 'xrayq_jobs{model="chest-xray",status="succeeded"}' in gateway
+    # Summed over the worker's pool processes; counters restart with the worker (services mode killed it above).
+    worker = httpx.get(stack.worker_metrics_url, timeout=10).text
+    finished = [line for line in worker.splitlines() if line.startswith("xrayq_jobs_finished_total")]
+    assert any('status="succeeded"' in line and float(line.split()[-1]) >= 1 for line in finished), finished
+    assert "xrayq_batch_size_bucket" in worker and "xrayq_job_queue_wait_seconds_count" in worker

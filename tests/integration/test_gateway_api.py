@@ -194,3 +194,5 @@ def test_health_readiness_models_and_metrics(client) -> None:
     assert "xrayq_jobs_submitted_total" in metrics
     assert 'xrayq_jobs{model="chest-xray",status="queued"}' in metrics
     assert "xrayq_http_request_duration_seconds_bucket" in metrics
+    assert 'xrayq_queue_depth{queue="predict"}' in metrics  # read from the real Redis
+    assert 'xrayq_model_active_info{architecture="mobilenet_v3_small",model="chest-xray"' in metrics

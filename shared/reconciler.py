@@ -1,0 +1,57 @@
+"""Republish jobs whose message was lost, so no job waits forever.
+
+A message can vanish between the two systems: the broker was down when the gateway published, or a
+worker was killed after Redis handed it a message but before it was recorded as unacknowledged. The
+database still says `queued` (or `running`, for a worker that died mid-chunk), so it can be sent again:
+- queued jobs older than `requeue_after_s`, while the `predict` queue is empty (a non-empty queue
+  means they are still on their way, not lost);
+- running jobs that started more than `stale_running_after_s` ago (a chunk takes seconds).
+Republishing is safe: workers claim only unfinished jobs, write results only once, and count attempts,
+so a job that keeps dying ends `too_many_attempts`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import and_, or_, select
+
+from shared.db.models import Job, JobStatus, utcnow
+from shared.db.session import Database
+from shared.jobs import publish_jobs
+from shared.queue import PREDICT_QUEUE, queue_depths
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_once(settings: Settings, database: Database, celery: Celery, limit: int = 2000) -> int:
+    """One pass; returns how many jobs were republished."""
+    now = utcnow()
+    try:
+        queue_empty = queue_depths(settings).get(PREDICT_QUEUE, 0) == 0
+    except Exception:  # broker unreachable: publishing would fail too
+        log.warning("reconciler: broker unreachable, trying later", exc_info=True)
+        return 0
+    lost_queued = and_(
+        Job.status == JobStatus.queued, Job.created_at < now - timedelta(seconds=settings.requeue_after_s)
+    )
+    stale_running = and_(
+        Job.status == JobStatus.running, Job.started_at < now - timedelta(seconds=settings.stale_running_after_s)
+    )
+    condition = or_(lost_queued, stale_running) if queue_empty else stale_running
+    with database.session() as session:
+        job_ids = list(
+            session.scalars(
+                select(Job.id).where(condition, Job.input_key.is_not(None)).order_by(Job.created_at).limit(limit)
+            )
+        )
+    if job_ids and publish_jobs(celery, job_ids, settings.predict_chunk_size):
+        log.warning("reconciler: republished %d jobs whose messages were lost", len(job_ids))
+        return len(job_ids)
+    return 0

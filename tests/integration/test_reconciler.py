@@ -1,0 +1,60 @@
+"""Lost messages are republished from the database, against the real Postgres and Redis."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from shared.db.models import Job, JobStatus, utcnow
+from shared.db.session import database_for
+from shared.jobs import Upload, create_jobs
+from shared.queue import make_celery
+from shared.reconciler import reconcile_once
+from shared.storage import make_object_store
+from tests.integration.test_gateway_api import queued_message_ids
+
+
+def old_job(settings, image: bytes, status: JobStatus, age_s: float) -> str:
+    with database_for(settings).session() as session:
+        _, jobs = create_jobs(
+            session,
+            make_object_store(settings),
+            [Upload("x.jpeg", image, "image/jpeg")],
+            model_ref="chest-xray",
+            as_batch=False,
+        )
+        job = jobs[0]
+        job.status = status
+        job.created_at = utcnow() - timedelta(seconds=age_s)
+        job.started_at = job.created_at if status == JobStatus.running else None
+        return job.id
+
+
+def test_lost_queued_and_stale_running_jobs_are_republished(
+    services_settings, services_model, chest_images, redis_client, redis_prefix
+) -> None:
+    redis_client.delete(f"{redis_prefix}predict")  # the broker lost everything
+    image = chest_images["NORMAL"][3].read_bytes()
+    lost = old_job(services_settings, image, JobStatus.queued, age_s=services_settings.requeue_after_s + 5)
+    fresh = old_job(services_settings, image, JobStatus.queued, age_s=0)
+    stale = old_job(services_settings, image, JobStatus.running, age_s=services_settings.stale_running_after_s + 5)
+    busy = old_job(services_settings, image, JobStatus.running, age_s=1)
+
+    celery = make_celery(services_settings)
+    assert reconcile_once(services_settings, database_for(services_settings), celery) >= 2
+    published = set(queued_message_ids(redis_client, redis_prefix))
+    assert {lost, stale} <= published
+    assert not {fresh, busy} & published
+
+
+def test_a_busy_queue_is_not_mistaken_for_lost_messages(
+    services_settings, services_model, chest_images, redis_client, redis_prefix
+) -> None:
+    image = chest_images["NORMAL"][4].read_bytes()
+    celery = make_celery(services_settings)
+    waiting = old_job(services_settings, image, JobStatus.queued, age_s=services_settings.requeue_after_s + 5)
+    redis_client.delete(f"{redis_prefix}predict")
+    celery.send_task("xrayq.predict", args=[[waiting]], queue="predict")  # still on its way
+    reconcile_once(services_settings, database_for(services_settings), celery)
+    assert queued_message_ids(redis_client, redis_prefix).count(waiting) == 1
+    with database_for(services_settings).session() as session:
+        assert session.get(Job, waiting).status == JobStatus.queued
