@@ -20,6 +20,7 @@ ERROR_STATUS: dict[str, int] = {
     "nested_archive": 422,
     "invalid_request": 422,
     "invalid_parameter": 422,
+    "idempotency_key_conflict": 409,
     "job_not_found": 404,
     "batch_not_found": 404,
     "model_not_found": 404,

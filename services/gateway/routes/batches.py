@@ -6,15 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
+from services.gateway.deps import CeleryDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StoreDep
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, expand_zip, validate_image
 from shared.errors import XrayqError
 from shared.imaging import sniff_media_type
-from shared.jobs import Upload, batch_view, create_jobs, publish_jobs
+from shared.jobs import Upload, batch_view
 from shared.schemas import BatchAccepted, BatchView, JobAccepted
 from shared.settings import Settings
+from shared.submissions import submit_images
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -29,15 +30,26 @@ def submit_batch(
     files: Annotated[list[UploadFile], File(description="PNG/JPEG images, or a single ZIP of them.")],
     model: Annotated[str | None, Form(description="Model name, or name@version to pin one.", max_length=160)] = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchAccepted:
     uploads = collect_uploads(files, settings)
-    batch, jobs = create_jobs(
-        session, store, uploads, model_ref=model or settings.default_model, as_batch=True, client_ref=client_ref
+    submitted = submit_images(
+        session,
+        store,
+        celery,
+        settings,
+        uploads,
+        model_ref=model or settings.default_model,
+        as_batch=True,
+        client_ref=client_ref,
+        idempotency_key=idempotency_key,
     )
+    batch, jobs = submitted.batch, submitted.jobs
     assert batch is not None
-    session.commit()  # rows first, then messages
-    publish_jobs(celery, [job.id for job in jobs if job.input_key], settings.predict_chunk_size)
-    JOBS_SUBMITTED.labels(model=batch.model_name, kind="batch").inc(len(jobs))
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        JOBS_SUBMITTED.labels(model=batch.model_name, kind="batch").inc(len(jobs))
     location = f"/v1/batches/{batch.id}"
     response.headers["Location"] = location
     return BatchAccepted(

@@ -9,14 +9,15 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, StoreDep
+from services.gateway.deps import CeleryDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StoreDep
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, read_bounded, validate_image
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
-from shared.jobs import create_jobs, get_job, job_view, publish_jobs
+from shared.jobs import get_job, job_view
 from shared.schemas import JobAccepted, JobView
+from shared.submissions import submit_images
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -31,18 +32,29 @@ def submit_job(
     file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
     model: Annotated[str | None, Form(description="Model name, or name@version to pin one.", max_length=160)] = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:
     filename = clean_filename(file.filename, "upload")
     data = read_bounded(file.file, settings.max_file_bytes, filename)
     upload = validate_image(filename, data, settings)
     if upload.error is not None:
         raise upload.error
-    model_ref = model or settings.default_model
-    _, jobs = create_jobs(session, store, [upload], model_ref=model_ref, as_batch=False, client_ref=client_ref)
-    session.commit()  # the row exists before the message does
-    job = jobs[0]
-    publish_jobs(celery, [job.id], settings.predict_chunk_size)
-    JOBS_SUBMITTED.labels(model=job.model_name, kind="single").inc()
+    submitted = submit_images(
+        session,
+        store,
+        celery,
+        settings,
+        [upload],
+        model_ref=model or settings.default_model,
+        as_batch=False,
+        client_ref=client_ref,
+        idempotency_key=idempotency_key,
+    )
+    job = submitted.jobs[0]
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        JOBS_SUBMITTED.labels(model=job.model_name, kind="single").inc()
     location = f"/v1/jobs/{job.id}"
     response.headers["Location"] = location
     return JobAccepted(id=job.id, status=job.status.value, filename=job.filename, location=location)
