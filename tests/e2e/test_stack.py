@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -104,3 +107,29 @@ def test_operators_see_gateway_and_worker_metrics(stack) -> None:
     finished = [line for line in worker.splitlines() if line.startswith("xrayq_jobs_finished_total")]
     assert any('status="succeeded"' in line and float(line.split()[-1]) >= 1 for line in finished), finished
     assert "xrayq_batch_size_bucket" in worker and "xrayq_job_queue_wait_seconds_count" in worker
+
+
+def test_openapi_fuzzing_finds_no_server_error_or_schema_break(stack, tmp_path) -> None:
+    """schemathesis (its CLI: the pytest plugin lags behind pytest 9) against the running gateway."""
+    if stack.mode != "services":
+        return  # one mode is enough: the HTTP layer is the same
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("schemathesis")),
+            "run",
+            f"{stack.url}/openapi.json",
+            "--checks",
+            "not_a_server_error,response_schema_conformance,status_code_conformance",
+            "--max-examples",
+            "20",
+            "--seed",
+            "1",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
