@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from shared import dicom
 from shared.errors import XrayqError
 
 MediaType = Literal["image/png", "image/jpeg", "application/dicom", "application/zip"]
@@ -49,10 +50,16 @@ def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
     """Cheap validation for the submit path: type by content, header, size, and a complete stream.
 
     No full decode: the header gives the pixel count (so bombs are refused before any decoding) and
-    the file's end shows truncation (a JPEG's EOI marker, a PNG's IEND chunk). Damage deeper inside
-    the stream is found by the worker's decode and fails that job alone.
+    the file's end shows truncation (a JPEG's EOI marker, a PNG's IEND chunk); for DICOM, the header
+    and a decoder for its transfer syntax. Damage deeper inside the stream is found by the worker's
+    decode and fails that job alone.
     """
-    media_type, _ = _open_header(data, limits or ImageLimits())
+    limits = limits or ImageLimits()
+    media_type = _supported_type(data)
+    if media_type == "application/dicom":
+        _check_size(*dicom.size_of(dicom.read_header(data)), limits)
+        return media_type
+    _open_header(data, limits)
     tail = data[-4096:]
     complete = b"\xff\xd9" in tail if media_type == "image/jpeg" else b"IEND" in tail[-64:]
     if not complete:
@@ -61,12 +68,16 @@ def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
 
 
 def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
-    """Fully decode a PNG (8/16-bit, grey, RGB, palette, alpha) or JPEG, checking its size first.
+    """Fully decode a PNG (8/16-bit, grey, RGB, palette, alpha), JPEG or DICOM, checking its size first.
 
     Raises XrayqError with a stable code for anything that is not a complete, readable image of
     sensible size.
     """
-    _, image = _open_header(data, limits or ImageLimits())
+    limits = limits or ImageLimits()
+    if _supported_type(data) == "application/dicom":
+        _check_size(*dicom.size_of(dicom.read_header(data)), limits)
+        return dicom.decode(data)
+    image = _open_header(data, limits)
     try:
         image.load()  # full decode: a truncated or corrupt stream fails here
     except _DECODE_ERRORS as exc:
@@ -84,19 +95,16 @@ _DECODE_ERRORS = (
 )
 
 
-def _open_header(data: bytes, limits: ImageLimits) -> tuple[MediaType, Image.Image]:
-    media_type = sniff_media_type(data)
+def _supported_type(data: bytes) -> MediaType:
     if not data:
         raise XrayqError("empty_file", "The file is empty.")
-    if media_type == "application/dicom":
-        raise XrayqError("unsupported_media_type", "DICOM input is not supported yet; send PNG or JPEG.")
-    if media_type not in ("image/png", "image/jpeg"):
-        raise XrayqError("unsupported_media_type", "The file is not a PNG or JPEG image (checked by content).")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except _DECODE_ERRORS as exc:
-        raise XrayqError("image_unreadable", f"The image could not be read: {exc}") from None
-    width, height = image.size
+    media_type = sniff_media_type(data)
+    if media_type not in ("image/png", "image/jpeg", "application/dicom"):
+        raise XrayqError("unsupported_media_type", "The file is not a PNG, JPEG or DICOM image (checked by content).")
+    return media_type
+
+
+def _check_size(width: int, height: int, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
         raise XrayqError(
             "image_too_large", f"The image has {width}x{height} pixels; the limit is {limits.max_pixels} pixels."
@@ -106,7 +114,15 @@ def _open_header(data: bytes, limits: ImageLimits) -> tuple[MediaType, Image.Ima
             "image_too_small",
             f"The image is {width}x{height}; both sides must be at least {limits.min_side} pixels.",
         )
-    return media_type, image
+
+
+def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except _DECODE_ERRORS as exc:
+        raise XrayqError("image_unreadable", f"The image could not be read: {exc}") from None
+    _check_size(*image.size, limits)
+    return image
 
 
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:

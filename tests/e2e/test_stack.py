@@ -133,3 +133,24 @@ def test_openapi_fuzzing_finds_no_server_error_or_schema_break(stack, tmp_path) 
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_dicom_radiographs_are_classified_and_broken_dicom_refused(stack, data_dir) -> None:
+    dicom = data_dir / "dicom"
+    files = [
+        ("files", (name, (dicom / name).read_bytes(), "application/dicom"))
+        for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "CR_tiny_16x16.dcm")
+    ]
+    response = httpx.post(f"{stack.url}/v1/batches", files=files, timeout=60)
+    assert response.status_code == 202, response.text
+    batch = wait_for_batch(stack.url, response.json()["id"])
+    jobs = {job["filename"]: job for job in batch["jobs"]}
+    assert jobs["CR_tiny_16x16.dcm"]["error"]["code"] == "image_too_small"
+    plain, j2k = jobs["RG1_UNCR.dcm"], jobs["RG1_J2KR.dcm"]
+    assert plain["status"] == j2k["status"] == "succeeded"
+    assert plain["media_type"] == "application/dicom"
+    assert plain["result"]["probabilities"] == j2k["result"]["probabilities"]  # lossless: the same pixels
+    single = httpx.post(
+        f"{stack.url}/v1/jobs", files={"file": ("stub.dcm", (dicom / "CR_tiny_16x16.dcm").read_bytes())}
+    )
+    assert single.status_code == 422 and single.json()["code"] == "image_too_small"
