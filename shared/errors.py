@@ -27,6 +27,7 @@ ERROR_STATUS: dict[str, int] = {
     "invalid_parameter": 422,
     "idempotency_key_conflict": 409,
     "job_not_found": 404,
+    "job_not_cancellable": 409,
     "batch_not_found": 404,
     "model_not_found": 404,
     "dataset_not_found": 404,

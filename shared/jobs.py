@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from shared.db.models import Batch, Job, JobStatus, ModelVersion, as_utc, new_id, utcnow
@@ -214,3 +214,25 @@ def batch_view(session: Session, batch_id: str, cursor: int = 0, limit: int = 10
         jobs=[job_view(job) for job in page[:limit]],
         next_cursor=next_cursor,
     )
+
+
+def cancel_job(session: Session, job_id: str) -> Job:
+    """A queued job becomes `cancelled` (workers skip it); one already running or finished cannot be."""
+    job = get_job(session, job_id)
+    updated = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(
+            status=JobStatus.cancelled,
+            finished_at=utcnow(),
+            error_code="cancelled",
+            error_detail="Cancelled by the client.",
+        )
+    )
+    if updated.rowcount == 0:  # type: ignore[attr-defined]
+        session.refresh(job)
+        raise XrayqError(
+            "job_not_cancellable", f"Job {job_id} is {job.status.value}; only queued jobs can be cancelled."
+        )
+    session.refresh(job)
+    return job

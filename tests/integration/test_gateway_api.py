@@ -196,3 +196,13 @@ def test_health_readiness_models_and_metrics(client) -> None:
     assert "xrayq_http_request_duration_seconds_bucket" in metrics
     assert 'xrayq_queue_depth{queue="predict"}' in metrics  # read from the real Redis
     assert 'xrayq_model_active_info{architecture="mobilenet_v3_small",model="chest-xray"' in metrics
+
+
+def test_a_queued_job_can_be_cancelled_once(client, chest_images) -> None:
+    image = chest_images["NORMAL"][12]
+    job_id = client.post("/v1/jobs", files={"file": (image.name, image.read_bytes())}).json()["id"]
+    cancelled = client.delete(f"/v1/jobs/{job_id}")  # no worker runs in this module: it is still queued
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    problem(client.delete(f"/v1/jobs/{job_id}"), 409, "job_not_cancellable")
+    problem(client.delete("/v1/jobs/00000000-0000-0000-0000-000000000000"), 404, "job_not_found")

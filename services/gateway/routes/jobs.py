@@ -15,7 +15,7 @@ from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, read_bounded, validate_image
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
-from shared.jobs import get_job, job_view
+from shared.jobs import cancel_job, get_job, job_view
 from shared.schemas import JobAccepted, JobView
 from shared.submissions import submit_images
 
@@ -82,6 +82,14 @@ TERMINAL_NAMES = frozenset(status.value for status in TERMINAL_STATUSES)
 def _load_view(database: Database, job_id: str) -> JobView:
     with database.session() as session:
         return job_view(get_job(session, job_id))
+
+
+@router.delete("/{job_id}", response_model=JobView, responses=PROBLEMS)
+def cancel(job_id: str, session: SessionDep) -> JobView:
+    """Cancel a queued job (409 `job_not_cancellable` once a worker has it)."""
+    job = cancel_job(session, job_id)
+    session.commit()
+    return job_view(job)
 
 
 @router.get("", response_model=list[JobView], responses=PROBLEMS)
