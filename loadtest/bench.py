@@ -44,6 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
+def auth_headers() -> dict[str, str]:
+    """XRAYQ_API_KEY (a key with the `submit` role), else the bootstrap admin key, when auth is on."""
+    key = os.environ.get("XRAYQ_API_KEY") or get_settings().admin_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -144,7 +150,9 @@ def measure_pipeline(url: str, images: list[tuple[str, bytes]], batch_size: int,
             for index, (name, data) in enumerate(images[start : start + batch_size], start):
                 archive.writestr(f"{index:05d}-{name}", data)
         bodies.append(buffer.getvalue())
-    client = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients * 2))
+    client = httpx.Client(
+        base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients * 2), headers=auth_headers()
+    )
 
     def send(body: bytes) -> str:
         response = client.post("/v1/batches", files={"files": ("bench.zip", body, "application/zip")})
@@ -217,7 +225,9 @@ def summarise(latencies: list[float], seconds: float, failures: int) -> dict[str
 
 
 def measure_single(url: str, images: list[tuple[str, bytes]], concurrency: int, total: int) -> dict[str, Any]:
-    client = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency * 2))
+    client = httpx.Client(
+        base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency * 2), headers=auth_headers()
+    )
 
     def one(index: int) -> bool:
         name, data = images[index % len(images)]
@@ -284,7 +294,7 @@ def measure_submit_rps(settings: Settings, images: list[tuple[str, bytes]], tota
     try:
         if not wait_ready(url, 60):
             return {"error": "isolated gateway did not start"}
-        client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64))
+        client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64), headers=auth_headers())
 
         def one(index: int) -> bool:
             name, data = images[index % len(images)]
@@ -395,7 +405,7 @@ def main() -> int:
             raise SystemExit(f"the stack did not become ready; see {workdir / 'stack.log'}")
     try:
         images = load_images(settings, args.images)
-        models = httpx.get(f"{url}/v1/models", timeout=10).json()
+        models = httpx.get(f"{url}/v1/models", timeout=10, headers=auth_headers()).json()
         active = next(m for m in models if m["name"] == settings.default_model)
         model_ref = f"{active['name']}@{active['active_version']}"
         time.sleep(2)  # let the worker finish starting if the stack just came up

@@ -10,6 +10,7 @@ A non-2xx answer, or a job or batch that ends in failure, counts as a failure.
 from __future__ import annotations
 
 import io
+import os
 import random
 import time
 import zipfile
@@ -18,6 +19,10 @@ from pathlib import Path
 from locust import HttpUser, between, task
 
 from shared.settings import get_settings
+
+# Services mode needs a key: XRAYQ_API_KEY (role `submit`), else the bootstrap admin key.
+_KEY = os.environ.get("XRAYQ_API_KEY") or get_settings().admin_key
+AUTH = {"Authorization": f"Bearer {_KEY}"} if _KEY else {}
 
 _root = Path(get_settings().data_dir) / "chest-xray-224" / "train"
 IMAGES = [(p.name, p.read_bytes()) for p in sorted(_root.glob("*/*.jpeg"))[::20]]
@@ -28,6 +33,9 @@ if not IMAGES:
 class PacsIntegration(HttpUser):
     weight = 1
     wait_time = between(1, 3)
+
+    def on_start(self) -> None:
+        self.client.headers.update(AUTH)
 
     @task
     def send_study(self) -> None:
@@ -66,6 +74,9 @@ class SingleImageClient(HttpUser):
     weight = 3
     wait_time = between(0.2, 1)
 
+    def on_start(self) -> None:
+        self.client.headers.update(AUTH)
+
     @task
     def classify_one(self) -> None:
         name, data = random.choice(IMAGES)
@@ -87,6 +98,9 @@ class SingleImageClient(HttpUser):
 class DashboardPoller(HttpUser):
     weight = 1
     wait_time = between(2, 5)
+
+    def on_start(self) -> None:
+        self.client.headers.update(AUTH)
 
     @task(3)
     def recent_jobs(self) -> None:

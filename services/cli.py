@@ -44,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-augment", action="store_true")
     train.add_argument("--activate", choices=["if_none_active", "always", "never"], default="if_none_active")
 
+    keys = commands.add_parser("keys", help="manage API keys (services mode requires them)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key and print it (shown once)")
+    create.add_argument("name")
+    create.add_argument("--organisation", "--org", required=True)
+    create.add_argument("--roles", default="submit", help="comma-separated: submit, train, admin")
+    key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+
     args = parser.parse_args(argv)
     handler = {
         "up": _up,
@@ -169,6 +179,31 @@ def _train(args: argparse.Namespace) -> int:
         progress=print_progress,
     )
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from shared.auth import create_key, list_keys, revoke_key
+    from shared.bootstrap import prepare_backends
+    from shared.db.session import database_for
+
+    settings = get_settings()
+    prepare_backends(settings)
+    with database_for(settings).session() as session:
+        if args.keys_command == "create":
+            row, token = create_key(session, args.name, args.organisation, args.roles.split(","))
+            print(f"created key {row.id} ({row.name}, {row.organisation}, roles {','.join(row.roles)}):")
+            print(token)
+            print("Store it now: only its hash is kept.", file=sys.stderr)
+        elif args.keys_command == "list":
+            for row in list_keys(session):
+                state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+                print(
+                    f"{row.id}  {row.key_prefix}…  {row.organisation:20}  {','.join(row.roles):18}  {row.name}  {state}"
+                )
+        else:
+            row = revoke_key(session, args.key_id)
+            print(f"revoked {row.id} ({row.name})")
     return 0
 
 

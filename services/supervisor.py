@@ -144,18 +144,25 @@ def _stop_all(children: list[Child]) -> None:
 def _announce(settings: Settings) -> None:
     url = settings.public_url
     mode = "embedded (SQLite, local files, no servers)" if settings.embedded else "services"
+    if settings.auth_enabled:
+        access = "API keys required (Authorization: Bearer <key>; create them with `xrayq keys create`)."
+        auth_header = ' -H "Authorization: Bearer $XRAYQ_API_KEY"'
+    else:
+        access = f"OPEN: no API keys on this loopback address ({settings.host}); anyone on this machine can use it."
+        auth_header = ""
     sample = settings.data_dir / "chest-xray-224" / "train" / "PNEUMONIA"
     example = next(iter(sorted(sample.glob("*.jpeg"))), None) if sample.is_dir() else None
     image = example.resolve() if example else "path/to/chest-xray.png"
     print(
         f"""
 xrayq is up in {mode} mode: {url}  (API docs: {url}/docs)
+Access: {access}
 State lives in {settings.home.resolve()} unless XRAYQ_DATABASE_URL / XRAYQ_BROKER_URL / XRAYQ_S3_ENDPOINT_URL
 are set. Press Ctrl-C to stop.
 
 Try it:
-  curl -s -F file=@{image} {url}/v1/jobs
-  curl -s "{url}/v1/jobs/<id>?wait=10"
+  curl -s{auth_header} -F file=@{image} {url}/v1/jobs
+  curl -s{auth_header} "{url}/v1/jobs/<id>?wait=10"
 """,
         flush=True,
     )

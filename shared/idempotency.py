@@ -44,3 +44,8 @@ def find_original(session: Session, key: str, fingerprint: str) -> IdempotencyKe
 
 def remember(session: Session, key: str, fingerprint: str, resource: str, resource_id: str) -> None:
     session.add(IdempotencyKey(key=key, request_sha256=fingerprint, resource=resource, resource_id=resource_id))
+
+
+def scoped_key(organisation: str | None, key: str) -> str:
+    """The stored form of a client's key: a digest of organisation and key (fits the column, leaks neither)."""
+    return hashlib.sha256(f"{organisation or ''}\0{key}".encode()).hexdigest()

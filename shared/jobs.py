@@ -61,6 +61,7 @@ def create_jobs(
     model_ref: str,
     as_batch: bool,
     client_ref: str | None = None,
+    organisation: str | None = None,
 ) -> tuple[Batch | None, list[Job]]:
     """Store the inputs, then add the rows (flushed, not committed: the caller's unit of work commits).
 
@@ -71,7 +72,9 @@ def create_jobs(
     name, version = check_model_available(session, model_ref)
     batch = None
     if as_batch:
-        batch = Batch(id=new_id(), model_name=name, total=len(uploads), client_ref=client_ref)
+        batch = Batch(
+            id=new_id(), model_name=name, total=len(uploads), client_ref=client_ref, organisation=organisation
+        )
         session.add(batch)
     now = utcnow()
     jobs = [
@@ -84,6 +87,7 @@ def create_jobs(
             input_bytes=len(upload.data),
             input_sha256=hashlib.sha256(upload.data).hexdigest(),
             client_ref=client_ref,
+            organisation=organisation,
             model_name=name,
             model_version_requested=version,
             attempts=0,
@@ -169,9 +173,10 @@ def job_view(job: Job) -> JobView:
     )
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, organisation: str | None = None) -> Job:
+    """The job, if it exists and (when `organisation` is given) that organisation submitted it."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or (organisation is not None and job.organisation != organisation):
         raise XrayqError("job_not_found", f"No job with id {job_id!r}.")
     return job
 
@@ -187,9 +192,11 @@ def batch_status(counts: BatchCounts, total: int) -> BatchStatusName:
     return "partially_failed"
 
 
-def batch_view(session: Session, batch_id: str, cursor: int = 0, limit: int = 100) -> BatchView:
+def batch_view(
+    session: Session, batch_id: str, cursor: int = 0, limit: int = 100, organisation: str | None = None
+) -> BatchView:
     batch = session.get(Batch, batch_id)
-    if batch is None:
+    if batch is None or (organisation is not None and batch.organisation != organisation):
         raise XrayqError("batch_not_found", f"No batch with id {batch_id!r}.")
     rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)).all()
     counts = BatchCounts(**{status.value: count for status, count in rows})
@@ -216,9 +223,9 @@ def batch_view(session: Session, batch_id: str, cursor: int = 0, limit: int = 10
     )
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, job_id: str, organisation: str | None = None) -> Job:
     """A queued job becomes `cancelled` (workers skip it); one already running or finished cannot be."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, organisation)
     updated = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)

@@ -121,3 +121,23 @@ class Problem(BaseModel):
 class ReadinessView(BaseModel):
     ready: bool
     checks: dict[str, dict[str, Any]]
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    organisation: str = Field(min_length=1, max_length=128)
+    roles: list[Literal["submit", "train", "admin"]] = Field(min_length=1)
+
+
+class ApiKeyView(BaseModel):
+    id: str
+    name: str
+    organisation: str
+    roles: list[str]
+    key_prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKeyView):
+    key: str = Field(description="The key itself: shown this once, stored only as a hash.")

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # Local object store folder for the embedded mode (default: `home`/objects).
     storage_dir: Path | None = None
 
+    # Authentication. "auto": API keys required unless embedded on a loopback address.
+    auth: Literal["auto", "on", "off"] = "auto"
+    admin_key: str = ""  # bootstrap admin key (XRAYQ_ADMIN_KEY): create the real keys with it
+
     # Gateway.
     host: str = "127.0.0.1"
     port: int = 8000
@@ -92,6 +96,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when nothing points at external services (the laptop mode)."""
         return self.uses_sqlite and self.uses_filesystem_broker and not self.uses_s3
+
+    @property
+    def auth_enabled(self) -> bool:
+        if self.auth != "auto":
+            return self.auth == "on"
+        return not (self.embedded and self.host in ("127.0.0.1", "localhost", "::1"))
 
     @property
     def uses_sqlite(self) -> bool:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.db.models import Batch, IdempotencyKey, Job
-from shared.idempotency import check_key, find_original, remember, request_fingerprint
+from shared.idempotency import check_key, find_original, remember, request_fingerprint, scoped_key
 from shared.jobs import Upload, create_jobs, publish_jobs
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -38,16 +38,26 @@ def submit_images(
     as_batch: bool,
     client_ref: str | None = None,
     idempotency_key: str | None = None,
+    organisation: str | None = None,
 ) -> Submitted:
     fingerprint = ""
     if idempotency_key is not None:
-        check_key(idempotency_key)
+        # Keys are per organisation: one client's key never finds (or blocks) another's jobs.
+        idempotency_key = scoped_key(organisation, check_key(idempotency_key))
         kind = "batch" if as_batch else "job"
         fingerprint = request_fingerprint(kind, model_ref, client_ref, uploads)
         original = find_original(session, idempotency_key, fingerprint)
         if original is not None:
             return _replay(session, original)
-    batch, jobs = create_jobs(session, store, uploads, model_ref=model_ref, as_batch=as_batch, client_ref=client_ref)
+    batch, jobs = create_jobs(
+        session,
+        store,
+        uploads,
+        model_ref=model_ref,
+        as_batch=as_batch,
+        client_ref=client_ref,
+        organisation=organisation,
+    )
     if idempotency_key is not None:
         remember(session, idempotency_key, fingerprint, "batch" if batch else "job", batch.id if batch else jobs[0].id)
     try:

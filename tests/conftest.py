@@ -44,6 +44,8 @@ def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
 # --- Real services: each test session gets its own Postgres database, Redis key prefix and S3 server.
 # In CI an unreachable service fails the run (pytest.fail), it is never skipped.
 
+ADMIN_KEY = "xq_test_admin_key_for_this_session_only"  # services-mode tests authenticate as admin
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 POSTGRES_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -123,6 +125,7 @@ def services_env(tmp_path_factory, postgres_url, redis_prefix, s3_endpoint, data
         "XRAYQ_S3_BUCKET": "xrayq-test",
         "XRAYQ_S3_ACCESS_KEY": "testing",
         "XRAYQ_S3_SECRET_KEY": "testing",
+        "XRAYQ_ADMIN_KEY": ADMIN_KEY,  # services mode requires API keys
     }
 
 

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
 from services.gateway.problems import install_problem_handlers
-from services.gateway.routes import batches, health, jobs, models
+from services.gateway.routes import api_keys, batches, health, jobs, models
 from services.gateway.waiter import CompletionWaiter
 from shared.db.session import Database, database_for
 from shared.logs import configure_logging
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)
-    for module in (jobs, batches, models, health):
+    for module in (jobs, batches, models, api_keys, health):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetrics)

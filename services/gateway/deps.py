@@ -9,6 +9,7 @@ from celery import Celery
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
+from shared.auth import OPEN, Principal, authenticate, require
 from shared.db.session import Database
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -32,7 +33,33 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+def get_principal(
+    request: Request,
+    authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
+) -> Principal:
+    settings: Settings = request.app.state.settings
+    if not settings.auth_enabled:
+        return OPEN
+    token = None
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else None
+    with request.app.state.database.session() as session:
+        return authenticate(session, settings, token)
+
+
+def requires(role: str):  # type: ignore[no-untyped-def]
+    def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        require(principal, role)
+        return principal
+
+    return check
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+SubmitterDep = Annotated[Principal, Depends(requires("submit"))]
+AdminDep = Annotated[Principal, Depends(requires("admin"))]
 SessionDep = Annotated[Session, Depends(get_db)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # For the OpenAPI document: which error statuses a route may answer, and their body.
 PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in (400, 404, 409, 413, 415, 422)
+    status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in (400, 401, 403, 404, 409, 413, 415, 422)
 }
 
 _CODE_FOR_STATUS = {
@@ -54,7 +54,10 @@ def problem_response(
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(XrayqError)
     async def _xrayq_error(request: Request, exc: XrayqError) -> JSONResponse:
-        return problem_response(exc.http_status, exc.code, exc.detail, request.url.path)
+        response = problem_response(exc.http_status, exc.code, exc.detail, request.url.path)
+        if exc.http_status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="xrayq"'
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -57,6 +57,8 @@ class Batch(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     total: Mapped[int] = mapped_column(Integer)
     client_ref: Mapped[str | None] = mapped_column(String(256))
+    # Who submitted it: clients see only their organisation's batches (None: open mode).
+    organisation: Mapped[str | None] = mapped_column(String(128), index=True)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", order_by="Job.position")
 
@@ -80,6 +82,7 @@ class Job(Base):
     input_sha256: Mapped[str | None] = mapped_column(String(64))
     input_bytes: Mapped[int] = mapped_column(Integer, default=0)
     client_ref: Mapped[str | None] = mapped_column(String(256))
+    organisation: Mapped[str | None] = mapped_column(String(128), index=True)
 
     # What was asked for: a model name, optionally pinned to one version.
     model_name: Mapped[str] = mapped_column(String(128))
@@ -131,3 +134,18 @@ class IdempotencyKey(Base):
     resource: Mapped[str] = mapped_column(String(16))  # "job" or "batch"
     resource_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only its sha256 is stored (the key itself is shown once, at creation)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128))
+    organisation: Mapped[str] = mapped_column(String(128))
+    roles: Mapped[list[Any]] = mapped_column(JSON)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

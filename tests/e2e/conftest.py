@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CHEST_TRAIN, TINY_TRAIN_ARGS, free_port
+from tests.conftest import ADMIN_HEADERS, CHEST_TRAIN, TINY_TRAIN_ARGS, free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +38,8 @@ class Stack:
         }
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        # The admin key: required in services mode, ignored by the open embedded mode.
+        self.http = httpx.Client(base_url=self.url, headers=ADMIN_HEADERS, timeout=60)
 
     def start(self, timeout: float = 120) -> None:
         self.log = self.log_path.open("wb")
@@ -85,6 +87,7 @@ class Stack:
         if self.process:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the whole tree
+        self.http.close()
         self.log.close()
 
 

@@ -19,19 +19,19 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 BATCH_TERMINAL = {"succeeded", "partially_failed", "failed", "cancelled"}
 
 
-def wait_for_job(url: str, job_id: str, timeout: float = 90) -> dict:
+def wait_for_job(stack, job_id: str, timeout: float = 90) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        view = httpx.get(f"{url}/v1/jobs/{job_id}", params={"wait": 10}, timeout=20).json()
+        view = stack.http.get(f"/v1/jobs/{job_id}", params={"wait": 10}, timeout=20).json()
         if view["status"] in TERMINAL:
             return view
     raise AssertionError(f"job {job_id} not finished within {timeout}s: {view}")
 
 
-def wait_for_batch(url: str, batch_id: str, timeout: float = 120) -> dict:
+def wait_for_batch(stack, batch_id: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        view = httpx.get(f"{url}/v1/batches/{batch_id}", params={"limit": 500}, timeout=20).json()
+        view = stack.http.get(f"/v1/batches/{batch_id}", params={"limit": 500}, timeout=20).json()
         if view["status"] in BATCH_TERMINAL:
             return view
         time.sleep(0.25)
@@ -47,9 +47,9 @@ def as_16bit_png(jpeg: bytes) -> bytes:
 
 def test_single_png_job_is_classified(stack, chest_images) -> None:
     png = as_16bit_png(chest_images["PNEUMONIA"][10].read_bytes())
-    response = httpx.post(f"{stack.url}/v1/jobs", files={"file": ("chest.png", png, "image/png")}, timeout=30)
+    response = stack.http.post("/v1/jobs", files={"file": ("chest.png", png, "image/png")}, timeout=30)
     assert response.status_code == 202, response.text
-    job = wait_for_job(stack.url, response.json()["id"])
+    job = wait_for_job(stack, response.json()["id"])
     assert job["status"] == "succeeded", job
     assert job["filename"] == "chest.png"
     result = job["result"]
@@ -68,13 +68,13 @@ def test_zip_batch_of_50_with_two_bad_files(stack, chest_images) -> None:
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, data in entries:
             archive.writestr(name, data)
-    response = httpx.post(f"{stack.url}/v1/batches", files={"files": ("study.zip", buffer.getvalue())}, timeout=60)
+    response = stack.http.post("/v1/batches", files={"files": ("study.zip", buffer.getvalue())}, timeout=60)
     assert response.status_code == 202, response.text
     accepted = response.json()
     assert accepted["total"] == 50
     assert [j["filename"] for j in accepted["jobs"]] == [name for name, _ in entries]
 
-    batch = wait_for_batch(stack.url, accepted["id"])
+    batch = wait_for_batch(stack, accepted["id"])
     assert batch["status"] == "partially_failed"
     assert batch["counts"]["succeeded"] == 48 and batch["counts"]["failed"] == 2
     assert batch["progress"] == 1.0
@@ -91,14 +91,14 @@ def test_killed_worker_is_restarted_and_work_goes_on(stack, chest_images) -> Non
     worker = stack.child_pid("worker")
     os.kill(worker, signal.SIGKILL)
     image = chest_images["NORMAL"][30].read_bytes()
-    job_id = httpx.post(f"{stack.url}/v1/jobs", files={"file": ("after-crash.jpeg", image)}, timeout=30).json()["id"]
-    job = wait_for_job(stack.url, job_id, timeout=120)
+    job_id = stack.http.post("/v1/jobs", files={"file": ("after-crash.jpeg", image)}, timeout=30).json()["id"]
+    job = wait_for_job(stack, job_id, timeout=120)
     assert job["status"] == "succeeded"
     assert stack.child_pid("worker") != worker
 
 
 def test_operators_see_gateway_and_worker_metrics(stack) -> None:
-    gateway = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    gateway = stack.http.get("/metrics", timeout=10).text
     assert 'xrayq_queue_depth{queue="predict"}' in gateway
     assert 'xrayq_model_active_info{architecture="mobilenet_v3_small",model="chest-xray"' in gateway
     assert 'xrayq_jobs{model="chest-xray",status="succeeded"}' in gateway
@@ -122,6 +122,9 @@ def test_openapi_fuzzing_finds_no_server_error_or_schema_break(stack, tmp_path) 
             "not_a_server_error,response_schema_conformance,status_code_conformance",
             "--max-examples",
             "20",
+            # The coverage phase trips a CPython 3.11 ast bug inside hypothesis (a SystemError in the tool).
+            "--phases",
+            "examples,fuzzing,stateful",
             "--seed",
             "1",
             "--workers",
@@ -141,16 +144,14 @@ def test_dicom_radiographs_are_classified_and_broken_dicom_refused(stack, data_d
         ("files", (name, (dicom / name).read_bytes(), "application/dicom"))
         for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "CR_tiny_16x16.dcm")
     ]
-    response = httpx.post(f"{stack.url}/v1/batches", files=files, timeout=60)
+    response = stack.http.post("/v1/batches", files=files, timeout=60)
     assert response.status_code == 202, response.text
-    batch = wait_for_batch(stack.url, response.json()["id"])
+    batch = wait_for_batch(stack, response.json()["id"])
     jobs = {job["filename"]: job for job in batch["jobs"]}
     assert jobs["CR_tiny_16x16.dcm"]["error"]["code"] == "image_too_small"
     plain, j2k = jobs["RG1_UNCR.dcm"], jobs["RG1_J2KR.dcm"]
     assert plain["status"] == j2k["status"] == "succeeded"
     assert plain["media_type"] == "application/dicom"
     assert plain["result"]["probabilities"] == j2k["result"]["probabilities"]  # lossless: the same pixels
-    single = httpx.post(
-        f"{stack.url}/v1/jobs", files={"file": ("stub.dcm", (dicom / "CR_tiny_16x16.dcm").read_bytes())}
-    )
+    single = stack.http.post("/v1/jobs", files={"file": ("stub.dcm", (dicom / "CR_tiny_16x16.dcm").read_bytes())})
     assert single.status_code == 422 and single.json()["code"] == "image_too_small"

@@ -4,6 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.gateway.app import create_app
+from tests.conftest import ADMIN_HEADERS
 
 pytestmark = pytest.mark.integration
 
@@ -11,7 +12,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def client(services_settings, services_model):
     """The real gateway app, in-process, against real Postgres, Redis and the S3 server."""
-    with TestClient(create_app(services_settings)) as test_client:
+    with TestClient(create_app(services_settings), headers=ADMIN_HEADERS) as test_client:
         yield test_client
 
 

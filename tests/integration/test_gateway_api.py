@@ -14,7 +14,7 @@ from sqlalchemy import select
 from shared.db.models import Job
 from shared.db.session import database_for
 from shared.storage import make_object_store
-from tests.conftest import png_bytes
+from tests.conftest import ADMIN_HEADERS, png_bytes
 
 
 def problem(response, status: int, code: str) -> dict:
@@ -161,7 +161,7 @@ def test_oversized_request_is_refused_while_streaming(services_settings, service
     from services.gateway.app import create_app
 
     small = services_settings.model_copy(update={"max_request_bytes": 100_000, "max_file_bytes": 50_000})
-    with TestClient(create_app(small)) as limited:
+    with TestClient(create_app(small), headers=ADMIN_HEADERS) as limited:
         problem(
             limited.post("/v1/jobs", files={"file": ("big.png", b"\x89PNG" + b"\0" * 200_000)}),
             413,

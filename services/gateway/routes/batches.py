@@ -6,7 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from services.gateway.deps import CeleryDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StoreDep
+from services.gateway.deps import (
+    CeleryDep,
+    IdempotencyKeyHeader,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    SubmitterDep,
+)
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, expand_zip, validate_image
@@ -22,6 +29,7 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 @router.post("", status_code=202, response_model=BatchAccepted, responses=PROBLEMS)
 def submit_batch(
+    principal: SubmitterDep,
     response: Response,
     settings: SettingsDep,
     session: SessionDep,
@@ -43,6 +51,7 @@ def submit_batch(
         as_batch=True,
         client_ref=client_ref,
         idempotency_key=idempotency_key,
+        organisation=principal.organisation,
     )
     batch, jobs = submitted.batch, submitted.jobs
     assert batch is not None
@@ -102,7 +111,8 @@ def _too_large(filename: str, settings: Settings) -> Upload:
 def read_batch(
     batch_id: str,
     session: SessionDep,
+    principal: SubmitterDep,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,9}$", description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> BatchView:
-    return batch_view(session, batch_id, int(cursor or 0), limit)
+    return batch_view(session, batch_id, int(cursor or 0), limit, principal.scope)

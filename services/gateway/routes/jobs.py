@@ -9,7 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from services.gateway.deps import CeleryDep, IdempotencyKeyHeader, SessionDep, SettingsDep, StoreDep
+from services.gateway.deps import (
+    CeleryDep,
+    IdempotencyKeyHeader,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    SubmitterDep,
+)
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, read_bounded, validate_image
@@ -24,6 +31,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=PROBLEMS)
 def submit_job(
+    principal: SubmitterDep,
     response: Response,
     settings: SettingsDep,
     session: SessionDep,
@@ -49,6 +57,7 @@ def submit_job(
         as_batch=False,
         client_ref=client_ref,
         idempotency_key=idempotency_key,
+        organisation=principal.organisation,
     )
     job = submitted.jobs[0]
     if submitted.replayed:
@@ -65,29 +74,30 @@ async def read_job(
     request: Request,
     job_id: str,
     settings: SettingsDep,
+    principal: SubmitterDep,
     wait: Annotated[float, Query(ge=0, description="Long-poll: seconds to wait for a terminal state.")] = 0,
 ) -> JobView:
     database = request.app.state.database
-    view = await run_in_threadpool(_load_view, database, job_id)
+    view = await run_in_threadpool(_load_view, database, job_id, principal.scope)
     timeout = min(wait, settings.max_wait_seconds)
     if timeout > 0 and view.status not in TERMINAL_NAMES:
         await request.app.state.waiter.wait(job_id, timeout)
-        view = await run_in_threadpool(_load_view, database, job_id)
+        view = await run_in_threadpool(_load_view, database, job_id, principal.scope)
     return view
 
 
 TERMINAL_NAMES = frozenset(status.value for status in TERMINAL_STATUSES)
 
 
-def _load_view(database: Database, job_id: str) -> JobView:
+def _load_view(database: Database, job_id: str, organisation: str | None) -> JobView:
     with database.session() as session:
-        return job_view(get_job(session, job_id))
+        return job_view(get_job(session, job_id, organisation))
 
 
 @router.delete("/{job_id}", response_model=JobView, responses=PROBLEMS)
-def cancel(job_id: str, session: SessionDep) -> JobView:
+def cancel(job_id: str, session: SessionDep, principal: SubmitterDep) -> JobView:
     """Cancel a queued job (409 `job_not_cancellable` once a worker has it)."""
-    job = cancel_job(session, job_id)
+    job = cancel_job(session, job_id, principal.scope)
     session.commit()
     return job_view(job)
 
@@ -95,11 +105,14 @@ def cancel(job_id: str, session: SessionDep) -> JobView:
 @router.get("", response_model=list[JobView], responses=PROBLEMS)
 def list_jobs(
     session: SessionDep,
+    principal: SubmitterDep,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
     batch_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[JobView]:
     query = select(Job).options(selectinload(Job.model_version))
+    if principal.scope is not None:
+        query = query.where(Job.organisation == principal.scope)
     if status:
         query = query.where(Job.status == status)
     if batch_id:

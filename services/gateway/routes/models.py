@@ -7,7 +7,7 @@ from collections import defaultdict
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from services.gateway.deps import SessionDep
+from services.gateway.deps import PrincipalDep, SessionDep
 from services.gateway.problems import PROBLEMS
 from shared.db.models import ModelVersion, as_utc
 from shared.errors import XrayqError
@@ -31,8 +31,8 @@ def version_view(row: ModelVersion) -> ModelVersionView:
     )
 
 
-@router.get("", response_model=list[ModelView])
-def list_models(session: SessionDep) -> list[ModelView]:
+@router.get("", response_model=list[ModelView], responses=PROBLEMS)
+def list_models(session: SessionDep, _: PrincipalDep) -> list[ModelView]:
     by_name: dict[str, list[ModelVersion]] = defaultdict(list)
     for row in session.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version.desc())):
         by_name[row.name].append(row)
@@ -48,7 +48,7 @@ def list_models(session: SessionDep) -> list[ModelView]:
 
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionView, responses=PROBLEMS)
-def read_model_version(name: str, version: int, session: SessionDep) -> ModelVersionView:
+def read_model_version(name: str, version: int, session: SessionDep, _: PrincipalDep) -> ModelVersionView:
     row = session.scalars(
         select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
     ).first()
