@@ -1,4 +1,4 @@
-"""Republish jobs whose message was lost, so no job waits forever.
+"""Housekeeping run by each gateway: republish jobs whose message was lost, purge old inputs.
 
 A message can vanish between the two systems: the broker was down when the gateway published, or a
 worker was killed after Redis handed it a message but before it was recorded as unacknowledged. The
@@ -16,7 +16,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 
 from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import Database
@@ -55,3 +55,25 @@ def reconcile_once(settings: Settings, database: Database, celery: Celery, limit
         log.warning("reconciler: republished %d jobs whose messages were lost", len(job_ids))
         return len(job_ids)
     return 0
+
+
+def purge_old_inputs(settings: Settings, database: Database, limit: int = 1000) -> int:
+    """Delete stored inputs of jobs finished more than `input_retention_days` ago; the results stay."""
+    if settings.input_retention_days <= 0:
+        return 0
+    from shared.storage import make_object_store
+
+    cutoff = utcnow() - timedelta(days=settings.input_retention_days)
+    with database.session() as session:
+        rows = session.execute(
+            select(Job.id, Job.input_key).where(Job.finished_at < cutoff, Job.input_key.is_not(None)).limit(limit)
+        ).all()
+    store = make_object_store(settings)
+    for _, key in rows:
+        if key:
+            store.delete(key)
+    if rows:
+        with database.session() as session:
+            session.execute(update(Job).where(Job.id.in_([job_id for job_id, _ in rows])).values(input_key=None))
+        log.info("purged the inputs of %d jobs finished before %s", len(rows), cutoff.isoformat())
+    return len(rows)

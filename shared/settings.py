@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     auth: Literal["auto", "on", "off"] = "auto"
     admin_key: str = ""  # bootstrap admin key (XRAYQ_ADMIN_KEY): create the real keys with it
 
+    # Browsers: origins allowed to call the API from a web page (comma-separated); none by default.
+    cors_origins: str = ""
+    # Inputs of finished jobs are deleted from storage after this many days (0: kept forever).
+    input_retention_days: float = 30.0
+
     # Gateway.
     host: str = "127.0.0.1"
     port: int = 8000

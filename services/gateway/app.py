@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 
 from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
@@ -19,7 +20,7 @@ from services.gateway.waiter import CompletionWaiter
 from shared.db.session import Database, database_for
 from shared.logs import configure_logging
 from shared.queue import make_celery
-from shared.reconciler import reconcile_once
+from shared.reconciler import purge_old_inputs, reconcile_once
 from shared.settings import Settings, get_settings
 from shared.storage import make_object_store
 
@@ -48,6 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (jobs, batches, models, api_keys, health):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if origins:  # restrictive by default: no cross-origin browser access unless configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
     app.add_middleware(RequestMetrics)
     return app
 
@@ -69,8 +78,9 @@ async def _reconcile_forever(app: FastAPI) -> None:
         await asyncio.sleep(state.settings.reconcile_interval_s)
         try:
             await run_in_threadpool(reconcile_once, state.settings, state.database, state.celery)
+            await run_in_threadpool(purge_old_inputs, state.settings, state.database)
         except Exception:
-            log.exception("reconciler pass failed")
+            log.exception("housekeeping pass failed")
 
 
 def _register_state_collector(settings: Settings, database: Database) -> None:

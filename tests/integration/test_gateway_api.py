@@ -206,3 +206,18 @@ def test_a_queued_job_can_be_cancelled_once(client, chest_images) -> None:
     assert cancelled.json()["status"] == "cancelled"
     problem(client.delete(f"/v1/jobs/{job_id}"), 409, "job_not_cancellable")
     problem(client.delete("/v1/jobs/00000000-0000-0000-0000-000000000000"), 404, "job_not_found")
+
+
+def test_cors_is_closed_unless_origins_are_configured(client, services_settings) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+
+    preflight = {"Origin": "https://viewer.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.options("/v1/jobs", headers=preflight).headers
+    opened = services_settings.model_copy(update={"cors_origins": "https://viewer.example"})
+    with TestClient(create_app(opened)) as browser:
+        allowed = browser.options("/v1/jobs", headers=preflight)
+        assert allowed.headers["access-control-allow-origin"] == "https://viewer.example"
+        other = browser.options("/v1/jobs", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

@@ -58,3 +58,23 @@ def test_a_busy_queue_is_not_mistaken_for_lost_messages(
     assert queued_message_ids(redis_client, redis_prefix).count(waiting) == 1
     with database_for(services_settings).session() as session:
         assert session.get(Job, waiting).status == JobStatus.queued
+
+
+def test_inputs_of_long_finished_jobs_are_purged_and_results_kept(services_settings, services_model, chest_images):
+    from shared.reconciler import purge_old_inputs
+
+    image = chest_images["NORMAL"][5].read_bytes()
+    old = old_job(services_settings, image, JobStatus.queued, age_s=0)
+    recent = old_job(services_settings, image, JobStatus.queued, age_s=0)
+    store = make_object_store(services_settings)
+    with database_for(services_settings).session() as session:
+        for job_id, days in ((old, services_settings.input_retention_days + 1), (recent, 1)):
+            job = session.get(Job, job_id)
+            job.status, job.label = JobStatus.succeeded, "NORMAL"
+            job.finished_at = utcnow() - timedelta(days=days)
+        old_key = session.get(Job, old).input_key
+    assert purge_old_inputs(services_settings, database_for(services_settings)) >= 1
+    assert not store.exists(old_key)
+    with database_for(services_settings).session() as session:
+        assert session.get(Job, old).input_key is None and session.get(Job, old).label == "NORMAL"
+        assert session.get(Job, recent).input_key is not None
