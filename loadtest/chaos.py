@@ -1,10 +1,11 @@
 """Chaos run: the services-mode stack as real processes, under load, while its parts are killed.
 
-It starts its own Redis (no persistence: a restart loses every queued message) and S3 server (moto)
-on loopback ports, its own database on the local Postgres, trains a tiny model, and runs `xrayq up`
-plus a second worker. Clients submit single images and batches (retrying failed requests with the
-same Idempotency-Key, as a PACS integration would) while a chaos schedule kill -9s workers, restarts
-Redis, drops every Postgres connection of the stack (a database restart as its clients see it) and
+It starts its own Postgres cluster (initdb as the postgres user; where that is impossible it uses the
+local server and a "restart" drops every connection of the stack instead), its own Redis (no
+persistence: a restart loses every queued message) and S3 server (moto) on loopback ports, trains a
+tiny model, and runs `xrayq up` plus a second worker. Clients submit single images and batches
+(retrying failed requests with the same Idempotency-Key, as a PACS integration would) while a chaos
+schedule kill -9s workers, restarts Redis, crash-restarts Postgres (`pg_ctl -m immediate`) and
 kill -9s the gateway. Then it waits for every job to finish and checks, from the database: no accepted
 job lost, none created twice, each with exactly one outcome, and batch counts that add up.
 
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,7 +42,7 @@ import httpx
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
-POSTGRES_ADMIN_URL = os.environ.get("XRAYQ_CHAOS_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+SHARED_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 ADMIN_KEY = f"xq_chaos_{uuid.uuid4().hex}"
 
 
@@ -89,11 +91,76 @@ def children_of(pid: int, role: str) -> list[int]:
     return found
 
 
+class PrivatePostgres:
+    """A throw-away Postgres cluster of our own, so it can really be restarted (crash-style)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.bindir = self.find_bindir()
+        self.dir = workdir / "postgres"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    @staticmethod
+    def find_bindir() -> Path | None:
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
+        return candidates[0].parent if candidates and shutil.which("runuser") else None
+
+    def _as_postgres(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, timeout=60)
+
+    def _options(self) -> str:
+        return f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+
+    def start(self) -> None:
+        assert self.bindir is not None
+        self.dir.parent.chmod(0o755)  # mkdtemp's 0700 would keep the postgres user out
+        self.dir.mkdir(parents=True)
+        shutil.chown(self.dir, "postgres")
+        self._as_postgres(str(self.bindir / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
+        self._as_postgres(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-o",
+            self._options(),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
+
+    def restart(self) -> None:
+        # "immediate": like a crash (no clean shutdown, WAL recovery on start).
+        self._as_postgres(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-m",
+            "immediate",
+            "-o",
+            self._options(),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "restart",
+        )
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop")
+
+
 class Chaos:
     """The stack and its dependencies, with the faults to inject."""
 
     def __init__(self, workdir: Path, data_dir: Path) -> None:
         self.workdir = workdir
+        # A private cluster can be truly restarted; without one (no runuser, no binaries), the shared
+        # server stays up and a "restart" drops every connection of the stack instead.
+        self.postgres = PrivatePostgres(workdir) if PrivatePostgres.find_bindir() else None
+        if self.postgres is not None:
+            self.postgres.start()
+        admin_url = self.postgres.url if self.postgres else SHARED_POSTGRES_URL
         self.redis_port, self.s3_port, self.port = free_port(), free_port(), free_port()
         self.database = f"xrayq_chaos_{uuid.uuid4().hex[:10]}"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -101,7 +168,7 @@ class Chaos:
             "XRAYQ_HOME": str(workdir / "home"),
             "XRAYQ_DATA_DIR": str(data_dir),
             "XRAYQ_PORT": str(self.port),
-            "XRAYQ_DATABASE_URL": POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{self.database}",
+            "XRAYQ_DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{self.database}",
             "XRAYQ_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "XRAYQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
             "XRAYQ_S3_BUCKET": "xrayq-chaos",
@@ -116,7 +183,7 @@ class Chaos:
             "XRAYQ_LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }
-        self.admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
         self.redis: subprocess.Popen[bytes] | None = None
         self.s3: subprocess.Popen[bytes] | None = None
         self.stack: subprocess.Popen[bytes] | None = None
@@ -189,6 +256,8 @@ class Chaos:
         with contextlib.suppress(Exception), self.admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
         self.admin.dispose()
+        if self.postgres is not None:
+            self.postgres.stop()
 
     # --- faults ---
 
@@ -215,6 +284,10 @@ class Chaos:
         self.record("restart redis (queued messages lost)")
 
     def restart_postgres(self) -> None:
+        if self.postgres is not None:
+            self.postgres.restart()
+            self.record("restart postgres (immediate: crash-style)")
+            return
         with self.admin.connect() as connection:
             dropped = connection.execute(
                 text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :name"),
