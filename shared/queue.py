@@ -64,6 +64,11 @@ def make_celery(settings: Settings, name: str = "xrayq") -> Celery:
         # One message at a time per process: a prefetched message would wait behind a long batch
         # while another worker sits idle.
         worker_prefetch_multiplier=1,
+        # Shutdown (SIGTERM): the warm phase lets the running message finish, then a soft phase of
+        # 10 s more (a prediction chunk takes seconds) before a cold stop; whatever is still unacked
+        # then goes back to the queue (kombu restores it), and the reconciler covers the rest.
+        worker_soft_shutdown_timeout=10.0,
+        worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         enable_utc=True,

@@ -221,3 +221,21 @@ def test_cors_is_closed_unless_origins_are_configured(client, services_settings)
         assert allowed.headers["access-control-allow-origin"] == "https://viewer.example"
         other = browser.options("/v1/jobs", headers={**preflight, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_malformed_multipart_and_json_get_problem_json(client) -> None:
+    broken = client.post(
+        "/v1/jobs",
+        content=b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc',
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert 400 <= broken.status_code < 500
+    assert broken.headers["content-type"].startswith("application/problem+json")
+    no_boundary = client.post("/v1/batches", content=b"garbage", headers={"Content-Type": "multipart/form-data"})
+    assert 400 <= no_boundary.status_code < 500 and no_boundary.json()["code"]
+    bad_json = client.post("/v1/api-keys", content=b"{not json", headers={"Content-Type": "application/json"})
+    problem(bad_json, 422, "invalid_request")
+    for odd in ("../../etc/passwd.png", "ｘｒａｙ\u202e.png", "a" * 1000 + ".png", "\x00\x1f.png"):
+        image = b"\x89PNG\r\n\x1a\n" + b"\x00" * 50  # refused as unreadable, but the name is handled
+        response = client.post("/v1/jobs", files={"file": (odd, image)})
+        problem(response, 422, "image_unreadable")
