@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")
     train.add_argument("--no-augment", action="store_true")
     train.add_argument("--activate", choices=["if_none_active", "always", "never"], default="if_none_active")
+    train.add_argument(
+        "--body-part",
+        action="append",
+        default=[],
+        help="intended DICOM BodyPartExamined (repeatable); others are flagged, e.g. CHEST",
+    )
+    train.add_argument("--modality", action="append", default=[], help="intended DICOM Modality (repeatable)")
 
     keys = commands.add_parser("keys", help="manage API keys (services mode requires them)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -177,6 +184,7 @@ def _train(args: argparse.Namespace) -> int:
         config=config,
         activate=args.activate,
         progress=print_progress,
+        intended_use={k: v for k, v in (("body_parts", args.body_part), ("modalities", args.modality)) if v},
     )
     print(json.dumps(summary, indent=2))
     return 0

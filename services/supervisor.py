@@ -39,7 +39,13 @@ class Child:
 def ensure_starter_model(settings: Settings) -> bool:
     """Train and activate the starter chest X-ray model unless one is active. False if it cannot."""
     from services.cli import print_progress
-    from services.trainer.pipeline import STARTER_CONFIG, STARTER_MODEL_NAME, starter_data_path, train_and_register
+    from services.trainer.pipeline import (
+        STARTER_CONFIG,
+        STARTER_INTENDED_USE,
+        STARTER_MODEL_NAME,
+        starter_data_path,
+        train_and_register,
+    )
     from shared.registry import any_active_version
 
     prepare_backends(settings)
@@ -64,7 +70,12 @@ def ensure_starter_model(settings: Settings) -> bool:
         flush=True,
     )
     summary = train_and_register(
-        settings, data, name=STARTER_MODEL_NAME, config=STARTER_CONFIG, progress=print_progress
+        settings,
+        data,
+        name=STARTER_MODEL_NAME,
+        config=STARTER_CONFIG,
+        progress=print_progress,
+        intended_use=STARTER_INTENDED_USE,
     )
     v = summary["validation"]
     print(

@@ -38,6 +38,7 @@ def register_version(
     data: dict[str, Any],
     training: dict[str, Any],
     activate: str = "if_none_active",
+    intended_use: dict[str, list[str]] | None = None,
 ) -> ModelVersion:
     """Store weights and card, then add the version row; activate it per `activate`.
 
@@ -59,6 +60,7 @@ def register_version(
         "metrics": metrics,
         "data": data,
         "training": training,
+        "intended_use": intended_use or {},
         "weights": {"format": "safetensors", "key": f"{prefix}/weights.safetensors", "sha256": weights_sha256},
         "created_at": utcnow().isoformat(),
     }
@@ -93,6 +95,7 @@ class LoadedModel:
     spec: PreprocessSpec
     module: torch.nn.Module
     device: torch.device
+    intended_use: dict[str, list[str]]
 
 
 def load_model(row: ModelVersion, store: ObjectStore, device: torch.device) -> LoadedModel:
@@ -111,4 +114,5 @@ def load_model(row: ModelVersion, store: ObjectStore, device: torch.device) -> L
         spec=PreprocessSpec.from_dict(row.card["preprocessing"]),
         module=module,
         device=device,
+        intended_use=dict(row.card.get("intended_use") or {}),
     )

@@ -59,6 +59,49 @@ def _has_pixel_data(data: bytes) -> bool:
     return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
 
 
+IDENTIFYING_TAGS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "AccessionNumber",
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+)
+
+
+def identifying_tags(ds: pydicom.Dataset) -> dict[str, str]:
+    """What an integration needs to file the result: study, series, instance, accession, and what it shows."""
+    return {keyword: str(ds.get(keyword)).strip() for keyword in IDENTIFYING_TAGS if ds.get(keyword) not in (None, "")}
+
+
+def suitability_warnings(
+    tags: dict[str, str] | None, intended_use: dict[str, list[str]] | None
+) -> list[dict[str, str]]:
+    """Flags for inputs a model was not made for (by its card's intended use), instead of silence."""
+    if not tags or not intended_use:
+        return []
+    warnings = []
+    body_part, modality = tags.get("BodyPartExamined", "").upper(), tags.get("Modality", "").upper()
+    body_parts = [part.upper() for part in intended_use.get("body_parts", [])]
+    modalities = [m.upper() for m in intended_use.get("modalities", [])]
+    if body_part and body_parts and body_part not in body_parts:
+        warnings.append(
+            {
+                "code": "body_part_mismatch",
+                "detail": f"BodyPartExamined is {body_part}; the model is for {', '.join(body_parts)}.",
+            }
+        )
+    if modality and modalities and modality not in modalities:
+        warnings.append(
+            {
+                "code": "modality_mismatch",
+                "detail": f"Modality is {modality}; the model is for {', '.join(modalities)}.",
+            }
+        )
+    return warnings
+
+
 def size_of(ds: pydicom.Dataset) -> tuple[int, int]:
     return int(ds.Columns), int(ds.Rows)
 

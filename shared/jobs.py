@@ -44,6 +44,7 @@ class Upload:
     data: bytes
     media_type: str | None = None
     error: XrayqError | None = None
+    dicom: dict[str, str] | None = None  # identifying tags of a DICOM input
 
 
 def check_model_available(session: Session, model_ref: str) -> tuple[str, int | None]:
@@ -90,6 +91,7 @@ def create_jobs(
             organisation=organisation,
             model_name=name,
             model_version_requested=version,
+            dicom=upload.dicom,
             attempts=0,
             created_at=now,
         )
@@ -165,6 +167,8 @@ def job_view(job: Job) -> JobView:
         model=ModelRef(name=job.model_name, version=job.model_version_requested),
         result=result,
         error=JobError(code=job.error_code, detail=job.error_detail) if job.error_code else None,
+        warnings=job.warnings or [],
+        dicom=job.dicom,
         attempts=job.attempts,
         created_at=as_utc(job.created_at),
         started_at=as_utc(job.started_at),

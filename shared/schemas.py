@@ -41,6 +41,10 @@ class JobView(BaseModel):
     model: ModelRef = Field(description="The model asked for; the one that answered is in `result.model`.")
     result: JobResult | None = None
     error: JobError | None = None
+    warnings: list[dict[str, str]] = Field(
+        default_factory=list, description="Why the model may not suit this input, e.g. `body_part_mismatch`."
+    )
+    dicom: dict[str, str] | None = Field(None, description="Identifying tags of a DICOM input.")
     attempts: int = 0
     created_at: datetime
     started_at: datetime | None = None

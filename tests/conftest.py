@@ -146,7 +146,21 @@ def services_settings(services_env) -> Settings:
 
 
 # A small model trained for real (one quick epoch on a few real images): enough to check plumbing.
-TINY_TRAIN_ARGS = ["--max-per-class", "48", "--epochs", "1", "--image-size", "64"]
+TINY_TRAIN_ARGS = [
+    "--max-per-class",
+    "48",
+    "--epochs",
+    "1",
+    "--image-size",
+    "64",
+    "--body-part",
+    "CHEST",
+    "--modality",
+    "CR",
+    "--modality",
+    "DX",
+]
+CHEST_USE = {"body_parts": ["CHEST"], "modalities": ["CR", "DX"]}
 
 
 def train_tiny_model(settings: Settings, data_dir: Path, name: str = "chest-xray") -> dict:
@@ -154,7 +168,7 @@ def train_tiny_model(settings: Settings, data_dir: Path, name: str = "chest-xray
     from services.trainer.training import TrainConfig
 
     config = TrainConfig(architecture="mobilenet_v3_small", image_size=64, epochs=1, max_per_class=48)
-    return train_and_register(settings, data_dir / CHEST_TRAIN, name=name, config=config)
+    return train_and_register(settings, data_dir / CHEST_TRAIN, name=name, config=config, intended_use=CHEST_USE)
 
 
 @pytest.fixture(scope="session")

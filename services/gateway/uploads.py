@@ -7,6 +7,7 @@ import posixpath
 import zipfile
 from typing import BinaryIO
 
+from shared import dicom
 from shared.errors import XrayqError
 from shared.imaging import ImageLimits, check_image, sniff_media_type
 from shared.jobs import Upload
@@ -43,9 +44,10 @@ def validate_image(filename: str, data: bytes, settings: Settings) -> Upload:
         )
     try:
         check_image(data, limits)
+        tags = dicom.identifying_tags(dicom.read_header(data)) if media_type == "application/dicom" else None
     except XrayqError as error:
         return Upload(filename, data, media_type, error)
-    return Upload(filename, data, media_type)
+    return Upload(filename, data, media_type, dicom=tags)
 
 
 def expand_zip(data: bytes, settings: Settings) -> list[Upload]:

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 STARTER_MODEL_NAME = "chest-xray"
 # The starter recipe: small and quick enough to train from scratch in about three minutes on a
 # 2-core CPU, yet well above the "always pneumonia" baseline. Better recipes come with training runs.
+# What the starter model is for: DICOM inputs showing anything else are flagged in their results.
+STARTER_INTENDED_USE = {"body_parts": ["CHEST"], "modalities": ["CR", "DX"]}
 STARTER_CONFIG = TrainConfig(
     architecture="mobilenet_v3_small", image_size=128, epochs=5, batch_size=64, learning_rate=2e-3
 )
@@ -45,6 +47,7 @@ def train_and_register(
     config: TrainConfig,
     activate: str = "if_none_active",
     progress: ProgressCallback | None = None,
+    intended_use: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Train on `data_path` with a fixed validation split, register the version; returns its summary."""
     started = time.monotonic()
@@ -108,6 +111,7 @@ def train_and_register(
             data=data_card,
             training=training_card,
             activate=activate,
+            intended_use=intended_use,
         )
         summary = {
             "name": row.name,

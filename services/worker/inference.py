@@ -23,6 +23,7 @@ from services.worker import metrics
 from shared.artifacts import LoadedModel, load_model
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, as_utc, utcnow
 from shared.db.session import Database
+from shared.dicom import suitability_warnings
 from shared.errors import XrayqError
 from shared.imaging import ImageLimits, open_image
 from shared.preprocess import normalize, to_model_pixels
@@ -67,6 +68,7 @@ class Claimed:
     model_version_requested: int | None
     created_at: datetime
     timings: dict[str, float] = field(default_factory=dict)
+    dicom: dict[str, str] | None = None
     pixels: torch.Tensor | None = None  # uint8, the model's size and colour
 
 
@@ -139,6 +141,7 @@ class Predictor:
                         job.model_version_requested,
                         created,
                         {"queue_ms": _ms_since(created, now)},
+                        job.dicom,
                     )
                 )
         return claimed
@@ -227,6 +230,7 @@ class Predictor:
                     "new_label": model.classes[best],
                     "new_probabilities": {c: round(p, 6) for c, p in zip(model.classes, probs, strict=True)},
                     "new_model_version_id": model.id,
+                    "new_warnings": suitability_warnings(job.dicom, model.intended_use) or None,
                     "new_error_code": None,
                     "new_error_detail": None,
                     "new_timings": {**job.timings, "total_ms": _ms_since(job.created_at, finished)},
@@ -240,6 +244,7 @@ class Predictor:
                     "new_label": None,
                     "new_probabilities": None,
                     "new_model_version_id": None,
+                    "new_warnings": None,
                     "new_error_code": error.code,
                     "new_error_detail": error.detail,
                     "new_timings": {**job.timings, "total_ms": _ms_since(job.created_at, finished)},
@@ -269,6 +274,7 @@ class Predictor:
                 error_code=bindparam("new_error_code"),
                 error_detail=bindparam("new_error_detail"),
                 timings=bindparam("new_timings"),
+                warnings=bindparam("new_warnings"),
                 finished_at=finished,
             )
         )

@@ -96,6 +96,10 @@ class Job(Base):
     error_detail: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # DICOM inputs: the identifying tags (study, series, instance, accession, modality, body part, view).
+    dicom: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Why the answering model may not suit this input (e.g. an extremity sent to a chest model).
+    warnings: Mapped[list[Any] | None] = mapped_column(JSON)
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -153,5 +153,17 @@ def test_dicom_radiographs_are_classified_and_broken_dicom_refused(stack, data_d
     assert plain["status"] == j2k["status"] == "succeeded"
     assert plain["media_type"] == "application/dicom"
     assert plain["result"]["probabilities"] == j2k["result"]["probabilities"]  # lossless: the same pixels
+    assert plain["dicom"]["Modality"] == "CR" and plain["dicom"]["BodyPartExamined"] == "CHEST"
+    assert plain["dicom"]["SOPInstanceUID"] and plain["warnings"] == []
     single = stack.http.post("/v1/jobs", files={"file": ("stub.dcm", (dicom / "CR_tiny_16x16.dcm").read_bytes())})
     assert single.status_code == 422 and single.json()["code"] == "image_too_small"
+
+
+def test_an_extremity_sent_to_the_chest_model_is_flagged_not_silently_classified(stack, data_dir) -> None:
+    image = (data_dir / "dicom" / "RG3_UNCR.dcm").read_bytes()
+    response = stack.http.post("/v1/jobs", files={"file": ("knee.dcm", image)})
+    assert response.status_code == 202, response.text
+    job = wait_for_job(stack, response.json()["id"])
+    assert job["status"] == "succeeded"
+    assert job["dicom"]["BodyPartExamined"] == "EXTREMITY"
+    assert [w["code"] for w in job["warnings"]] == ["body_part_mismatch"]

@@ -84,3 +84,16 @@ def test_garbage_after_the_dicom_preamble_is_refused_as_dicom(dicom_dir) -> None
     with pytest.raises(XrayqError) as caught:
         check_image(data)
     assert caught.value.code in ("dicom_unreadable", "dicom_no_pixel_data")
+
+
+def test_identifying_tags_and_suitability_flags(dicom_dir) -> None:
+    from shared.dicom import identifying_tags, read_header, suitability_warnings
+
+    tags = identifying_tags(read_header(read(dicom_dir, "RG3_UNCR")))
+    assert tags["Modality"] == "CR" and tags["BodyPartExamined"] == "EXTREMITY"
+    assert {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"} <= set(tags)
+    chest = {"body_parts": ["CHEST"], "modalities": ["CR", "DX"]}
+    assert [w["code"] for w in suitability_warnings(tags, chest)] == ["body_part_mismatch"]
+    assert suitability_warnings({**tags, "BodyPartExamined": "chest"}, chest) == []
+    assert [w["code"] for w in suitability_warnings({"Modality": "MR"}, chest)] == ["modality_mismatch"]
+    assert suitability_warnings(tags, {}) == [] and suitability_warnings(None, chest) == []
