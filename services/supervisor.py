@@ -32,8 +32,18 @@ class Child:
     next_start: float = 0.0
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", self.role])
+        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", self.role], preexec_fn=_die_with_parent)
         self.started_at = time.monotonic()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux), so no
+    orphaned worker keeps consuming from the queue of a stack that is gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def ensure_starter_model(settings: Settings) -> bool:
