@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zipfile
 from pathlib import Path
 
@@ -324,3 +325,15 @@ def test_read_bounded_refuses_one_byte_over_and_reads_no_further() -> None:
     assert caught.value.code == "file_too_large"
     assert "big.png" in caught.value.detail
     assert stream.tell() == 101
+
+
+def test_an_archive_of_100k_entries_is_refused_by_count_quickly() -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index in range(100_000):
+            archive.writestr(f"f{index}.png", b"")
+    started = time.monotonic()
+    with pytest.raises(XrayqError) as caught:
+        expand_zip(buffer.getvalue(), Settings())
+    assert caught.value.code == "too_many_files"
+    assert time.monotonic() - started < 10  # refused from the directory, nothing is read
