@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from services.worker import metrics
 from shared.artifacts import LoadedModel, load_model
-from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, as_utc, utcnow
+from shared.db.models import Job, JobStatus, as_utc, utcnow
 from shared.db.session import Database
 from shared.dicom import suitability_warnings
 from shared.errors import XrayqError
@@ -33,7 +33,8 @@ from shared.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
-_NOT_TERMINAL = Job.status.not_in([s.value for s in TERMINAL_STATUSES])
+# "Not yet finished", spelled as equalities rather than NOT IN: executemany refuses expanding lists.
+_NOT_TERMINAL = or_(*(Job.status == status for status in JobStatus if not status.terminal))
 
 
 class ModelCache:
@@ -263,8 +264,7 @@ class Predictor:
             update(table)
             .where(
                 table.c.id == bindparam("job_id"),
-                # Not yet finished. (Spelled out: NOT IN expands to a list, which executemany refuses.)
-                or_(*(table.c.status == status.value for status in JobStatus if not status.terminal)),
+                _NOT_TERMINAL,
             )
             .values(
                 status=bindparam("new_status"),
