@@ -27,10 +27,20 @@ def main(argv: list[str] | None = None) -> int:
 
     train = commands.add_parser(
         "train",
-        help="train a model on a folder of class subfolders or a .npz",
-        description="Options left out take the starter recipe's values.",
+        help="train a model on a folder of class subfolders or a .npz (here, or through the API with --server)",
+        description="Without --server: train in this process; options left out take the starter recipe's values. "
+        "With --server: DATA (a local folder/ZIP/.npz, uploaded first, or a dataset id/name) is trained by the "
+        "server's trainer as a training run, followed with a progress bar; options left out take the API's "
+        "recommended recipe.",
     )
-    train.add_argument("data", type=Path)
+    train.add_argument("data", type=Path, help="folder, ZIP or .npz; with --server also a dataset id or name")
+    train.add_argument("--server", default=None, help="train through this gateway's API (e.g. http://127.0.0.1:8000)")
+    train.add_argument("--api-key", default=None, help="API key for --server (default: XRAYQ_API_KEY)")
+    train.add_argument("--dataset-name", default=None, help="--server: name of the uploaded dataset")
+    train.add_argument("--base-model", default=None, help="--server: fine-tune from name@version")
+    train.add_argument("--promotion", choices=["manual", "if_better", "always"], default=None, help="--server only")
+    train.add_argument("--no-class-weighting", action="store_true")
+    train.add_argument("--no-wait", action="store_true", help="--server: print the run and return at once")
     train.add_argument("--name", default=None, help="model name (default: XRAYQ_DEFAULT_MODEL)")
     train.add_argument("--architecture", "--arch", default=None)
     train.add_argument("--epochs", type=int, default=None)
@@ -61,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     revoke = key_commands.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
 
+    from services.api_client import add_commands
+
+    api_handlers = add_commands(commands)
+
     args = parser.parse_args(argv)
     handler = {
+        **api_handlers,
         "up": _up,
         "gateway": _gateway,
         "worker": _worker,
@@ -71,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         "ensure-model": _ensure_model,
         "train": _train,
     }[args.command]
-    return handler(args) or 0
+    from services.api_client import ApiError
+
+    try:
+        return handler(args) or 0
+    except ApiError as error:
+        print(error, file=sys.stderr)
+        return 1
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -166,6 +187,10 @@ def _ensure_model(_: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.server:
+        from services.api_client import train_remote
+
+        return train_remote(args)
     from services.trainer.pipeline import STARTER_CONFIG, train_and_register
     from services.trainer.training import TrainConfig
     from shared.bootstrap import prepare_backends

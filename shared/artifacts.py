@@ -39,8 +39,13 @@ def register_version(
     training: dict[str, Any],
     activate: str = "if_none_active",
     intended_use: dict[str, list[str]] | None = None,
+    provenance: dict[str, Any] | None = None,
+    files: dict[str, tuple[bytes, str]] | None = None,
 ) -> ModelVersion:
-    """Store weights and card, then add the version row; activate it per `activate`.
+    """Store weights, card and `files` (plots: name -> bytes, type), then add the version row.
+
+    `activate`: "always", "if_none_active" or "never". `provenance` says where the version came
+    from ({"dataset_id", "training_run_id", "evaluation", ...}) and goes into the card.
 
     Objects are written before the row is committed, so a row never points at missing bytes; a crash
     in between leaves only an unreferenced object behind.
@@ -61,10 +66,14 @@ def register_version(
         "data": data,
         "training": training,
         "intended_use": intended_use or {},
+        **(provenance or {}),
+        "files": {name: f"{prefix}/{name}" for name in sorted(files or {})},
         "weights": {"format": "safetensors", "key": f"{prefix}/weights.safetensors", "sha256": weights_sha256},
         "created_at": utcnow().isoformat(),
     }
     store.put(card["weights"]["key"], weights)
+    for file_name, (content, content_type) in (files or {}).items():
+        store.put(f"{prefix}/{file_name}", content, content_type)
     store.put(f"{prefix}/card.json", json.dumps(card, indent=2).encode(), "application/json")
     row = ModelVersion(
         name=name,
@@ -76,11 +85,15 @@ def register_version(
         weights_sha256=weights_sha256,
         card=card,
         metrics=metrics,
+        dataset_id=(provenance or {}).get("dataset_id"),
+        training_run_id=(provenance or {}).get("training_run_id"),
     )
     session.add(row)
     session.flush()
-    if activate == "always" or (activate == "if_none_active" and not any_active_version(session, name)):
-        activate_version(session, row)
+    if activate == "always":
+        activate_version(session, row, reason="always")
+    elif activate == "if_none_active" and not any_active_version(session, name):
+        activate_version(session, row, reason="first_version")
     return row
 
 

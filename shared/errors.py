@@ -35,6 +35,20 @@ ERROR_STATUS: dict[str, int] = {
     "model_not_found": 404,
     "dataset_not_found": 404,
     "dataset_invalid": 422,
+    "dataset_empty": 422,
+    "dataset_too_few_classes": 422,
+    "dataset_mixed_layout": 422,
+    "dataset_invalid_layout": 422,
+    "dataset_invalid_class_name": 422,
+    "dataset_split_mismatch": 422,
+    "dataset_unreadable_files": 422,
+    "dataset_label_conflict": 409,
+    "dataset_corrupt": 500,
+    "run_not_found": 404,
+    "run_not_cancellable": 409,
+    "base_model_mismatch": 422,
+    "model_name_mismatch": 422,
+    "no_previous_version": 409,
     "model_corrupt": 500,
     "unknown_architecture": 422,
     "no_active_model": 409,
@@ -44,6 +58,9 @@ ERROR_STATUS: dict[str, int] = {
     "inference_failed": 500,
     "input_missing": 500,
     "too_many_attempts": 500,
+    # Failures recorded on a training run.
+    "trainer_lost": 500,
+    "training_failed": 500,
 }
 
 

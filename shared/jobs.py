@@ -71,6 +71,10 @@ def create_jobs(
     reach a worker.
     """
     name, version = check_model_available(session, model_ref)
+    if as_batch and version is None:
+        # A batch is answered by one version: the one active now. A promotion while it is in flight
+        # applies to the next batch, never to half of this one.
+        version = resolve_version(session, name).version
     batch = None
     if as_batch:
         batch = Batch(

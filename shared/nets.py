@@ -5,19 +5,14 @@ from __future__ import annotations
 import torch
 import torchvision
 
-from shared.errors import XrayqError
+from shared.architectures import DEFAULT_ARCHITECTURE, check_architecture
 
-DEFAULT_ARCHITECTURE = "resnet18"
-
-
-def available_architectures() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+__all__ = ["DEFAULT_ARCHITECTURE", "build_model", "pick_device"]
 
 
 def build_model(architecture: str, num_classes: int) -> torch.nn.Module:
     """A torchvision classification network with `num_classes` outputs and random initial weights."""
-    if architecture not in available_architectures():
-        raise XrayqError("unknown_architecture", f"'{architecture}' is not a torchvision classification model.")
+    check_architecture(architecture)
     return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
 
 

@@ -15,6 +15,7 @@ PREDICT_QUEUE = "predict"
 TRAIN_QUEUE = "train"
 PREDICT_TASK = "xrayq.predict"
 TRAIN_TASK = "xrayq.train"
+TRAIN_RUN_TASK = "xrayq.train_run"
 
 # A training run can take an hour. With late acks, Redis redelivers an unacked message after the
 # visibility timeout, so it must exceed the longest run or a run would be delivered twice.
@@ -52,7 +53,11 @@ def make_celery(settings: Settings, name: str = "xrayq") -> Celery:
         task_default_queue=PREDICT_QUEUE,
         task_default_exchange=PREDICT_QUEUE,
         task_default_routing_key=PREDICT_QUEUE,
-        task_routes={PREDICT_TASK: {"queue": PREDICT_QUEUE}, TRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        task_routes={
+            PREDICT_TASK: {"queue": PREDICT_QUEUE},
+            TRAIN_TASK: {"queue": TRAIN_QUEUE},
+            TRAIN_RUN_TASK: {"queue": TRAIN_QUEUE},
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

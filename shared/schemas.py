@@ -101,6 +101,13 @@ class ModelVersionView(BaseModel):
     metrics: dict[str, Any]
     preprocessing: dict[str, Any]
     weights_sha256: str
+    dataset_id: str | None = None
+    training_run_id: str | None = None
+    evaluation: dict[str, Any] | None = Field(
+        None, description="The evaluation report (test split, or the fixed held-out split), with calibration."
+    )
+    plots: dict[str, str] = Field(default_factory=dict, description="Plot name -> URL of its PNG.")
+    card: dict[str, Any] = Field(default_factory=dict, description="The model card, as stored beside the weights.")
 
 
 class ModelView(BaseModel):
@@ -120,6 +127,7 @@ class Problem(BaseModel):
     detail: str | None = None
     instance: str | None = None
     errors: list[dict[str, Any]] | None = None
+    files: list[Any] | None = Field(None, description="The files a dataset upload was refused for, by name.")
 
 
 class ReadinessView(BaseModel):
@@ -145,3 +153,99 @@ class ApiKeyView(BaseModel):
 
 class ApiKeyCreated(ApiKeyView):
     key: str = Field(description="The key itself: shown this once, stored only as a hash.")
+
+
+class ModelActivationView(BaseModel):
+    name: str
+    version: int
+    previous_version: int | None
+    reason: str
+    actor: str | None
+    created_at: datetime
+
+
+class PromoteRequest(BaseModel):
+    version: int | None = Field(None, ge=1, description="The version of this model to make active.")
+    model_version_id: str | None = Field(None, description="Or the version's id; it must belong to this model.")
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+
+
+class DatasetView(BaseModel):
+    id: str
+    name: str
+    version: int
+    parent_id: str | None = None
+    classes: list[str]
+    counts: dict[str, dict[str, int]] = Field(description="Images per split and class.")
+    files: int
+    size_bytes: int
+    manifest_sha256: str
+    details: dict[str, Any] = Field(description="Source format, layout, files left out, what it extends.")
+    created_at: datetime
+
+
+# --- training runs ----------------------------------------------------------------------------------
+
+RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+PromotionPolicy = Literal["manual", "if_better", "always"]
+
+
+class TrainingRunCreate(BaseModel):
+    """A training run. Left-out options take the recommended chest X-ray recipe (see the README)."""
+
+    dataset: str = Field(min_length=1, max_length=200, description="Dataset id, name (latest version) or name@version.")
+    model_name: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Default: the dataset's name."
+    )
+    architecture: str | None = Field(None, description="Any torchvision classification model; default resnet18.")
+    base_model: str | None = Field(None, description="name@version to fine-tune from (same architecture).")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=2, le=1024)
+    learning_rate: float = Field(2e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    image_size: int | None = Field(None, ge=16, le=1024, description="Default 192, or the base model's.")
+    color: Literal["auto", "grayscale", "rgb"] = "auto"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    class_weighting: bool = True
+    augment: bool = True
+    val_fraction: float = Field(0.1, gt=0, lt=0.9, description="Used when the dataset has no val split.")
+    max_per_class: int | None = Field(None, ge=1, description="Use at most N training images per class.")
+    promotion: PromotionPolicy = Field(
+        "manual", description="manual; if_better (than the active version, on the same evaluation set); always."
+    )
+    intended_use: dict[str, list[str]] | None = Field(
+        None, description='DICOM inputs the model is made for, e.g. {"body_parts": ["CHEST"], "modalities": ["CR"]}.'
+    )
+
+
+class RunProgress(BaseModel):
+    phase: str | None = Field(None, description="queued, loading, training, evaluating, registering, done.")
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+    elapsed_seconds: float | None = None
+
+
+class TrainingRunView(BaseModel):
+    id: str
+    status: RunStatusName
+    dataset_id: str
+    model_name: str
+    config: dict[str, Any]
+    promotion: PromotionPolicy
+    progress: RunProgress
+    history: list[dict[str, Any]] = Field(description="Per epoch: train_loss, val_loss, val_accuracy, val_roc_auc.")
+    model: ModelRef | None = Field(None, description="The version this run produced.")
+    evaluation: dict[str, Any] | None = None
+    promotion_decision: dict[str, Any] | None = None
+    error: JobError | None = None
+    cancel_requested: bool = False
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None

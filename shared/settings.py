@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     max_batch_files: int = 1000
     max_zip_expanded_bytes: int = 512 * 1024 * 1024
     max_wait_seconds: float = 60.0
+    # Dataset uploads (POST /v1/datasets): bigger than any batch, still bounded.
+    max_dataset_upload_bytes: int = 4 * 1024 * 1024 * 1024
+    max_dataset_files: int = 200_000
+    max_dataset_expanded_bytes: int = 16 * 1024 * 1024 * 1024
 
     # Worker.
     predict_chunk_size: int = Field(default=32, ge=1, le=512)
@@ -79,6 +83,12 @@ class Settings(BaseSettings):
 
     # Models.
     default_model: str = "chest-xray"
+
+    # Trainer. A running training run whose trainer has not written a heartbeat for this long lost its
+    # trainer (killed, machine gone): the reconciler fails it with `trainer_lost`.
+    run_heartbeat_s: float = 5.0
+    run_stale_after_s: float = 120.0
+    max_training_epochs: int = 500
 
     # Logging: "json" for services, "text" for a person at a terminal.
     log_format: Literal["text", "json"] = "text"

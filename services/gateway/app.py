@@ -15,12 +15,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
 from services.gateway.problems import install_problem_handlers
-from services.gateway.routes import api_keys, batches, health, jobs, models
+from services.gateway.routes import api_keys, batches, datasets, health, jobs, models, training_runs
 from services.gateway.waiter import CompletionWaiter
 from shared.db.session import Database, database_for
 from shared.logs import configure_logging
 from shared.queue import make_celery
-from shared.reconciler import purge_old_inputs, reconcile_once
+from shared.reconciler import purge_old_inputs, reconcile_once, reconcile_runs
 from shared.settings import Settings, get_settings
 from shared.storage import make_object_store
 
@@ -46,9 +46,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)
-    for module in (jobs, batches, models, api_keys, health):
+    for module in (jobs, batches, datasets, training_runs, models, api_keys, health):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_request_bytes,
+        overrides={"/v1/datasets": settings.max_dataset_upload_bytes},
+    )
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
     if origins:  # restrictive by default: no cross-origin browser access unless configured
         app.add_middleware(
@@ -78,6 +82,7 @@ async def _reconcile_forever(app: FastAPI) -> None:
         await asyncio.sleep(state.settings.reconcile_interval_s)
         try:
             await run_in_threadpool(reconcile_once, state.settings, state.database, state.celery)
+            await run_in_threadpool(reconcile_runs, state.settings, state.database, state.celery)
             await run_in_threadpool(purge_old_inputs, state.settings, state.database)
         except Exception:
             log.exception("housekeeping pass failed")

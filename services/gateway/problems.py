@@ -54,7 +54,7 @@ def problem_response(
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(XrayqError)
     async def _xrayq_error(request: Request, exc: XrayqError) -> JSONResponse:
-        response = problem_response(exc.http_status, exc.code, exc.detail, request.url.path)
+        response = problem_response(exc.http_status, exc.code, exc.detail, request.url.path, **exc.extra)
         if exc.http_status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="xrayq"'
         return response

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import io
-import posixpath
 import zipfile
 from typing import BinaryIO
 
 from shared import dicom
+from shared.archive_safety import checked_entries
 from shared.errors import XrayqError
 from shared.imaging import ImageLimits, check_image, sniff_media_type
 from shared.jobs import Upload
 from shared.settings import Settings
-
-# Entries that archivers add beside the real files; not images, not worth a failed job each.
-_ARCHIVE_CLUTTER = ("__MACOSX/", ".DS_Store", "Thumbs.db", "desktop.ini")
 
 
 def read_bounded(stream: BinaryIO, limit: int, filename: str) -> bytes:
@@ -57,25 +54,11 @@ def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        entries = [info for info in archive.infolist() if not info.is_dir()]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
         raise XrayqError("archive_unreadable", f"The ZIP archive could not be read: {exc}") from None
-    for info in entries:
-        if _is_unsafe_path(info.filename):
-            raise XrayqError("archive_unsafe_path", f"Entry {info.filename!r} escapes the archive.")
-    entries = [info for info in entries if not _is_clutter(info.filename)]
-    if not entries:
-        raise XrayqError("archive_empty", "The ZIP archive holds no files.")
-    if len(entries) > settings.max_batch_files:
-        raise XrayqError(
-            "too_many_files", f"The archive has {len(entries)} files; the limit is {settings.max_batch_files}."
-        )
-    declared = sum(info.file_size for info in entries)
-    if declared > settings.max_zip_expanded_bytes:
-        raise XrayqError(
-            "archive_too_large",
-            f"The archive expands to {declared} bytes; the limit is {settings.max_zip_expanded_bytes}.",
-        )
+    entries = checked_entries(
+        archive, max_files=settings.max_batch_files, max_expanded_bytes=settings.max_zip_expanded_bytes
+    )
     uploads = []
     for info in entries:
         name = info.filename
@@ -98,16 +81,3 @@ def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
             continue
         uploads.append(validate_image(name, content, settings))
     return uploads
-
-
-def _is_unsafe_path(name: str) -> bool:
-    normalised = name.replace("\\", "/")
-    if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":"):
-        return True
-    parts = posixpath.normpath(normalised).split("/")
-    return ".." in parts or ".." in normalised.split("/")
-
-
-def _is_clutter(name: str) -> bool:
-    base = name.rsplit("/", 1)[-1]
-    return name.startswith("__MACOSX/") or base in _ARCHIVE_CLUTTER or base.startswith("._")

@@ -9,9 +9,10 @@ from typing import Any
 from celery.signals import worker_process_init
 
 from services.trainer.pipeline import train_and_register
+from services.trainer.runs import execute_run
 from services.trainer.training import TrainConfig
 from shared.logs import configure_logging
-from shared.queue import TRAIN_TASK, make_celery
+from shared.queue import TRAIN_RUN_TASK, TRAIN_TASK, make_celery
 from shared.settings import get_settings
 
 settings = get_settings()
@@ -35,3 +36,12 @@ def train(data_path: str, name: str, config: dict[str, Any], activate: str = "if
         activate=activate,
         progress=lambda event: log.info("training %s: %s", name, event) if event["event"] != "step" else None,
     )
+
+
+# Acked on receipt, unlike predictions: a run lasts up to hours, and its row, not the message, is what
+# survives a crash. A lost trainer's run is failed by the reconciler (`trainer_lost`); and were the
+# message ever delivered again, the run is no longer `queued` and the claim does nothing.
+@app.task(name=TRAIN_RUN_TASK, acks_late=False)
+def train_run(run_id: str) -> dict[str, Any] | None:
+    """Execute a queued training run (POST /v1/training-runs)."""
+    return execute_run(settings, run_id)

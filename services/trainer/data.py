@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from shared.errors import XrayqError
 from shared.imaging import ImageLimits, decode_image, open_image, sniff_media_type
 from shared.preprocess import PreprocessSpec, to_model_pixels
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 
 
 @dataclass
@@ -65,44 +67,74 @@ def patient_group(filename: str) -> str:
 
 
 def load_image_folder(root: Path, spec: PreprocessSpec, max_per_class: int | None = None) -> LabelledImages:
-    """Class names are the subfolder names (sorted); every readable PNG/JPEG below them is an example."""
+    """Class names are the subfolder names (sorted); every readable image below them is an example."""
     root = Path(root)
     if not root.is_dir():
         raise XrayqError("dataset_not_found", f"{root} is not a folder.")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise XrayqError("dataset_invalid", f"{root} needs at least two class subfolders, found {len(class_dirs)}.")
-    pixels: list[torch.Tensor] = []
-    labels: list[int] = []
-    groups: list[str] = []
-    names: list[str] = []
-    unreadable: list[str] = []
-    limits = ImageLimits(min_side=8)
+    examples: list[Example] = []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if max_per_class is not None:
             files = files[:max_per_class]
-        for path in files:
-            data = path.read_bytes()
-            try:
-                image = open_image(data, limits)
-            except XrayqError:
-                unreadable.append(str(path.relative_to(root)))
-                continue
-            pixels.append(to_model_pixels(image, spec))
-            labels.append(label)
-            groups.append(patient_group(path.name))
-            names.append(str(path.relative_to(root)))
-    if unreadable and len(unreadable) > 0.05 * (len(pixels) + len(unreadable)):
+        examples.extend(Example(str(path.relative_to(root)), label, path.read_bytes) for path in files)
+    return load_examples(examples, [d.name for d in class_dirs], spec)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled image, by name, with a function that gives its bytes (a file, an object)."""
+
+    name: str
+    label: int
+    read: Callable[[], bytes]
+
+
+def load_examples(
+    examples: Sequence[Example],
+    classes: list[str],
+    spec: PreprocessSpec,
+    *,
+    max_unreadable: float = 0.05,
+    progress: Callable[[int, int], None] | None = None,
+    threads: int = 8,
+) -> LabelledImages:
+    """Fetch and decode every example (in threads: reads may be network calls) into model pixels.
+
+    A few unreadable files are left out; more than `max_unreadable` of them fail the load.
+    """
+    limits = ImageLimits(min_side=8)
+
+    def decode(example: Example) -> torch.Tensor | None:
+        try:
+            return to_model_pixels(open_image(example.read(), limits), spec)
+        except XrayqError:
+            return None
+
+    pixels: list[torch.Tensor] = []
+    kept: list[Example] = []
+    unreadable: list[str] = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for done, (example, tensor) in enumerate(zip(examples, pool.map(decode, examples), strict=True), 1):
+            if tensor is None:
+                unreadable.append(example.name)
+            else:
+                pixels.append(tensor)
+                kept.append(example)
+            if progress is not None and (done % 256 == 0 or done == len(examples)):
+                progress(done, len(examples))
+    if unreadable and len(unreadable) > max_unreadable * len(examples):
         raise XrayqError("dataset_invalid", f"{len(unreadable)} unreadable images, e.g. {unreadable[:5]}.")
     if not pixels:
-        raise XrayqError("dataset_invalid", f"No PNG or JPEG images under {root}.")
+        raise XrayqError("dataset_invalid", "No readable images.")
     return LabelledImages(
         pixels=torch.stack(pixels),
-        labels=torch.tensor(labels, dtype=torch.long),
-        classes=[d.name for d in class_dirs],
-        groups=groups,
-        names=names,
+        labels=torch.tensor([e.label for e in kept], dtype=torch.long),
+        classes=classes,
+        groups=[patient_group(Path(e.name).name) for e in kept],
+        names=[e.name for e in kept],
     )
 
 
@@ -156,6 +188,8 @@ def split_by_group(data: LabelledImages, val_fraction: float, seed: int) -> tupl
     for _label, groups in sorted(by_class.items()):
         order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
         target = round(val_fraction * sum(len(members[g]) for g in groups))
+        if len(groups) >= 2:  # tiny classes still get one group held out, and keep at least one
+            target = max(target, 1)
         taken = 0
         for group in order:
             side = val_idx if taken < target else train_idx
@@ -165,16 +199,32 @@ def split_by_group(data: LabelledImages, val_fraction: float, seed: int) -> tupl
     return np.array(sorted(train_idx), dtype=np.int64), np.array(sorted(val_idx), dtype=np.int64)
 
 
+def train_val_split(data: LabelledImages, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`split_by_group`, refusing data too small to leave both sides non-empty."""
+    train_idx, val_idx = split_by_group(data, val_fraction, seed)
+    if len(val_idx) == 0 or len(train_idx) < 2:
+        raise XrayqError(
+            "dataset_invalid",
+            f"{len(data)} images are too few for a training and a validation split at val_fraction={val_fraction}.",
+        )
+    return train_idx, val_idx
+
+
 def detect_color(path: Path, sample: int = 24) -> str:
     """'grayscale' when the images carry no colour (many X-ray sets are stored as RGB), else 'rgb'."""
     path = Path(path)
     if not path.is_dir():
         return "grayscale" if path.suffix == ".npz" and _npz_is_grey(path) else "rgb"
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    step = max(1, len(files) // sample)
-    for file in files[::step][:sample]:
+    return detect_color_of([file.read_bytes for file in files], sample)
+
+
+def detect_color_of(reads: Sequence[Callable[[], bytes]], sample: int = 24) -> str:
+    """The same decision from an evenly spaced sample of images given by their readers."""
+    step = max(1, len(reads) // sample)
+    for read in reads[::step][:sample]:
         try:
-            array = decode_image(file.read_bytes(), ImageLimits(min_side=8))
+            array = decode_image(read(), ImageLimits(min_side=8))
         except XrayqError:
             continue
         if array.ndim == 3 and float(np.abs(array - array.mean(axis=2, keepdims=True)).max()) > 0.04:

@@ -6,7 +6,13 @@ import math
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
 
 def classification_report(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -42,9 +48,58 @@ def classification_report(labels: np.ndarray, probabilities: np.ndarray, classes
         )
     if report["roc_auc"] is not None and not math.isfinite(report["roc_auc"]):
         report["roc_auc"] = None  # e.g. a class absent from the evaluation set: undefined, not NaN
+    report["decision_rule"] = (
+        f"{classes[1]} when its probability >= 0.5 (argmax)" if len(classes) == 2 else "argmax over classes"
+    )
+    report["threshold"] = 0.5 if len(classes) == 2 else None
+    report["calibration"] = calibration(labels, probabilities)
     if len(classes) == 2:
         (tn, fp), (fn, tp) = report["confusion_matrix"]
         report["positive_class"] = classes[1]
         report["sensitivity"] = tp / (tp + fn) if tp + fn else None
         report["specificity"] = tn / (tn + fp) if tn + fp else None
     return report
+
+
+def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error of the top-class confidence (equal-width bins), with the reliability table.
+
+    ECE = sum over bins of (share of examples) x |accuracy - mean confidence|.
+    """
+    if len(labels) == 0:
+        return {"ece": None, "bins": bins, "table": []}
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    table = []
+    for b in range(bins):
+        members = which == b
+        if not members.any():
+            continue
+        accuracy, mean_confidence = float(correct[members].mean()), float(confidence[members].mean())
+        ece += members.mean() * abs(accuracy - mean_confidence)
+        table.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "n": int(members.sum()),
+                "accuracy": accuracy,
+                "confidence": mean_confidence,
+            }
+        )
+    return {"ece": float(ece), "bins": bins, "table": table}
+
+
+def roc_points(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, dict[str, list[float]]]:
+    """ROC curve per class (one-vs-rest; for two classes, only the positive one), for plotting."""
+    positives = [1] if len(classes) == 2 else list(range(len(classes)))
+    curves = {}
+    for index in positives:
+        truth = labels == index
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, probabilities[:, index])
+        curves[classes[index]] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    return curves

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from services.trainer.data import detect_color, load_dataset, split_by_group
+from services.trainer.data import detect_color, load_dataset, train_val_split
 from services.trainer.training import ProgressCallback, TrainConfig, fit
 from shared.artifacts import register_version
 from shared.db.session import database_for
-from shared.errors import XrayqError
 from shared.settings import Settings
 from shared.storage import make_object_store
 
@@ -56,13 +55,7 @@ def train_and_register(
         config = replace(config, color=detect_color(data_path))
     spec = config.spec()
     data = load_dataset(data_path, spec, max_per_class=config.max_per_class)
-    train_idx, val_idx = split_by_group(data, config.val_fraction, config.seed)
-    if len(val_idx) == 0 or len(train_idx) < 2:
-        raise XrayqError(
-            "dataset_invalid",
-            f"{len(data)} images are too few for a training and a validation "
-            f"split at val_fraction={config.val_fraction}.",
-        )
+    train_idx, val_idx = train_val_split(data, config.val_fraction, config.seed)
     train, val = data.subset(train_idx), data.subset(val_idx)
     if progress is not None:
         progress(

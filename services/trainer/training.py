@@ -124,7 +124,9 @@ def train_one_epoch(
             pixels = torch.stack([augmenter(p) for p in pixels])
         inputs = normalize(pixels, spec).to(device)
         targets = data.labels[index].to(device)
-        loss = F.cross_entropy(model(inputs), targets, weight=class_weights, label_smoothing=config.label_smoothing)
+        loss = F.cross_entropy(
+            logits_of(model(inputs)), targets, weight=class_weights, label_smoothing=config.label_smoothing
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -133,6 +135,19 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step + 1, steps, loss.item())
     return total_loss / max(len(order), 1)
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """GoogLeNet and Inception v3 return (logits, auxiliary logits...) while training; the rest a tensor."""
+    return outputs.logits if hasattr(outputs, "logits") else outputs
+
+
+def load_initial_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Fine-tuning: take every tensor whose name and shape match; a new class count re-learns the head."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
 
 
 @torch.inference_mode()
@@ -152,15 +167,22 @@ def fit(
     val: LabelledImages,
     config: TrainConfig,
     progress: ProgressCallback | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train from scratch, evaluate on `val` after every epoch, return the last epoch's weights and report."""
+    """Train (from scratch, or from `initial_state`), evaluate on `val` after every epoch.
+
+    Returns the last epoch's weights and report. `progress` may raise to stop training (cancellation).
+    """
     started = time.monotonic()
     seed_everything(config.seed)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     device = pick_device(config.device)
     spec = config.spec()
-    model = build_model(config.architecture, len(train.classes)).to(device)
+    model = build_model(config.architecture, len(train.classes))
+    if initial_state is not None:
+        load_initial_weights(model, initial_state)
+    model = model.to(device)
     use_fast_batchnorm(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))

@@ -7,7 +7,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, overload
 
-from sqlalchemy import JSON, Boolean, DateTime, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -124,6 +136,9 @@ class ModelVersion(Base):
     card: Mapped[dict[str, Any]] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     is_active: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Provenance: the dataset version and training run that produced it (None for `xrayq train`).
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", name="fk_model_versions_dataset_id"))
+    training_run_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -153,3 +168,90 @@ class ApiKey(Base):
     key_prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Dataset(Base):
+    """An immutable, labelled dataset version: a manifest in storage lists every file with its label.
+
+    Versions are per name. A version that extends another lists the other's files too, so retraining
+    never loses the original data; the files themselves are stored once, by content.
+    """
+
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_datasets_name_version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
+    classes: Mapped[list[Any]] = mapped_column(JSON)
+    # {"train": {"NORMAL": 1341, ...}, "test": {...}}
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    files: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    manifest_key: Mapped[str] = mapped_column(String(256))
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    # Where it came from and what was done to it (source format, skipped files, de-identification).
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    organisation: Mapped[str | None] = mapped_column(String(128), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled)
+
+
+class TrainingRun(Base):
+    """A queued training run: its recipe, live progress, and the model version it produced."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (Index("ix_training_runs_status_created", "status", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    status: Mapped[RunStatus] = mapped_column(
+        Enum(RunStatus, name="run_status", native_enum=False, length=16), default=RunStatus.queued
+    )
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    model_name: Mapped[str] = mapped_column(String(128))
+    base_model_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    promotion: Mapped[str] = mapped_column(String(16))  # manual, if_better, always
+    # {"phase", "epoch", "epochs", "step", "steps", "percent", "eta_seconds"}
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    history: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # What the promotion policy decided, and on which figures.
+    promotion_decision: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    model_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    trainer: Mapped[str | None] = mapped_column(String(256))  # host:pid that runs it
+    organisation: Mapped[str | None] = mapped_column(String(128), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Written by the trainer every few seconds; a running run without one for long has lost its trainer.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ModelActivation(Base):
+    """Every change of a model name's active version: the audit trail, and what rollback returns to."""
+
+    __tablename__ = "model_activations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    previous_version: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(64))  # first_version, promote, rollback, policy:if_better, ...
+    actor: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

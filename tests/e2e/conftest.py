@@ -35,6 +35,8 @@ class Stack:
             # Quick reconciler: a message lost with a killed worker is republished within seconds.
             "XRAYQ_RECONCILE_INTERVAL_S": "1",
             "XRAYQ_REQUEUE_AFTER_S": "5",
+            # Training runs report progress often enough to be watched moving in a short test.
+            "XRAYQ_RUN_HEARTBEAT_S": "0.3",
         }
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None

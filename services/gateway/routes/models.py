@@ -1,22 +1,25 @@
-"""The model registry, read-only for now: names, versions, their cards' metrics."""
+"""The model registry: names, versions, their cards, reports and plots; promotion and rollback."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from sqlalchemy import select
 
-from services.gateway.deps import PrincipalDep, SessionDep
+from services.gateway.deps import PrincipalDep, SessionDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
-from shared.db.models import ModelVersion, as_utc
+from shared.db.models import ModelActivation, ModelVersion, as_utc
 from shared.errors import XrayqError
-from shared.schemas import ModelVersionView, ModelView
+from shared.registry import activation_history, find_version, promote, promote_by_id, rollback
+from shared.schemas import ModelActivationView, ModelVersionView, ModelView, PromoteRequest
+from shared.storage import ObjectNotFound
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def version_view(row: ModelVersion) -> ModelVersionView:
+    base = f"/v1/models/{row.name}/versions/{row.version}/files"
     return ModelVersionView(
         name=row.name,
         version=row.version,
@@ -28,6 +31,22 @@ def version_view(row: ModelVersion) -> ModelVersionView:
         metrics=row.metrics,
         preprocessing=row.card.get("preprocessing", {}),
         weights_sha256=row.weights_sha256,
+        dataset_id=row.dataset_id,
+        training_run_id=row.training_run_id,
+        evaluation=row.card.get("evaluation"),
+        plots={name.removesuffix(".png"): f"{base}/{name}" for name in row.card.get("files", {})},
+        card=row.card,
+    )
+
+
+def activation_view(row: ModelActivation) -> ModelActivationView:
+    return ModelActivationView(
+        name=row.name,
+        version=row.version,
+        previous_version=row.previous_version,
+        reason=row.reason,
+        actor=row.actor,
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -49,9 +68,56 @@ def list_models(session: SessionDep, _: PrincipalDep) -> list[ModelView]:
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionView, responses=PROBLEMS)
 def read_model_version(name: str, version: int, session: SessionDep, _: PrincipalDep) -> ModelVersionView:
-    row = session.scalars(
-        select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
-    ).first()
-    if row is None:
-        raise XrayqError("model_not_found", f"Model {name}@{version} does not exist.")
+    return version_view(find_version(session, name, version))
+
+
+@router.get(
+    "/{name}/versions/{version}/files/{file_name}",
+    responses={**PROBLEMS, 200: {"content": {"image/png": {}}}},
+    response_class=Response,
+)
+def read_model_file(
+    name: str, version: int, file_name: str, session: SessionDep, store: StoreDep, _: PrincipalDep
+) -> Response:
+    """A file stored with the version: its plots (confusion_matrix.png, roc_curve.png, learning_curves.png)."""
+    row = find_version(session, name, version)
+    key = row.card.get("files", {}).get(file_name)
+    if key is None:
+        raise XrayqError("not_found", f"{name}@{version} has no file {file_name!r}.")
+    try:
+        content = store.get(key)
+    except ObjectNotFound:
+        raise XrayqError("not_found", f"{name}@{version}'s {file_name!r} is missing from storage.") from None
+    return Response(content, media_type="image/png", headers={"Cache-Control": "public, max-age=86400, immutable"})
+
+
+@router.post("/{name}/versions/{version}/promote", response_model=ModelVersionView, responses=PROBLEMS)
+def promote_version(name: str, version: int, session: SessionDep, principal: TrainerDep) -> ModelVersionView:
+    """Make this version the one that answers `name`; workers switch within seconds, without a restart.
+
+    Promoting an older version is a rollback to it. Jobs already answered keep their version.
+    """
+    row = promote(session, name, version, actor=principal.organisation)
     return version_view(row)
+
+
+@router.post("/{name}/promote", response_model=ModelVersionView, responses=PROBLEMS)
+def promote_named(name: str, request: PromoteRequest, session: SessionDep, principal: TrainerDep) -> ModelVersionView:
+    """The same, with the version in the body (`version`, or `model_version_id` of this model)."""
+    if request.model_version_id:
+        return version_view(promote_by_id(session, name, request.model_version_id, actor=principal.organisation))
+    if request.version is None:
+        raise XrayqError("invalid_parameter", "Give `version` or `model_version_id`.")
+    return version_view(promote(session, name, request.version, actor=principal.organisation))
+
+
+@router.post("/{name}/rollback", response_model=ModelVersionView, responses=PROBLEMS)
+def rollback_model(name: str, session: SessionDep, principal: TrainerDep) -> ModelVersionView:
+    """Undo the last promotion of `name`: the version active before it answers again."""
+    return version_view(rollback(session, name, actor=principal.organisation))
+
+
+@router.get("/{name}/activations", response_model=list[ModelActivationView], responses=PROBLEMS)
+def read_activations(name: str, session: SessionDep, _: PrincipalDep) -> list[ModelActivationView]:
+    """Which version was made active when, by whom and why (newest first)."""
+    return [activation_view(row) for row in activation_history(session, name)]

@@ -1,0 +1,45 @@
+"""Training runs: start one on a dataset, watch its progress, cancel it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, TrainerDep
+from services.gateway.problems import PROBLEMS
+from shared.schemas import TrainingRunCreate, TrainingRunView
+from shared.training_runs import cancel_run, create_run, find_run, list_runs, publish_run, run_view
+
+router = APIRouter(prefix="/v1/training-runs", tags=["training runs"])
+
+
+@router.post("", status_code=202, response_model=TrainingRunView, responses=PROBLEMS)
+def start_run(
+    request: TrainingRunCreate,
+    principal: TrainerDep,
+    response: Response,
+    settings: SettingsDep,
+    session: SessionDep,
+    celery: CeleryDep,
+) -> TrainingRunView:
+    """Queue a run on `train`; one trainer executes one run at a time, in order."""
+    run = create_run(session, settings, request, principal.organisation)
+    session.commit()  # the row first: a run whose message is lost is published again by the reconciler
+    publish_run(celery, run.id)
+    response.headers["Location"] = f"/v1/training-runs/{run.id}"
+    return run_view(session, run)
+
+
+@router.get("", response_model=list[TrainingRunView], responses=PROBLEMS)
+def read_runs(principal: TrainerDep, session: SessionDep) -> list[TrainingRunView]:
+    return [run_view(session, run) for run in list_runs(session, principal.scope)]
+
+
+@router.get("/{run_id}", response_model=TrainingRunView, responses=PROBLEMS)
+def read_run(run_id: str, principal: TrainerDep, session: SessionDep) -> TrainingRunView:
+    return run_view(session, find_run(session, run_id, principal.scope))
+
+
+@router.post("/{run_id}/cancel", status_code=202, response_model=TrainingRunView, responses=PROBLEMS)
+def cancel(run_id: str, principal: TrainerDep, session: SessionDep) -> TrainingRunView:
+    """A queued run is cancelled at once; a running one stops within seconds (no version is registered)."""
+    return run_view(session, cancel_run(session, run_id, principal.scope))

@@ -1,0 +1,82 @@
+"""The evaluation plots stored with every trained version: confusion matrix, ROC curve, learning curves."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render straight to PNG bytes
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+PLOT_NAMES = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png")
+
+
+def render_plots(
+    report: dict[str, Any], roc: dict[str, dict[str, list[float]]], history: list[dict[str, Any]], title: str
+) -> dict[str, bytes]:
+    """PNG bytes per plot name."""
+    return {
+        "confusion_matrix.png": _png(_confusion_matrix(report, title)),
+        "roc_curve.png": _png(_roc_curve(report, roc, title)),
+        "learning_curves.png": _png(_learning_curves(history, title)),
+    }
+
+
+def _confusion_matrix(report: dict[str, Any], title: str) -> Figure:
+    matrix = np.array(report["confusion_matrix"])
+    classes = report["classes"]
+    figure, axes = plt.subplots(figsize=(1.6 + 0.9 * len(classes), 1.2 + 0.9 * len(classes)), dpi=110)
+    axes.imshow(matrix, cmap="Blues")
+    for (row, column), count in np.ndenumerate(matrix):
+        dark = count > matrix.max() / 2
+        axes.text(column, row, str(count), ha="center", va="center", color="white" if dark else "black")
+    axes.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(f"{title}\naccuracy {report['accuracy']:.3f} (n={report['n']})", fontsize=9)
+    return figure
+
+
+def _roc_curve(report: dict[str, Any], roc: dict[str, dict[str, list[float]]], title: str) -> Figure:
+    figure, axes = plt.subplots(figsize=(4.5, 4.2), dpi=110)
+    for name, curve in roc.items():
+        axes.plot(curve["fpr"], curve["tpr"], label=name)
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    auc = report.get("roc_auc")
+    axes.set_title(f"{title}\nROC-AUC {auc:.3f}" if auc is not None else title, fontsize=9)
+    axes.set_xlabel("false positive rate (1 - specificity)")
+    axes.set_ylabel("true positive rate (sensitivity)")
+    if roc:
+        axes.legend(loc="lower right", fontsize=8)
+    return figure
+
+
+def _learning_curves(history: list[dict[str, Any]], title: str) -> Figure:
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(8, 3.4), dpi=110)
+    epochs = [h["epoch"] for h in history]
+    losses.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    losses.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation loss")
+    losses.set_xlabel("epoch")
+    losses.legend(fontsize=8)
+    scores.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation accuracy")
+    aucs = [h.get("val_roc_auc") for h in history]
+    if any(a is not None for a in aucs):
+        scores.plot(epochs, [np.nan if a is None else a for a in aucs], marker="o", label="validation ROC-AUC")
+    scores.set_xlabel("epoch")
+    scores.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

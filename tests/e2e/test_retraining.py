@@ -1,0 +1,119 @@
+"""Retraining as a service, through the API and the CLI, with real gateway, worker and trainer processes.
+
+Upload data, start a run, watch it move, read its report and plots, promote the new version, see new
+predictions answered by it while old results keep theirs, roll back; and a second label set (malaria
+cells) as a model of another name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ADMIN_KEY
+from tests.e2e.conftest import ROOT
+from tests.e2e.test_stack import wait_for_job
+
+TINY_RUN = {"architecture": "mobilenet_v3_small", "image_size": 64, "batch_size": 16}
+
+
+def cli(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args, "--server", stack.url, "--api-key", ADMIN_KEY],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def predict(stack, image: Path, model: str | None = None) -> dict:
+    data = {"model": model} if model else {}
+    response = stack.http.post("/v1/jobs", files={"file": (image.name, image.read_bytes())}, data=data)
+    assert response.status_code == 202, response.text
+    return wait_for_job(stack, response.json()["id"])
+
+
+def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path) -> None:
+    # A folder of split/class folders, uploaded with the CLI.
+    folder = tmp_path / "chest-upload"
+    for label, paths in chest_images.items():
+        for split, chosen in (("train", paths[:30]), ("test", paths[30:36])):
+            (folder / split / label).mkdir(parents=True, exist_ok=True)
+            for path in chosen:
+                shutil.copy(path, folder / split / label / path.name)
+    dataset = json.loads(cli(stack, "datasets", "upload", str(folder), "--name", "chest-e2e").stdout)
+    assert dataset["counts"] == {"train": {"NORMAL": 30, "PNEUMONIA": 30}, "test": {"NORMAL": 6, "PNEUMONIA": 6}}
+
+    before = predict(stack, chest_images["PNEUMONIA"][0])
+    old_version = before["result"]["model"]["version"]
+
+    response = stack.http.post(
+        "/v1/training-runs",
+        json={"dataset": dataset["id"], "model_name": "chest-xray", "epochs": 4, "promotion": "manual", **TINY_RUN},
+    )
+    assert response.status_code == 202, response.text
+    run_id = response.json()["id"]
+    seen: list[tuple[str, float | None]] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        run = stack.http.get(f"/v1/training-runs/{run_id}").json()
+        seen.append((run["status"], run["progress"].get("percent")))
+        if run["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert run["status"] == "succeeded", run
+    moving = sorted({p for status, p in seen if status == "running" and p is not None and 0 < p < 100})
+    assert moving, f"progress never seen between 0 and 100: {seen[:50]}"
+    assert [h["epoch"] for h in run["history"]] == [1, 2, 3, 4]
+    new_version = run["model"]["version"]
+    assert new_version > old_version and run["evaluation"]["split"] == "test"
+
+    card = stack.http.get(f"/v1/models/chest-xray/versions/{new_version}").json()
+    assert card["is_active"] is False and card["evaluation"]["summary"]["n"] == 12
+    for url in card["plots"].values():
+        plot = stack.http.get(url)
+        assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+
+    # Promote with the CLI; the workers answer with it from the next job on, without a restart.
+    assert "is now active" in cli(stack, "models", "promote", f"chest-xray@{new_version}").stdout
+    after = predict(stack, chest_images["PNEUMONIA"][1])
+    assert after["result"]["model"] == {"name": "chest-xray", "version": new_version}
+    # The earlier result keeps the version that produced it.
+    assert stack.http.get(f"/v1/jobs/{before['id']}").json()["result"]["model"]["version"] == old_version
+
+    back = stack.http.post("/v1/models/chest-xray/rollback")
+    assert back.status_code == 200 and back.json()["version"] == old_version
+    rolled_back = predict(stack, chest_images["NORMAL"][1])
+    assert rolled_back["result"]["model"] == {"name": "chest-xray", "version": old_version}
+    listing = cli(stack, "models", "list").stdout
+    assert f"* v{old_version}" in listing
+
+
+def test_another_label_set_becomes_another_model(stack, data_dir) -> None:
+    malaria = data_dir / "malaria-cells"
+    name = f"malaria-cells-{stack.mode}"
+    result = cli(
+        stack, "train", str(malaria / "train"), "--name", name, "--dataset-name", name, "--promotion", "if_better",
+        "--epochs", "2", "--image-size", "64", "--architecture", "mobilenet_v3_small", "--batch-size", "4",
+    )  # fmt: skip
+    run = json.loads(result.stdout)
+    assert run["status"] == "succeeded" and run["promotion_decision"]["promote"] is True  # first version
+    models = {m["name"]: m for m in stack.http.get("/v1/models").json()}
+    assert models[name]["classes"] == ["Parasitized", "Uninfected"] and models[name]["active_version"] == 1
+
+    image = sorted((malaria / "test" / "Parasitized").glob("*.png"))[0]
+    answered = predict(stack, image, model=name)
+    assert answered["status"] == "succeeded", answered
+    assert answered["result"]["model"] == {"name": name, "version": 1}
+    assert set(answered["result"]["probabilities"]) == {"Parasitized", "Uninfected"}
+    # The chest model is untouched and still answers chest jobs.
+    assert models["chest-xray"]["classes"] == ["NORMAL", "PNEUMONIA"]
