@@ -201,7 +201,7 @@ class TrainingRunCreate(BaseModel):
     )
     architecture: str | None = Field(None, description="Any torchvision classification model; default resnet18.")
     base_model: str | None = Field(None, description="name@version to fine-tune from (same architecture).")
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=2, le=1024)
     learning_rate: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(1e-4, ge=0, le=1)
