@@ -37,6 +37,8 @@ class Stack:
             "XRAYQ_REQUEUE_AFTER_S": "5",
             # Training runs report progress often enough to be watched moving in a short test.
             "XRAYQ_RUN_HEARTBEAT_S": "0.3",
+            # ...and a killed trainer's run is failed within seconds, not minutes.
+            "XRAYQ_RUN_STALE_AFTER_S": "15",
         }
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None

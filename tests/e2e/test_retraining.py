@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -117,3 +118,24 @@ def test_another_label_set_becomes_another_model(stack, data_dir) -> None:
     assert set(answered["result"]["probabilities"]) == {"Parasitized", "Uninfected"}
     # The chest model is untouched and still answers chest jobs.
     assert models["chest-xray"]["classes"] == ["NORMAL", "PNEUMONIA"]
+
+
+def test_a_run_whose_trainer_is_killed_ends_failed_not_running_forever(stack, data_dir) -> None:
+    malaria = stack.http.get("/v1/datasets").json()
+    dataset = next(d for d in malaria if d["name"].startswith("malaria-cells"))
+    run = stack.http.post(
+        "/v1/training-runs", json={"dataset": dataset["id"], **TINY_RUN, "epochs": 500, "batch_size": 4}
+    ).json()
+    deadline = time.monotonic() + 60
+    while stack.http.get(f"/v1/training-runs/{run['id']}").json()["progress"].get("phase") != "training":
+        assert time.monotonic() < deadline, "the run never started training"
+        time.sleep(0.1)
+    trainer = stack.child_pid("trainer")
+    os.kill(trainer, signal.SIGKILL)
+
+    deadline = time.monotonic() + 60
+    while (view := stack.http.get(f"/v1/training-runs/{run['id']}").json())["status"] == "running":
+        assert time.monotonic() < deadline, f"still running a minute after its trainer died: {view}"
+        time.sleep(0.5)
+    assert view["status"] == "failed" and view["error"]["code"] == "trainer_lost"
+    assert stack.child_pid("trainer") != trainer  # the supervisor started a new one
