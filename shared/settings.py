@@ -80,6 +80,31 @@ class Settings(BaseSettings):
     # Models.
     default_model: str = "chest-xray"
 
+    # DICOM receiver (`xrayq dicom`, a C-STORE SCP; its own process under `xrayq up`).
+    dicom_port: int = 11112  # 0: no receiver
+    dicom_host: str = ""  # where it listens; default: `host`
+    dicom_ae_title: str = "XRAYQ"
+    # Calling AE titles allowed to associate, comma-separated; `TITLE:organisation` files what that
+    # sender stores under an organisation of its own. Empty: any calling AE title is accepted.
+    dicom_allowed_ae_titles: str = ""
+    dicom_organisation: str = "dicom"  # organisation of instances received over DIMSE
+    dicom_model: str = ""  # model for DIMSE-received studies; default: `default_model`
+    # Where Structured Reports go back by C-STORE, as `AE_TITLE@host:port` (empty: not sent).
+    dicom_sr_destination: str = ""
+    dicom_network_timeout_s: float = 30.0
+
+    # Study batches: a study is complete once no instance of it has arrived for this long (as Orthanc's
+    # "stable study" and MONAI Deploy's grouping timeout). Checked every `study_check_interval_s`.
+    study_stable_after_s: float = Field(default=30.0, ge=0)
+    study_check_interval_s: float = Field(default=1.0, gt=0)
+
+    # Results pushed out (SR by C-STORE, HMAC-signed callbacks): attempts, and the first retry pause
+    # (doubling each time).
+    callback_secret: str = ""  # signs callbacks whose request sent no `callback_secret` of its own
+    callback_timeout_s: float = 10.0
+    delivery_attempts: int = Field(default=6, ge=1)
+    delivery_retry_after_s: float = Field(default=5.0, gt=0)
+
     # Logging: "json" for services, "text" for a person at a terminal.
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
@@ -107,6 +132,20 @@ class Settings(BaseSettings):
         if self.auth != "auto":
             return self.auth == "on"
         return not (self.embedded and self.host in ("127.0.0.1", "localhost", "::1"))
+
+    @property
+    def dicom_bind_host(self) -> str:
+        return self.dicom_host or self.host
+
+    @property
+    def dicom_calling_ae_organisations(self) -> dict[str, str]:
+        """Allowed calling AE titles and the organisation each files under (empty: any title)."""
+        allowed = {}
+        for entry in self.dicom_allowed_ae_titles.split(","):
+            title, _, organisation = entry.partition(":")
+            if title.strip():
+                allowed[title.strip()] = organisation.strip() or self.dicom_organisation
+        return allowed
 
     @property
     def uses_sqlite(self) -> bool:
