@@ -30,6 +30,12 @@ class Stack:
             **os.environ,
             **env,
             "XRAYQ_PORT": str(self.port),
+            # Never the well-known 11112: another stack (or PACS tool) on this machine may hold it.
+            "XRAYQ_DICOM_PORT": str(free_port()),
+            # Short stability timeout and quick checks: study batches close within seconds.
+            "XRAYQ_STUDY_STABLE_AFTER_S": "2",
+            "XRAYQ_STUDY_CHECK_INTERVAL_S": "0.3",
+            "XRAYQ_DELIVERY_RETRY_AFTER_S": "0.5",
             "XRAYQ_WORKER_METRICS_PORT": self.worker_metrics_url.rsplit(":", 1)[1].split("/")[0],
             "PYTHONUNBUFFERED": "1",
             # Quick reconciler: a message lost with a killed worker is republished within seconds.
