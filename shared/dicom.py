@@ -11,6 +11,7 @@ refused with its own code, never turned into a wrong image.
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import get_expected_length
 
 from shared.errors import XrayqError
 
@@ -52,6 +54,22 @@ def read_header(data: bytes) -> pydicom.Dataset:
         name = getattr(syntax, "name", str(syntax))
         raise XrayqError("dicom_unsupported_transfer_syntax", f"No decoder for the transfer syntax {name}.")
     return ds
+
+
+def check_complete(data: bytes, header: pydicom.Dataset) -> None:
+    """Refuse a file cut off inside its pixel data (an interrupted transfer), without decoding it:
+    native pixels must be as long as the header says, encapsulated ones must reach their delimiter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns "end of file reached": that is what we test
+        try:
+            full = pydicom.dcmread(io.BytesIO(data))
+        except Exception as exc:  # a reader that fails here has found the damage too
+            raise XrayqError("dicom_unreadable", f"The DICOM file could not be read: {exc}") from None
+    pixels = full.get("PixelData")
+    if pixels is None:
+        raise XrayqError("dicom_truncated", "The DICOM file ends inside its pixel data.")
+    if not header.file_meta.TransferSyntaxUID.is_compressed and len(pixels) < get_expected_length(full, "bytes"):
+        raise XrayqError("dicom_truncated", "The DICOM file ends inside its pixel data.")
 
 
 def _has_pixel_data(data: bytes) -> bool:

@@ -10,6 +10,7 @@ ERROR_STATUS: dict[str, int] = {
     "dicom_unreadable": 422,
     "dicom_no_pixel_data": 422,
     "dicom_multiframe": 422,
+    "dicom_truncated": 422,
     "dicom_unsupported_transfer_syntax": 415,
     "dicom_unsupported_photometric": 415,
     "dicom_required": 415,
