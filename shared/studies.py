@@ -232,3 +232,10 @@ def seal_stable_studies(session: Session, settings: Settings) -> int:
         .values(open_study_key=None, stable_at=now)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def study_batch_ids(session: Session, study_uid: str, organisation: str | None = None) -> list[str]:
+    query = select(Batch.id).where(Batch.study_instance_uid == study_uid)
+    if organisation is not None:
+        query = query.where(Batch.organisation == organisation)
+    return list(session.scalars(query.order_by(Batch.created_at)))

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class Stack:
     """One `xrayq up` process tree, started the way the README says."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, sr_destination: str = "") -> None:
         self.port = free_port()
+        self.dicom_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.worker_metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         self.env = {
@@ -31,7 +32,9 @@ class Stack:
             **env,
             "XRAYQ_PORT": str(self.port),
             # Never the well-known 11112: another stack (or PACS tool) on this machine may hold it.
-            "XRAYQ_DICOM_PORT": str(free_port()),
+            "XRAYQ_DICOM_PORT": str(self.dicom_port),
+            "XRAYQ_DICOM_ALLOWED_AE_TITLES": f"{SCU_AE_TITLE},{OTHER_SCU_AE_TITLE}:radiology-2",
+            "XRAYQ_DICOM_SR_DESTINATION": sr_destination,
             # Short stability timeout and quick checks: study batches close within seconds.
             "XRAYQ_STUDY_STABLE_AFTER_S": "2",
             "XRAYQ_STUDY_CHECK_INTERVAL_S": "0.3",
@@ -114,14 +117,54 @@ def embedded_env(tmp_path_factory, data_dir) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module", params=["embedded", "services"])
-def stack(request, tmp_path_factory):
+SCU_AE_TITLE = "TESTSCU"
+OTHER_SCU_AE_TITLE = "MODALITY2"
+
+
+class SrReceiver:
+    """A PACS stand-in: a real pynetdicom C-STORE SCP that keeps what it is sent (the SRs coming back)."""
+
+    ae_title = "RESULTS"
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, evt
+
+        self.port = free_port()
+        self.received: list = []
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33")  # Comprehensive SR Storage
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+
+    def _store(self, event) -> int:
+        self.received.append(event.dataset)
+        return 0x0000
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sr_receiver():
+    receiver = SrReceiver()
+    yield receiver
+    receiver.close()
+
+
+# Session-scoped, so each mode's stack (a minute to start) serves every e2e module.
+@pytest.fixture(scope="session", params=["embedded", "services"])
+def stack(request, tmp_path_factory, sr_receiver):
     if request.param == "embedded":
         env = request.getfixturevalue("embedded_env")
     else:
         request.getfixturevalue("services_model")  # a model in the services' registry
         env = request.getfixturevalue("services_env")
-    running = Stack(env, tmp_path_factory.mktemp("logs") / f"{request.param}.log")
+    running = Stack(env, tmp_path_factory.mktemp("logs") / f"{request.param}.log", sr_receiver.address)
     running.start()
     running.mode = request.param
     yield running

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Response, UploadFile
+from fastapi import APIRouter, File, Path, Response, UploadFile
 
 from services.gateway.deps import (
     CallbackSecretForm,
@@ -21,9 +21,9 @@ from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import check_file_count, clean_filename
 from shared.callbacks import check_callback
 from shared.errors import XrayqError
-from shared.jobs import Upload
-from shared.schemas import RefusedInstance, StudiesAccepted, StudyAccepted
-from shared.studies import Refused, StudyIntake, add_instances, read_instance, refusal
+from shared.jobs import Upload, batch_view
+from shared.schemas import BatchView, RefusedInstance, StudiesAccepted, StudyAccepted
+from shared.studies import Refused, StudyIntake, add_instances, read_instance, refusal, study_batch_ids
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -99,3 +99,16 @@ def studies_accepted(intake: StudyIntake, refused: list[Refused]) -> StudiesAcce
             for item in refused
         ],
     )
+
+
+@router.get("/{study_instance_uid}", response_model=list[BatchView], responses=PROBLEMS)
+def read_study_batches(
+    study_instance_uid: Annotated[str, Path(max_length=64, pattern=r"^[0-9.]+$")],
+    session: SessionDep,
+    principal: SubmitterDep,
+) -> list[BatchView]:
+    """The study batches of a study, oldest first (a late instance after the seal opens another)."""
+    ids = study_batch_ids(session, study_instance_uid, principal.scope)
+    if not ids:
+        raise XrayqError("batch_not_found", f"No study batch for StudyInstanceUID {study_instance_uid}.")
+    return [batch_view(session, batch_id, limit=100) for batch_id in ids]
