@@ -11,6 +11,7 @@ refused with its own code, never turned into a wrong image.
 from __future__ import annotations
 
 import io
+import uuid
 import warnings
 from typing import Any
 
@@ -86,6 +87,15 @@ IDENTIFYING_TAGS = (
     "BodyPartExamined",
     "ViewPosition",
 )
+
+
+# Name-based UIDs (PS3.5 B.2: "2.25." and a UUID as an integer; here a UUID v5 of the parts): the same
+# parts always give the same UID, so a rebuilt report or a re-run de-identification repeats itself.
+_UID_NAMESPACE = uuid.UUID("6f1c3f0e-6a43-4d0a-9a36-2f1b5c0e7a11")
+
+
+def derived_uid(*parts: str) -> str:
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
 
 
 def identifying_tags(ds: pydicom.Dataset) -> dict[str, str]:

@@ -11,6 +11,7 @@ ERROR_STATUS: dict[str, int] = {
     "dicom_no_pixel_data": 422,
     "dicom_multiframe": 422,
     "dicom_truncated": 422,
+    "dicom_burned_in_annotation": 422,
     "dicom_unsupported_transfer_syntax": 415,
     "dicom_unsupported_photometric": 415,
     "dicom_required": 415,

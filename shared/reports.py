@@ -18,7 +18,8 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+
+from shared.dicom import derived_uid
 
 MANUFACTURER = "xrayq"
 SR_SERIES_NUMBER = 9901
@@ -49,8 +50,8 @@ class ClassifiedInstance:
 def report_uids(batch_id: str) -> tuple[str, str]:
     """(series, instance) UIDs of a batch's SR: the same on every rebuild."""
     return (
-        generate_uid(prefix=None, entropy_srcs=["xrayq-sr-series", batch_id]),
-        generate_uid(prefix=None, entropy_srcs=["xrayq-sr-instance", batch_id]),
+        derived_uid("xrayq-sr-series", batch_id),
+        derived_uid("xrayq-sr-instance", batch_id),
     )
 
 
@@ -78,7 +79,7 @@ def build_report(batch_id: str, instances: list[ClassifiedInstance]) -> tuple[by
     groups = [_measurement_group(batch_id, index, item) for index, item in enumerate(instances)]
     first = instances[0]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(prefix=None, entropy_srcs=["xrayq-device", first.model_name]),
+        uid=derived_uid("xrayq-device", first.model_name),
         name=f"xrayq {first.model_name}"[:64],
         manufacturer_name=MANUFACTURER,
         model_name=first.model_name[:64],
@@ -128,7 +129,7 @@ def _measurement_group(
     sop_instance = str(header.SOPInstanceUID)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(prefix=None, entropy_srcs=["xrayq-tracking", batch_id, sop_instance]),
+            uid=derived_uid("xrayq-tracking", batch_id, sop_instance),
             identifier=f"instance {index + 1}",
         ),
         finding_type=label_code(item.label),  # TID 1501 "Finding" (121071): the predicted class
