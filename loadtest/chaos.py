@@ -168,6 +168,7 @@ class Chaos:
             "XRAYQ_HOME": str(workdir / "home"),
             "XRAYQ_DATA_DIR": str(data_dir),
             "XRAYQ_PORT": str(self.port),
+            "XRAYQ_DICOM_PORT": "0",  # no DICOM receiver: this run is about the HTTP path
             "XRAYQ_DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{self.database}",
             "XRAYQ_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "XRAYQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="run an inference worker (Celery, queue 'predict')")
     worker.add_argument("--concurrency", type=int, default=None)
     commands.add_parser("trainer", help="run the trainer (Celery, queue 'train')")
+    commands.add_parser("dicom", help="run the DICOM receiver (C-STORE SCP on XRAYQ_DICOM_PORT)")
     commands.add_parser("migrate", help="create or upgrade the database schema")
     commands.add_parser("ensure-model", help="train and activate the starter model if none is active")
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "gateway": _gateway,
         "worker": _worker,
         "trainer": _trainer,
+        "dicom": _dicom,
         "migrate": _migrate,
         "ensure-model": _ensure_model,
         "train": _train,
@@ -170,6 +172,12 @@ def _serve_worker_metrics(port: int) -> None:
 
 def _trainer(_: argparse.Namespace) -> int:
     return _celery_worker("services.trainer.app", "train", 1)  # one run at a time per trainer
+
+
+def _dicom(_: argparse.Namespace) -> int:
+    from services.gateway.scp import run_scp
+
+    return run_scp(get_settings())
 
 
 def _migrate(_: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`xrayq up`: migrate, make sure a model is active, then run gateway, worker and trainer as children.
+"""`xrayq up`: migrate, make sure a model is active, then run gateway, worker, trainer and the DICOM
+receiver as children.
 
 A child that exits is restarted (with a growing pause if it keeps crashing); Ctrl-C or SIGTERM stops
 them all, letting each finish what it is doing first.
@@ -20,6 +21,7 @@ from shared.settings import Settings
 log = logging.getLogger("xrayq.up")
 
 ROLES = ("gateway", "worker", "trainer")
+DICOM_ROLE = "dicom"  # the DICOM receiver, when XRAYQ_DICOM_PORT is not 0
 STOP_GRACE_S = 20.0
 
 
@@ -111,7 +113,7 @@ def run_stack(settings: Settings, train_starter: bool = True) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    children = [Child(role) for role in ROLES]
+    children = [Child(role) for role in (*ROLES, DICOM_ROLE) if role != DICOM_ROLE or settings.dicom_port]
     for child in children:
         child.start()
     _announce(settings)
@@ -174,9 +176,15 @@ def _announce(settings: Settings) -> None:
     sample = settings.data_dir / "chest-xray-224" / "train" / "PNEUMONIA"
     example = next(iter(sorted(sample.glob("*.jpeg"))), None) if sample.is_dir() else None
     image = example.resolve() if example else "path/to/chest-xray.png"
+    dicom = (
+        f"{settings.dicom_ae_title} on {settings.dicom_bind_host}:{settings.dicom_port} (C-STORE, C-ECHO)"
+        if settings.dicom_port
+        else "off (XRAYQ_DICOM_PORT=0)"
+    )
     print(
         f"""
 xrayq is up in {mode} mode: {url}  (API docs: {url}/docs)
+DICOM receiver: {dicom}; STOW-RS at {url}/dicomweb/studies
 Access: {access}
 State lives in {settings.home.resolve()} unless XRAYQ_DATABASE_URL / XRAYQ_BROKER_URL / XRAYQ_S3_ENDPOINT_URL
 are set. Press Ctrl-C to stop.

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import re
+import secrets
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,10 +24,10 @@ from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared import dicom
 from shared.archive_safety import checked_entries
 from shared.dataset_layout import SPLITS, check_splits, parse_layout
 from shared.db.models import Dataset, new_id
+from shared.deidentify import deidentify
 from shared.errors import XrayqError
 from shared.imaging import ImageLimits, check_image, sniff_media_type
 from shared.settings import Settings
@@ -46,6 +47,8 @@ class ManifestEntry:
     sha256: str
     bytes: int
     media_type: str
+    # DICOM only: what PS3.15 de-identification did to it before it was stored.
+    deidentification: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -101,22 +104,29 @@ def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_un
     layout = parse_layout([info.filename for info in entries])
     by_path = {info.filename: info for info in entries}
     limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=8)
+    # Keyed pseudonyms: one key per deployment keeps a patient's studies together across uploads.
+    key = settings.deidentification_key or secrets.token_hex(32)
     blobs: dict[str, bytes] = {}
     manifest: list[ManifestEntry] = []
     unreadable: list[dict[str, str]] = []
     for labelled in layout.files:
         info = by_path[labelled.path]
+        record = None
         try:
             data = _read_member(archive, info, settings.max_file_bytes)
             media_type = check_image(data, limits)
             if media_type == "application/dicom":
-                dicom.read_header(data)
+                # Training data keeps no patient identity: only the de-identified copy is stored.
+                data, deidentified = deidentify(data, key)
+                record = deidentified.as_manifest()
         except XrayqError as error:
             unreadable.append({"path": labelled.path, "code": error.code, "detail": error.detail})
             continue
         sha256 = hashlib.sha256(data).hexdigest()
         blobs.setdefault(sha256, data)
-        manifest.append(ManifestEntry(labelled.path, labelled.split, labelled.label, sha256, len(data), media_type))
+        manifest.append(
+            ManifestEntry(labelled.path, labelled.split, labelled.label, sha256, len(data), media_type, record)
+        )
     if unreadable and not skip_unreadable:
         raise XrayqError(
             "dataset_unreadable_files",
@@ -126,6 +136,7 @@ def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_un
         )
     details = {
         "source": "zip",
+        "deidentified_dicom": sum(entry.deidentification is not None for entry in manifest),
         "layout": layout.kind,
         "ignored": layout.ignored[:_LISTED],
         "skipped_unreadable": unreadable[:_LISTED],

@@ -11,6 +11,8 @@ refused with its own code, never turned into a wrong image.
 from __future__ import annotations
 
 import io
+import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import get_expected_length
 
 from shared.errors import XrayqError
 
@@ -54,6 +57,22 @@ def read_header(data: bytes) -> pydicom.Dataset:
     return ds
 
 
+def check_complete(data: bytes, header: pydicom.Dataset) -> None:
+    """Refuse a file cut off inside its pixel data (an interrupted transfer), without decoding it:
+    native pixels must be as long as the header says, encapsulated ones must reach their delimiter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns "end of file reached": that is what we test
+        try:
+            full = pydicom.dcmread(io.BytesIO(data))
+        except Exception as exc:  # a reader that fails here has found the damage too
+            raise XrayqError("dicom_unreadable", f"The DICOM file could not be read: {exc}") from None
+    pixels = full.get("PixelData")
+    if pixels is None:
+        raise XrayqError("dicom_truncated", "The DICOM file ends inside its pixel data.")
+    if not header.file_meta.TransferSyntaxUID.is_compressed and len(pixels) < get_expected_length(full, "bytes"):
+        raise XrayqError("dicom_truncated", "The DICOM file ends inside its pixel data.")
+
+
 def _has_pixel_data(data: bytes) -> bool:
     # The (7FE0,0010) tag, little or big endian: cheap, and the full decode has the last word.
     return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
@@ -68,6 +87,15 @@ IDENTIFYING_TAGS = (
     "BodyPartExamined",
     "ViewPosition",
 )
+
+
+# Name-based UIDs (PS3.5 B.2: "2.25." and a UUID as an integer; here a UUID v5 of the parts): the same
+# parts always give the same UID, so a rebuilt report or a re-run de-identification repeats itself.
+_UID_NAMESPACE = uuid.UUID("6f1c3f0e-6a43-4d0a-9a36-2f1b5c0e7a11")
+
+
+def derived_uid(*parts: str) -> str:
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
 
 
 def identifying_tags(ds: pydicom.Dataset) -> dict[str, str]:

@@ -10,8 +10,15 @@ ERROR_STATUS: dict[str, int] = {
     "dicom_unreadable": 422,
     "dicom_no_pixel_data": 422,
     "dicom_multiframe": 422,
+    "dicom_truncated": 422,
+    "dicom_burned_in_annotation": 422,
     "dicom_unsupported_transfer_syntax": 415,
     "dicom_unsupported_photometric": 415,
+    "dicom_required": 415,
+    "dicom_sop_class_not_supported": 415,
+    "dicom_missing_study_uid": 422,
+    "dicom_sop_class_mismatch": 422,
+    "multipart_unreadable": 400,
     "image_too_large": 413,
     "image_too_small": 422,
     "file_too_large": 413,
@@ -32,6 +39,9 @@ ERROR_STATUS: dict[str, int] = {
     "job_not_found": 404,
     "job_not_cancellable": 409,
     "batch_not_found": 404,
+    "report_not_ready": 409,
+    "report_not_available": 404,
+    "invalid_callback": 422,
     "model_not_found": 404,
     "dataset_not_found": 404,
     "dataset_invalid": 422,
@@ -61,6 +71,8 @@ ERROR_STATUS: dict[str, int] = {
     # Failures recorded on a training run.
     "trainer_lost": 500,
     "training_failed": 500,
+    "delivery_failed": 502,  # a result that could not be sent (C-STORE, callback); retried
+    "internal_error": 500,
 }
 
 

@@ -57,7 +57,9 @@ def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
     limits = limits or ImageLimits()
     media_type = _supported_type(data)
     if media_type == "application/dicom":
-        _check_size(*dicom.size_of(dicom.read_header(data)), limits)
+        header = dicom.read_header(data)
+        _check_size(*dicom.size_of(header), limits)
+        dicom.check_complete(data, header)
         return media_type
     _open_header(data, limits)
     tail = data[-4096:]

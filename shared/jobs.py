@@ -23,10 +23,13 @@ from shared.schemas import (
     BatchCounts,
     BatchStatusName,
     BatchView,
+    DeliveryView,
     JobError,
     JobResult,
     JobView,
     ModelRef,
+    ReportView,
+    StudyView,
 )
 from shared.storage import ObjectStore
 
@@ -63,6 +66,8 @@ def create_jobs(
     as_batch: bool,
     client_ref: str | None = None,
     organisation: str | None = None,
+    callback_url: str | None = None,
+    callback_secret: str | None = None,
 ) -> tuple[Batch | None, list[Job]]:
     """Store the inputs, then add the rows (flushed, not committed: the caller's unit of work commits).
 
@@ -78,28 +83,60 @@ def create_jobs(
     batch = None
     if as_batch:
         batch = Batch(
-            id=new_id(), model_name=name, total=len(uploads), client_ref=client_ref, organisation=organisation
+            id=new_id(),
+            model_name=name,
+            total=len(uploads),
+            client_ref=client_ref,
+            organisation=organisation,
+            callback_url=callback_url,
+            callback_secret=callback_secret,
+            result_pending=True if callback_url else None,  # the callback is sent once all jobs finish
         )
         session.add(batch)
+    jobs, to_store = new_jobs(
+        uploads,
+        model_name=name,
+        model_version=version,
+        batch_id=batch.id if batch else None,
+        client_ref=client_ref,
+        organisation=organisation,
+    )
+    put_all(store, to_store)
+    session.add_all(jobs)
+    session.flush()
+    return batch, jobs
+
+
+def new_jobs(
+    uploads: Sequence[Upload],
+    *,
+    model_name: str,
+    model_version: int | None,
+    batch_id: str | None,
+    client_ref: str | None,
+    organisation: str | None,
+    first_position: int = 0,
+) -> tuple[list[Job], list[tuple[str, bytes, str]]]:
+    """Job rows for the uploads (not yet added to a session), and the inputs they need stored."""
     now = utcnow()
     jobs = [
         Job(
             id=new_id(),
-            batch_id=batch.id if batch else None,
-            position=position,
+            batch_id=batch_id,
+            position=first_position + offset,
             filename=upload.filename,
             media_type=upload.media_type or "application/octet-stream",
             input_bytes=len(upload.data),
             input_sha256=hashlib.sha256(upload.data).hexdigest(),
             client_ref=client_ref,
             organisation=organisation,
-            model_name=name,
-            model_version_requested=version,
+            model_name=model_name,
+            model_version_requested=model_version,
             dicom=upload.dicom,
             attempts=0,
             created_at=now,
         )
-        for position, upload in enumerate(uploads)
+        for offset, upload in enumerate(uploads)
     ]
     to_store = []
     for job, upload in zip(jobs, uploads, strict=True):
@@ -112,13 +149,10 @@ def create_jobs(
             job.status = JobStatus.queued
             job.input_key = f"inputs/{now:%Y/%m/%d}/{job.id}"
             to_store.append((job.input_key, upload.data, job.media_type))
-    _put_all(store, to_store)
-    session.add_all(jobs)
-    session.flush()
-    return batch, jobs
+    return jobs, to_store
 
 
-def _put_all(store: ObjectStore, items: list[tuple[str, bytes, str]]) -> None:
+def put_all(store: ObjectStore, items: list[tuple[str, bytes, str]]) -> None:
     if len(items) <= 1:
         for key, data, media_type in items:
             store.put(key, data, media_type)
@@ -217,9 +251,12 @@ def batch_view(
         .limit(limit + 1)
     ).all()
     next_cursor = str(page[limit].position) if len(page) > limit else None
+    status = batch_status(counts, batch.total)
+    if batch.study_instance_uid is not None and batch.stable_at is None:
+        status = "collecting"
     return BatchView(
         id=batch.id,
-        status=batch_status(counts, batch.total),
+        status=status,
         model=ModelRef(name=batch.model_name),
         client_ref=batch.client_ref,
         created_at=as_utc(batch.created_at),
@@ -228,6 +265,25 @@ def batch_view(
         progress=round(finished / batch.total, 4) if batch.total else 1.0,
         jobs=[job_view(job) for job in page[:limit]],
         next_cursor=next_cursor,
+        study=_study_view(batch),
+        completed_at=as_utc(batch.completed_at),
+        report=ReportView(location=f"/v1/batches/{batch.id}/report", sop_instance_uid=batch.report_sop_instance_uid)
+        if batch.report_key and batch.report_sop_instance_uid
+        else None,
+        deliveries={name: DeliveryView(**state) for name, state in (batch.deliveries or {}).items()},
+    )
+
+
+def _study_view(batch: Batch) -> StudyView | None:
+    if batch.study_instance_uid is None:
+        return None
+    return StudyView(
+        study_instance_uid=batch.study_instance_uid,
+        accession_number=batch.accession_number,
+        source=batch.source,
+        stable=batch.stable_at is not None,
+        last_instance_at=as_utc(batch.last_instance_at),
+        stable_at=as_utc(batch.stable_at),
     )
 
 
@@ -251,3 +307,19 @@ def cancel_job(session: Session, job_id: str, organisation: str | None = None) -
         )
     session.refresh(job)
     return job
+
+
+def study_report(session: Session, store: ObjectStore, batch_id: str, organisation: str | None = None) -> bytes:
+    """The stored SR of a study batch, or why there is none (yet)."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or (organisation is not None and batch.organisation != organisation):
+        raise XrayqError("batch_not_found", f"No batch with id {batch_id!r}.")
+    if batch.study_instance_uid is None:
+        raise XrayqError("report_not_available", "Only study batches (DIMSE, STOW-RS, /v1/studies) have a report.")
+    if batch.completed_at is None:
+        raise XrayqError(
+            "report_not_ready", "The study is still collecting instances or being classified; try again later."
+        )
+    if batch.report_key is None:
+        raise XrayqError("report_not_available", "No instance of this study could be classified, so no report.")
+    return store.get(batch.report_key)

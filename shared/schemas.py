@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-BatchStatusName = Literal["queued", "running", "succeeded", "partially_failed", "failed", "cancelled"]
+BatchStatusName = Literal["collecting", "queued", "running", "succeeded", "partially_failed", "failed", "cancelled"]
 
 
 class ModelRef(BaseModel):
@@ -77,9 +77,31 @@ class BatchCounts(BaseModel):
     cancelled: int = 0
 
 
+class StudyView(BaseModel):
+    study_instance_uid: str
+    accession_number: str | None = None
+    source: str | None = Field(None, description="How its instances arrived: `dimse`, `stow` or `rest`.")
+    stable: bool = Field(description="No instance arrived for the stability timeout: the study is complete.")
+    last_instance_at: datetime | None = None
+    stable_at: datetime | None = None
+
+
+class DeliveryView(BaseModel):
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int = 0
+    target: str | None = None
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+
+
+class ReportView(BaseModel):
+    location: str = Field(description="GET it for the DICOM Structured Report (application/dicom).")
+    sop_instance_uid: str
+
+
 class BatchView(BaseModel):
     id: str
-    status: BatchStatusName
+    status: BatchStatusName = Field(description="`collecting` while a study batch may still take instances.")
     model: ModelRef
     client_ref: str | None = None
     created_at: datetime
@@ -88,6 +110,12 @@ class BatchView(BaseModel):
     progress: float = Field(description="Finished jobs / total, 0..1.")
     jobs: list[JobView]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
+    study: StudyView | None = Field(None, description="Set for study batches (DIMSE, STOW-RS, /v1/studies).")
+    completed_at: datetime | None = Field(None, description="When the result (report, deliveries) was made.")
+    report: ReportView | None = Field(None, description="The study's DICOM Structured Report, once made.")
+    deliveries: dict[str, DeliveryView] = Field(
+        default_factory=dict, description="`sr_store` (C-STORE to the destination AE) and `callback`."
+    )
 
 
 class ModelVersionView(BaseModel):
@@ -199,14 +227,16 @@ class TrainingRunCreate(BaseModel):
     model_name: str | None = Field(
         None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Default: the dataset's name."
     )
-    architecture: str | None = Field(None, description="Any torchvision classification model; default resnet18.")
+    architecture: str | None = Field(
+        None, description="Any torchvision classification model; default mobilenet_v3_large."
+    )
     base_model: str | None = Field(None, description="name@version to fine-tune from (same architecture).")
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=2, le=1024)
     learning_rate: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(1e-4, ge=0, le=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
-    image_size: int | None = Field(None, ge=16, le=1024, description="Default 192, or the base model's.")
+    image_size: int | None = Field(None, ge=16, le=1024, description="Default 176, or the base model's.")
     color: Literal["auto", "grayscale", "rgb"] = "auto"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     class_weighting: bool = True
@@ -249,3 +279,26 @@ class TrainingRunView(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class StudyAccepted(BaseModel):
+    batch_id: str
+    location: str
+    study_instance_uid: str
+    accession_number: str | None = None
+    job_ids: list[str] = Field(description="Jobs added by this request (instances already in the batch are not).")
+
+
+class RefusedInstance(BaseModel):
+    filename: str
+    code: str
+    detail: str
+    sop_instance_uid: str | None = None
+
+
+class StudiesAccepted(BaseModel):
+    studies: list[StudyAccepted]
+    duplicates: list[str] = Field(
+        default_factory=list, description="Files whose SOP instance was already in its open study batch."
+    )
+    refused: list[RefusedInstance] = Field(default_factory=list, description="Files that joined no study, and why.")

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_dataset_upload_bytes: int = 4 * 1024 * 1024 * 1024
     max_dataset_files: int = 200_000
     max_dataset_expanded_bytes: int = 16 * 1024 * 1024 * 1024
+    # Secret for the keyed UIDs and patient pseudonyms of DICOM training data (PS3.15 de-identification).
+    # Set it to keep one patient's pseudonym stable across uploads; empty: a new random key per upload.
+    deidentification_key: str = ""
 
     # Worker.
     predict_chunk_size: int = Field(default=32, ge=1, le=512)
@@ -89,6 +92,30 @@ class Settings(BaseSettings):
     run_heartbeat_s: float = 5.0
     run_stale_after_s: float = 120.0
     max_training_epochs: int = 500
+    # DICOM receiver (`xrayq dicom`, a C-STORE SCP; its own process under `xrayq up`).
+    dicom_port: int = 11112  # 0: no receiver
+    dicom_host: str = ""  # where it listens; default: `host`
+    dicom_ae_title: str = "XRAYQ"
+    # Calling AE titles allowed to associate, comma-separated; `TITLE:organisation` files what that
+    # sender stores under an organisation of its own. Empty: any calling AE title is accepted.
+    dicom_allowed_ae_titles: str = ""
+    dicom_organisation: str = "dicom"  # organisation of instances received over DIMSE
+    dicom_model: str = ""  # model for DIMSE-received studies; default: `default_model`
+    # Where Structured Reports go back by C-STORE, as `AE_TITLE@host:port` (empty: not sent).
+    dicom_sr_destination: str = ""
+    dicom_network_timeout_s: float = 30.0
+
+    # Study batches: a study is complete once no instance of it has arrived for this long (as Orthanc's
+    # "stable study" and MONAI Deploy's grouping timeout). Checked every `study_check_interval_s`.
+    study_stable_after_s: float = Field(default=30.0, ge=0)
+    study_check_interval_s: float = Field(default=1.0, gt=0)
+
+    # Results pushed out (SR by C-STORE, HMAC-signed callbacks): attempts, and the first retry pause
+    # (doubling each time).
+    callback_secret: str = ""  # signs callbacks whose request sent no `callback_secret` of its own
+    callback_timeout_s: float = 10.0
+    delivery_attempts: int = Field(default=6, ge=1)
+    delivery_retry_after_s: float = Field(default=5.0, gt=0)
 
     # Logging: "json" for services, "text" for a person at a terminal.
     log_format: Literal["text", "json"] = "text"
@@ -117,6 +144,20 @@ class Settings(BaseSettings):
         if self.auth != "auto":
             return self.auth == "on"
         return not (self.embedded and self.host in ("127.0.0.1", "localhost", "::1"))
+
+    @property
+    def dicom_bind_host(self) -> str:
+        return self.dicom_host or self.host
+
+    @property
+    def dicom_calling_ae_organisations(self) -> dict[str, str]:
+        """Allowed calling AE titles and the organisation each files under (empty: any title)."""
+        allowed = {}
+        for entry in self.dicom_allowed_ae_titles.split(","):
+            title, _, organisation = entry.partition(":")
+            if title.strip():
+                allowed[title.strip()] = organisation.strip() or self.dicom_organisation
+        return allowed
 
     @property
     def uses_sqlite(self) -> bool:

@@ -39,6 +39,8 @@ def submit_images(
     client_ref: str | None = None,
     idempotency_key: str | None = None,
     organisation: str | None = None,
+    callback_url: str | None = None,
+    callback_secret: str | None = None,
 ) -> Submitted:
     fingerprint = ""
     if idempotency_key is not None:
@@ -57,6 +59,8 @@ def submit_images(
         as_batch=as_batch,
         client_ref=client_ref,
         organisation=organisation,
+        callback_url=callback_url,
+        callback_secret=callback_secret,
     )
     if idempotency_key is not None:
         remember(session, idempotency_key, fingerprint, "batch" if batch else "job", batch.id if batch else jobs[0].id)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from shared.architectures import DEFAULT_ARCHITECTURE, check_architecture
+from shared.architectures import check_architecture
 from shared.datasets import find_dataset
 from shared.db.models import ModelVersion, RunStatus, TrainingRun, as_utc, utcnow
 from shared.errors import XrayqError
@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_SIZE = 192
+# The recommended recipe's net and size: the best figures we could train within an hour on a 2-core CPU
+# (MobileNetV3-large runs ~1.7x faster than ResNet-18 on CPU at the same size).
+RECOMMENDED_ARCHITECTURE = "mobilenet_v3_large"
+DEFAULT_IMAGE_SIZE = 176
 # What the trainer's TrainConfig takes from a request.
 CONFIG_FIELDS = (
     "architecture",
@@ -70,7 +73,7 @@ def create_run(
             )
         architecture = base.architecture
         image_size = image_size or int(base.card["preprocessing"]["size"])
-    architecture = check_architecture(architecture or DEFAULT_ARCHITECTURE, image_size or DEFAULT_IMAGE_SIZE)
+    architecture = check_architecture(architecture or RECOMMENDED_ARCHITECTURE, image_size or DEFAULT_IMAGE_SIZE)
     values = request.model_dump()
     config = {key: values[key] for key in CONFIG_FIELDS if key in values}
     config.update(architecture=architecture, image_size=image_size or DEFAULT_IMAGE_SIZE)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +60,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    """A new, empty Postgres database for this test session, dropped afterwards."""
     import uuid
 
     from sqlalchemy import create_engine, text
@@ -73,13 +76,21 @@ def postgres_url():
     name = f"xrayq_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    from shared.db.session import get_database
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        from shared.db.session import get_database
 
-    get_database.cache_clear()
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+        get_database.cache_clear()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

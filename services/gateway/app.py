@@ -15,9 +15,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
 from services.gateway.problems import install_problem_handlers
-from services.gateway.routes import api_keys, batches, datasets, health, jobs, models, training_runs
+from services.gateway.routes import (
+    api_keys,
+    batches,
+    datasets,
+    dicomweb,
+    health,
+    jobs,
+    models,
+    studies,
+    training_runs,
+)
 from services.gateway.waiter import CompletionWaiter
 from shared.db.session import Database, database_for
+from shared.deliveries import finish_pass
 from shared.logs import configure_logging
 from shared.queue import make_celery
 from shared.reconciler import purge_old_inputs, reconcile_once, reconcile_runs
@@ -46,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)
-    for module in (jobs, batches, datasets, training_runs, models, api_keys, health):
+    for module in (jobs, batches, studies, dicomweb, datasets, training_runs, models, api_keys, health):
         app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,
@@ -68,9 +79,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    task = asyncio.create_task(_reconcile_forever(app)) if settings.reconcile_interval_s > 0 else None
+    tasks = [asyncio.create_task(_finish_batches_forever(app))]
+    if settings.reconcile_interval_s > 0:
+        tasks.append(asyncio.create_task(_reconcile_forever(app)))
     yield
-    if task is not None:
+    for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -86,6 +99,18 @@ async def _reconcile_forever(app: FastAPI) -> None:
             await run_in_threadpool(purge_old_inputs, state.settings, state.database)
         except Exception:
             log.exception("housekeeping pass failed")
+
+
+async def _finish_batches_forever(app: FastAPI) -> None:
+    """Seal stable studies, make their reports, send results out: a study's stability timeout is short,
+    so this runs on its own, quicker interval."""
+    state = app.state
+    while True:
+        await asyncio.sleep(state.settings.study_check_interval_s)
+        try:
+            await run_in_threadpool(finish_pass, state.settings, state.database, state.store)
+        except Exception:
+            log.exception("finishing batches failed")
 
 
 def _register_state_collector(settings: Settings, database: Database) -> None:

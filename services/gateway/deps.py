@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Form, Header, Request
 from sqlalchemy.orm import Session
 
 from shared.auth import OPEN, Principal, authenticate, require
@@ -72,4 +72,23 @@ IdempotencyKeyHeader = Annotated[
         description="Retry-safe submission: the same key and request return the original ids, never new jobs; "
         "the same key with a different request is a 409.",
     ),
+]
+CallbackUrlForm = Annotated[
+    str | None,
+    Form(
+        max_length=2048,
+        description="POSTed the batch result, HMAC-signed (`X-Xrayq-Signature`), once every job has finished.",
+    ),
+]
+CallbackSecretForm = Annotated[
+    str | None,
+    Form(
+        min_length=16,
+        max_length=256,
+        description="Secret the callback is signed with (default: the server's XRAYQ_CALLBACK_SECRET).",
+    ),
+]
+ModelForm = Annotated[
+    str | None,
+    Form(description="Model name, or name@version to pin one (default: XRAYQ_DEFAULT_MODEL).", max_length=160),
 ]

@@ -21,6 +21,13 @@ def read_bounded(stream: BinaryIO, limit: int, filename: str) -> bytes:
     return data
 
 
+def check_file_count(count: int, settings: Settings) -> None:
+    if not count:
+        raise XrayqError("missing_file", "Send at least one file in the `files` field.")
+    if count > settings.max_batch_files:
+        raise XrayqError("too_many_files", f"{count} files; the limit is {settings.max_batch_files}.")
+
+
 def clean_filename(name: str | None, fallback: str) -> str:
     """Keep the client's name for the job (it is how they match results), minus control characters."""
     name = (name or "").replace("\\", "/").rsplit("/", 1)[-1] if name else ""

@@ -72,6 +72,31 @@ class Batch(Base):
     # Who submitted it: clients see only their organisation's batches (None: open mode).
     organisation: Mapped[str | None] = mapped_column(String(128), index=True)
 
+    # Study batches: the instances of one study (StudyInstanceUID + accession), gathered from any number
+    # of requests or associations until none has arrived for `study_stable_after_s`.
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(16))  # "dimse", "stow" or "rest"
+    # Set while the study still takes instances; unique, so concurrent arrivals find one open batch.
+    # NULL once sealed (NULLs never collide): a late instance opens a new batch for the same study.
+    open_study_key: Mapped[str | None] = mapped_column(String(300), unique=True, index=True)
+    last_instance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    stable_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # REST clients' signed callback, called once the batch is complete.
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    callback_secret: Mapped[str | None] = mapped_column(String(256))
+
+    # The result once every job is finished (and a study is stable): the SR, and its deliveries
+    # ({"sr_store": {...}, "callback": {...}}: status, attempts, last error); `delivery_due_at` is when
+    # the next pending delivery should be tried (NULL: none pending).
+    result_pending: Mapped[bool | None] = mapped_column(Boolean, index=True)  # True until completed
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    report_key: Mapped[str | None] = mapped_column(String(256))
+    report_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    deliveries: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    delivery_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", order_by="Job.position")
 
 

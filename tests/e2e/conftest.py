@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_HEADERS, CHEST_TRAIN, TINY_TRAIN_ARGS, free_port
+from tests.conftest import (
+    ADMIN_HEADERS,
+    CHEST_TRAIN,
+    TINY_TRAIN_ARGS,
+    free_port,
+    scratch_database,
+    settings_from_env,
+    train_tiny_model,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,14 +30,23 @@ ROOT = Path(__file__).resolve().parents[2]
 class Stack:
     """One `xrayq up` process tree, started the way the README says."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, sr_destination: str = "") -> None:
         self.port = free_port()
+        self.dicom_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.worker_metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         self.env = {
             **os.environ,
             **env,
             "XRAYQ_PORT": str(self.port),
+            # Never the well-known 11112: another stack (or PACS tool) on this machine may hold it.
+            "XRAYQ_DICOM_PORT": str(self.dicom_port),
+            "XRAYQ_DICOM_ALLOWED_AE_TITLES": f"{SCU_AE_TITLE},{OTHER_SCU_AE_TITLE}:radiology-2",
+            "XRAYQ_DICOM_SR_DESTINATION": sr_destination,
+            # Short stability timeout and quick checks: study batches close within seconds.
+            "XRAYQ_STUDY_STABLE_AFTER_S": "2",
+            "XRAYQ_STUDY_CHECK_INTERVAL_S": "0.3",
+            "XRAYQ_DELIVERY_RETRY_AFTER_S": "0.5",
             "XRAYQ_WORKER_METRICS_PORT": self.worker_metrics_url.rsplit(":", 1)[1].split("/")[0],
             "PYTHONUNBUFFERED": "1",
             # Quick reconciler: a message lost with a killed worker is republished within seconds.
@@ -112,14 +129,78 @@ def embedded_env(tmp_path_factory, data_dir) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module", params=["embedded", "services"])
-def stack(request, tmp_path_factory):
+SCU_AE_TITLE = "TESTSCU"
+OTHER_SCU_AE_TITLE = "MODALITY2"
+
+
+class SrReceiver:
+    """A PACS stand-in: a real pynetdicom C-STORE SCP that keeps what it is sent (the SRs coming back)."""
+
+    ae_title = "RESULTS"
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, evt
+
+        self.port = free_port()
+        self.received: list = []
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33")  # Comprehensive SR Storage
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+
+    def _store(self, event) -> int:
+        self.received.append(event.dataset)
+        return 0x0000
+
+    @property
+    def address(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sr_receiver():
+    receiver = SrReceiver()
+    yield receiver
+    receiver.close()
+
+
+# Session-scoped, so each mode's stack (a minute to start) serves every e2e module.
+@pytest.fixture(scope="session")
+def e2e_services_env(services_env, tmp_path_factory, data_dir):
+    """The services mode with a database, Redis key prefix and bucket of its own, and a tiny model.
+
+    The stacks live for the whole session: sharing the integration tests' namespaces, their workers
+    and trainer would consume the messages those tests publish and inspect.
+    """
+    from shared.db.migrate import upgrade_database
+    from shared.storage import S3ObjectStore
+
+    with scratch_database() as database_url:
+        env = {
+            **services_env,
+            "XRAYQ_HOME": str(tmp_path_factory.mktemp("e2e-services-home")),
+            "XRAYQ_DATABASE_URL": database_url,
+            "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + "e2e:",
+            "XRAYQ_S3_BUCKET": "xrayq-e2e",
+        }
+        settings = settings_from_env(env)
+        upgrade_database(settings)
+        S3ObjectStore(settings).ensure_bucket()
+        train_tiny_model(settings, data_dir)
+        yield env
+
+
+@pytest.fixture(scope="session", params=["embedded", "services"])
+def stack(request, tmp_path_factory, sr_receiver):
     if request.param == "embedded":
         env = request.getfixturevalue("embedded_env")
     else:
-        request.getfixturevalue("services_model")  # a model in the services' registry
-        env = request.getfixturevalue("services_env")
-    running = Stack(env, tmp_path_factory.mktemp("logs") / f"{request.param}.log")
+        env = request.getfixturevalue("e2e_services_env")
+    running = Stack(env, tmp_path_factory.mktemp("logs") / f"{request.param}.log", sr_receiver.address)
     running.start()
     running.mode = request.param
     yield running

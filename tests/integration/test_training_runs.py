@@ -285,3 +285,31 @@ def test_a_run_whose_trainer_died_is_failed_by_the_reconciler(client, chest_data
     assert result["failed"] >= 1
     body = client.get(f"/v1/training-runs/{run['id']}").json()
     assert body["status"] == "failed" and body["error"]["code"] == "trainer_lost"
+
+
+def test_dicom_training_data_is_stored_de_identified(client, data_dir, services_settings) -> None:
+    import pydicom
+
+    from shared.datasets import load_manifest
+
+    originals = {name: (data_dir / "dicom" / f"{name}.dcm").read_bytes() for name in ("RG1_UNCR", "RG3_UNCR")}
+    response = upload(
+        client,
+        make_zip({"CHEST/rg1.dcm": originals["RG1_UNCR"], "OTHER/rg3.dcm": originals["RG3_UNCR"]}),
+        name="dicom-set",
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["details"]["deidentified_dicom"] == 2
+    store = make_object_store(services_settings)
+    with database_for(services_settings).session() as session:
+        manifest = load_manifest(store, session.get(Dataset, response.json()["id"]))
+    for entry in manifest["files"]:
+        record = entry["deidentification"]
+        assert record["profile"] and "StudyInstanceUID" in record["uids_replaced"]
+        stored = pydicom.dcmread(io.BytesIO(store.get(blob_key(entry["sha256"]))))
+        original = pydicom.dcmread(io.BytesIO(originals["RG1_UNCR" if entry["label"] == "CHEST" else "RG3_UNCR"]))
+        assert stored.StudyInstanceUID != original.StudyInstanceUID
+        assert str(stored.get("PatientName", "")) != str(original.get("PatientName", "")) or not original.get(
+            "PatientName"
+        )
+        assert stored.pixel_array.shape == original.pixel_array.shape  # the image itself is unchanged

@@ -7,8 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from services.gateway.deps import (
+    CallbackSecretForm,
+    CallbackUrlForm,
     CeleryDep,
     IdempotencyKeyHeader,
+    ModelForm,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -16,10 +19,11 @@ from services.gateway.deps import (
 )
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
-from services.gateway.uploads import clean_filename, expand_zip, validate_image
+from services.gateway.uploads import check_file_count, clean_filename, expand_zip, validate_image
+from shared.callbacks import check_callback
 from shared.errors import XrayqError
 from shared.imaging import sniff_media_type
-from shared.jobs import Upload, batch_view
+from shared.jobs import Upload, batch_view, study_report
 from shared.schemas import BatchAccepted, BatchView, JobAccepted
 from shared.settings import Settings
 from shared.submissions import submit_images
@@ -36,10 +40,13 @@ def submit_batch(
     store: StoreDep,
     celery: CeleryDep,
     files: Annotated[list[UploadFile], File(description="PNG/JPEG images, or a single ZIP of them.")],
-    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.", max_length=160)] = None,
+    model: ModelForm = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
+    callback_url: CallbackUrlForm = None,
+    callback_secret: CallbackSecretForm = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchAccepted:
+    callback_url, callback_secret = check_callback(callback_url, callback_secret, settings)
     uploads = collect_uploads(files, settings)
     submitted = submit_images(
         session,
@@ -52,6 +59,8 @@ def submit_batch(
         client_ref=client_ref,
         idempotency_key=idempotency_key,
         organisation=principal.organisation,
+        callback_url=callback_url,
+        callback_secret=callback_secret,
     )
     batch, jobs = submitted.batch, submitted.jobs
     assert batch is not None
@@ -75,10 +84,7 @@ def submit_batch(
 
 def collect_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
     """Files in request order; a lone ZIP is expanded in archive order. Bad images are kept as refusals."""
-    if not files:
-        raise XrayqError("missing_file", "Send at least one file in the `files` field.")
-    if len(files) > settings.max_batch_files:
-        raise XrayqError("too_many_files", f"{len(files)} files; the limit is {settings.max_batch_files}.")
+    check_file_count(len(files), settings)
     uploads: list[Upload] = []
     lone = len(files) == 1
     for index, file in enumerate(files):
@@ -116,3 +122,18 @@ def read_batch(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> BatchView:
     return batch_view(session, batch_id, int(cursor or 0), limit, principal.scope)
+
+
+@router.get(
+    "/{batch_id}/report",
+    response_class=Response,
+    responses={**PROBLEMS, 200: {"content": {"application/dicom": {}}, "description": "The DICOM SR (Part 10)."}},
+)
+def read_report(batch_id: str, session: SessionDep, store: StoreDep, principal: SubmitterDep) -> Response:
+    """A study batch's result as a DICOM Comprehensive SR, once the study is stable and classified."""
+    data = study_report(session, store, batch_id, principal.scope)
+    return Response(
+        data,
+        media_type="application/dicom",
+        headers={"Content-Disposition": f'attachment; filename="xrayq-{batch_id}.dcm"'},
+    )

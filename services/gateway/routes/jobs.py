@@ -12,6 +12,7 @@ from sqlalchemy.orm import selectinload
 from services.gateway.deps import (
     CeleryDep,
     IdempotencyKeyHeader,
+    ModelForm,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -38,7 +39,7 @@ def submit_job(
     store: StoreDep,
     celery: CeleryDep,
     file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
-    model: Annotated[str | None, Form(description="Model name, or name@version to pin one.", max_length=160)] = None,
+    model: ModelForm = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:

@@ -1,0 +1,157 @@
+"""DICOMweb STOW-RS (PS3.18 10.5): `POST /dicomweb/studies` with multipart/related; type="application/dicom".
+
+The instances become study batches exactly as over DIMSE or /v1/studies. The answer is the standard
+Store Instances Response (application/dicom+json): ReferencedSOPSequence for stored instances,
+FailedSOPSequence with a FailureReason for the others; 200 when all were stored, 202 when some were,
+409 when none was. The study batches are named in `Location` (the first) and `X-Xrayq-Batches`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydicom import Dataset
+
+from services.gateway.deps import SubmitterDep
+from services.gateway.problems import PROBLEMS
+from shared.db.session import Database
+from shared.dicom import read_header
+from shared.errors import XrayqError
+from shared.jobs import Upload
+from shared.settings import Settings
+from shared.studies import Refused, add_instances, read_instance, refusal
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+DICOM_JSON = "application/dicom+json"
+
+# PS3.18 Table 10.5.3-3 failure reasons, by the xrayq code of the refusal.
+FAILURE_REASON = {
+    "file_too_large": 0xA700,  # Refused: Out of Resources
+    "dicom_unsupported_transfer_syntax": 0xC122,  # Referenced Transfer Syntax not supported
+    "dicom_sop_class_not_supported": 0x0122,  # Referenced SOP Class not supported
+}
+CANNOT_UNDERSTAND = 0xC000
+
+
+@router.post(
+    "/studies",
+    status_code=200,
+    response_class=JSONResponse,
+    responses={
+        **PROBLEMS,
+        200: {"content": {DICOM_JSON: {}}, "description": "All instances stored."},
+        202: {"content": {DICOM_JSON: {}}, "description": "Some instances stored; the others in FailedSOPSequence."},
+        409: {"content": {DICOM_JSON: {}}, "description": "No instance stored; each in FailedSOPSequence."},
+    },
+)
+async def store_instances(request: Request, principal: SubmitterDep) -> Response:
+    """Store Instances (STOW-RS). Send `Content-Type: multipart/related; type="application/dicom";
+    boundary=...`, one Part-10 instance per part."""
+    settings: Settings = request.app.state.settings
+    boundary = _boundary(request.headers.get("content-type", ""))
+    parts = split_multipart(await request.body(), boundary)
+    if len(parts) > settings.max_batch_files:
+        raise XrayqError("too_many_files", f"{len(parts)} instances; the limit is {settings.max_batch_files}.")
+    return await run_in_threadpool(_store, request, parts, principal.organisation)
+
+
+def _store(request: Request, parts: list[tuple[str, bytes]], organisation: str | None) -> Response:
+    state = request.app.state
+    settings: Settings = state.settings
+    accepted: list[Upload] = []
+    refused: list[Refused] = []
+    for index, (content_type, data) in enumerate(parts):
+        filename = f"stow-part-{index + 1}"
+        try:
+            # A part without a Content-Type takes the request's type="application/dicom".
+            if content_type and content_type.split(";")[0].strip().lower() != "application/dicom":
+                raise XrayqError("dicom_required", f"Part {index + 1} is {content_type}, not application/dicom.")
+            accepted.append(read_instance(filename, data, settings))
+        except XrayqError as error:
+            refused.append(refusal(filename, data, error))
+    intake = None
+    if accepted:
+        database: Database = state.database
+        with database.session() as session:
+            intake = add_instances(
+                session,
+                state.store,
+                state.celery,
+                settings,
+                accepted,
+                organisation=organisation,
+                source="stow",
+                model_ref=settings.default_model,
+            )
+    response = Dataset()
+    response.RetrieveURL = ""  # Type 2: this server offers no WADO-RS retrieval
+    if accepted:
+        response.ReferencedSOPSequence = [_reference(upload.data) for upload in accepted]
+    if refused:
+        response.FailedSOPSequence = [_failure(item) for item in refused]
+    status = 200 if not refused else (202 if accepted else 409)
+    headers = {}
+    if intake and intake.batches:
+        headers["Location"] = f"/v1/batches/{intake.batches[0].id}"
+        headers["X-Xrayq-Batches"] = ",".join(batch.id for batch in intake.batches)
+    return JSONResponse(response.to_json_dict(), status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+def _reference(data: bytes) -> Dataset:
+    header = read_header(data)
+    item = Dataset()
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    return item
+
+
+def _failure(item: Refused) -> Dataset:
+    failure = Dataset()
+    failure.ReferencedSOPClassUID = item.sop_class_uid or ""
+    failure.ReferencedSOPInstanceUID = item.sop_instance_uid or ""
+    failure.FailureReason = FAILURE_REASON.get(item.error.code, CANNOT_UNDERSTAND)
+    return failure
+
+
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+
+
+def _boundary(content_type: str) -> str:
+    media = content_type.split(";")[0].strip().lower()
+    if media != "multipart/related":
+        raise XrayqError("unsupported_media_type", 'Send multipart/related; type="application/dicom".')
+    kind = re.search(r'type="?([^";]+)"?', content_type.split(";", 1)[1] if ";" in content_type else "")
+    if kind is not None and kind.group(1).strip().lower() != "application/dicom":
+        raise XrayqError("unsupported_media_type", f"Only application/dicom parts are stored, not {kind.group(1)}.")
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise XrayqError("multipart_unreadable", "The multipart/related Content-Type has no boundary.")
+    return match.group(1) or match.group(2)
+
+
+def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
+    """The (content type, bytes) of each part of a multipart body (RFC 2046), binary-safe."""
+    delimiter = b"--" + boundary.encode()
+    chunks = body.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        raise XrayqError("multipart_unreadable", "The body is not a complete multipart message for its boundary.")
+    parts = []
+    for chunk in chunks[1:-1]:
+        # Each part: CRLF, headers, CRLF CRLF, content, CRLF (the CRLF belongs to the next delimiter).
+        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk
+        head, separator, content = chunk.partition(b"\r\n\r\n")
+        if not separator:
+            raise XrayqError("multipart_unreadable", "A part has no header/content separator.")
+        content = content[:-2] if content.endswith(b"\r\n") else content
+        content_type = ""
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-type":
+                content_type = value.strip()
+        parts.append((content_type, content))
+    if not parts:
+        raise XrayqError("multipart_unreadable", "The multipart body has no parts.")
+    return parts

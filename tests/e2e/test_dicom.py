@@ -1,0 +1,243 @@
+"""DICOM the way a hospital sends it: a real pynetdicom SCU pushes studies to `xrayq dicom`, STOW-RS and
+REST send the same instances, results come back as a Structured Report (downloaded and by C-STORE)."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from tests.e2e.conftest import OTHER_SCU_AE_TITLE, SCU_AE_TITLE
+from tests.e2e.test_stack import wait_for_batch
+
+pytestmark = pytest.mark.e2e
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def new_study(data_dir: Path, names: list[str], **changes) -> list[pydicom.Dataset]:
+    """The sample files as instances of a fresh study (new study, series and instance UIDs), pixels
+    and transfer syntax untouched, so each test has a study of its own."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    instances = []
+    for name in names:
+        ds = pydicom.dcmread(data_dir / "dicom" / name)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        instances.append(ds)
+    return instances
+
+
+def part10(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def c_store(stack, datasets: list[pydicom.Dataset], calling: str = SCU_AE_TITLE) -> list[int]:
+    """One association from `calling`, one C-STORE per data set; the statuses."""
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", stack.dicom_port, ae_title="XRAYQ")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def study_batch(stack, study_uid: str, timeout: float = 120) -> dict:
+    """The study's (first) batch once it is finished and its result made."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = stack.http.get(f"/v1/studies/{study_uid}")
+        if response.status_code == 200:
+            batch = wait_for_batch(stack, response.json()[0]["id"], timeout=deadline - time.monotonic())
+            if batch["completed_at"]:
+                return batch
+        time.sleep(0.25)
+    raise AssertionError(f"no completed study batch for {study_uid}")
+
+
+def results(batch: dict) -> dict[str, tuple[str, dict]]:
+    """SOPInstanceUID -> (label, probabilities) of a batch's jobs."""
+    return {
+        job["dicom"]["SOPInstanceUID"]: (job["result"]["label"], job["result"]["probabilities"])
+        for job in batch["jobs"]
+        if job["status"] == "succeeded"
+    }
+
+
+def sr_findings(sr: pydicom.Dataset) -> dict[str, tuple[str, dict, str, str]]:
+    """Referenced SOPInstanceUID -> (finding, probabilities, algorithm, version), read back with highdicom."""
+    document = hd.sr.ComprehensiveSR.from_dataset(sr)
+    findings = {}
+    for group in document.content.get_image_measurement_groups():
+        (source,) = group.source_images
+        probabilities = {m.name.meaning.removeprefix("Probability of "): m.value for m in group.get_measurements()}
+        algorithm = text_values(group[0], {"111001", "111003"})  # TID 4019 Algorithm Name, Algorithm Version
+        findings[source.referenced_sop_instance_uid] = (
+            group.finding_type.meaning,
+            probabilities,
+            algorithm["111001"],
+            algorithm["111003"],
+        )
+    return findings
+
+
+def text_values(item: pydicom.Dataset, codes: set[str]) -> dict[str, str]:
+    """TEXT content items with these concept codes, anywhere below `item`."""
+    found = {}
+    for child in item.get("ContentSequence", []):
+        code = child.ConceptNameCodeSequence[0].CodeValue
+        if child.ValueType == "TEXT" and code in codes:
+            found[code] = child.TextValue
+        found.update(text_values(child, codes))
+    return found
+
+
+def test_c_echo_and_calling_ae_allow_list(stack) -> None:
+    ae = AE(ae_title=SCU_AE_TITLE)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", stack.dicom_port, ae_title="XRAYQ")
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0x0000
+    assoc.release()
+    stranger = AE(ae_title="NOT-ALLOWED")
+    stranger.add_requested_context("1.2.840.10008.1.1")
+    refused = stranger.associate("127.0.0.1", stack.dicom_port, ae_title="XRAYQ")
+    assert refused.is_rejected
+
+
+def test_c_store_study_over_two_associations_becomes_one_batch_with_a_structured_report(
+    stack, data_dir, sr_receiver
+) -> None:
+    plain, j2k = new_study(data_dir, ["RG1_UNCR.dcm", "RG1_J2KR.dcm"], AccessionNumber="ACC-E2E-1")
+    (tiny,) = new_study(data_dir, ["CR_tiny_16x16.dcm"])
+    assert c_store(stack, [plain]) == [0x0000]
+    assert c_store(stack, [j2k, plain, tiny]) == [0x0000, 0x0000, 0xC000]  # a re-send; too small: cannot understand
+    ae = AE(ae_title=SCU_AE_TITLE)
+    ae.add_requested_context(CT_IMAGE_STORAGE)
+    assoc = ae.associate("127.0.0.1", stack.dicom_port, ae_title="XRAYQ")
+    assert not assoc.is_established  # not a radiograph: no presentation context accepted, nothing to send on
+
+    batch = study_batch(stack, plain.StudyInstanceUID)
+    assert batch["status"] == "succeeded" and batch["total"] == 2, batch["counts"]  # the re-send added nothing
+    assert batch["study"]["stable"] and batch["study"]["source"] == "dimse"
+    assert batch["study"]["accession_number"] == "ACC-E2E-1"
+    answers = results(batch)
+    assert set(answers) == {plain.SOPInstanceUID, j2k.SOPInstanceUID}
+    assert answers[plain.SOPInstanceUID] == answers[j2k.SOPInstanceUID]  # lossless J2K: the same pixels
+
+    response = stack.http.get(batch["report"]["location"])
+    assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+    sr = pydicom.dcmread(io.BytesIO(response.content))
+    assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.Modality == "SR"
+    assert sr.SOPInstanceUID == batch["report"]["sop_instance_uid"]
+    assert sr.StudyInstanceUID == plain.StudyInstanceUID and sr.PatientID == plain.PatientID
+    assert sr.AccessionNumber == "ACC-E2E-1" and sr.CompletionFlag == "COMPLETE"
+    evidence = {
+        item.ReferencedSOPInstanceUID: item.ReferencedSOPClassUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {plain.SOPInstanceUID: plain.SOPClassUID, j2k.SOPInstanceUID: j2k.SOPClassUID}
+    model = batch["jobs"][0]["result"]["model"]
+    for sop_uid, (finding, probabilities, algorithm, version) in sr_findings(sr).items():
+        label, expected = answers[sop_uid]
+        assert finding.upper() == label and algorithm == model["name"] and version == str(model["version"])
+        assert probabilities == pytest.approx(expected, abs=1e-6)
+
+    # The same SR went back to the configured destination AE by C-STORE.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and batch["deliveries"]["sr_store"]["status"] == "pending":
+        time.sleep(0.25)
+        batch = stack.http.get(f"/v1/batches/{batch['id']}").json()
+    assert batch["deliveries"]["sr_store"]["status"] == "delivered", batch["deliveries"]
+    assert sr.SOPInstanceUID in {ds.SOPInstanceUID for ds in sr_receiver.received}
+
+
+def test_instances_from_a_mapped_ae_title_are_filed_under_its_organisation(stack, data_dir) -> None:
+    (instance,) = new_study(data_dir, ["RG3_UNCR.dcm"])
+    assert c_store(stack, [instance], calling=OTHER_SCU_AE_TITLE) == [0x0000]
+    batch = study_batch(stack, instance.StudyInstanceUID)
+    job = stack.http.get(f"/v1/jobs/{batch['jobs'][0]['id']}").json()
+    assert [w["code"] for w in job["warnings"]] == ["body_part_mismatch"]  # an extremity, flagged in the SR too
+    if stack.mode == "services":  # API keys and organisations are on: another organisation cannot see it
+        key = stack.http.post(
+            "/v1/api-keys", json={"name": "other", "organisation": "st-elsewhere", "roles": ["submit"]}
+        ).json()["key"]
+        other = stack.http.get(f"/v1/batches/{batch['id']}", headers={"Authorization": f"Bearer {key}"})
+        assert other.status_code == 404
+
+
+def stow(stack, datasets: list[bytes]) -> tuple[int, dict, dict]:
+    boundary = "xrayq-e2e-boundary-7d1f"
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n" for data in datasets
+    )
+    body += b"--" + boundary.encode() + b"--\r\n"
+    response = stack.http.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+    )
+    return response.status_code, response.json(), dict(response.headers)
+
+
+def test_stow_rs_and_rest_give_the_same_results_as_c_store(stack, data_dir) -> None:
+    if stack.mode != "services":
+        return  # one mode is enough: the intake is the same code
+    via_stow = new_study(data_dir, ["RG1_UNCR.dcm", "RG1_J2KR.dcm"])
+    via_rest = new_study(data_dir, ["RG1_UNCR.dcm", "RG1_J2KR.dcm"])
+    (ct,) = new_study(data_dir, ["RG3_UNCR.dcm"], SOPClassUID=CT_IMAGE_STORAGE)
+    broken = part10(via_stow[0])[:2000]  # header only: the pixel data is cut off
+
+    status, answer, headers = stow(stack, [part10(ds) for ds in via_stow] + [part10(ct), broken])
+    assert status == 202, answer  # some stored, some not
+    stored = {item["00081155"]["Value"][0] for item in answer["00081199"]["Value"]}
+    assert stored == {ds.SOPInstanceUID for ds in via_stow}
+    reasons = {item["00081155"]["Value"][0]: item["00081197"]["Value"][0] for item in answer["00081198"]["Value"]}
+    assert reasons == {ct.SOPInstanceUID: 0x0122, via_stow[0].SOPInstanceUID: 0xC000}
+    assert headers["location"].startswith("/v1/batches/")
+
+    files = [("files", (f"{i}.dcm", part10(ds), "application/dicom")) for i, ds in enumerate(via_rest)]
+    rest = stack.http.post("/v1/studies", files=files)
+    assert rest.status_code == 202, rest.text
+    assert [study["study_instance_uid"] for study in rest.json()["studies"]] == [via_rest[0].StudyInstanceUID]
+
+    stow_batch = study_batch(stack, via_stow[0].StudyInstanceUID)
+    rest_batch = study_batch(stack, via_rest[0].StudyInstanceUID)
+    assert stow_batch["study"]["source"] == "stow" and rest_batch["study"]["source"] == "rest"
+    by_position = [sorted(results(batch).values(), key=str) for batch in (stow_batch, rest_batch)]
+    assert by_position[0] == by_position[1] and len(by_position[0]) == 2
+    reports = [
+        pydicom.dcmread(io.BytesIO(stack.http.get(batch["report"]["location"]).content))
+        for batch in (stow_batch, rest_batch)
+    ]
+    findings = [sorted((f[0], tuple(sorted(f[1].items()))) for f in sr_findings(sr).values()) for sr in reports]
+    assert findings[0] == findings[1]
+
+
+def test_stow_rs_with_nothing_storable_is_a_conflict(stack, data_dir) -> None:
+    if stack.mode != "embedded":
+        return
+    (ct,) = new_study(data_dir, ["RG3_UNCR.dcm"], SOPClassUID=CT_IMAGE_STORAGE)
+    status, answer, _ = stow(stack, [part10(ct)])
+    assert status == 409
+    assert answer["00081198"]["Value"][0]["00081197"]["Value"] == [0x0122]
+    wrong_type = stack.http.post("/dicomweb/studies", content=b"x", headers={"Content-Type": "application/json"})
+    assert wrong_type.status_code == 415 and wrong_type.json()["code"] == "unsupported_media_type"

@@ -1,0 +1,76 @@
+"""Pieces of the DICOM result path that need no network: SR building, callback signatures, AE addresses."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+
+from shared.callbacks import check_callback, signature, verify_signature
+from shared.dimse import decodable_transfer_syntaxes, parse_remote_ae
+from shared.errors import XrayqError
+from shared.reports import ClassifiedInstance, build_report, label_code
+from shared.settings import Settings
+
+
+def headers(data_dir, *names: str) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(data_dir / "dicom" / f"{name}.dcm", stop_before_pixels=True) for name in names]
+
+
+def test_report_is_the_same_instance_when_rebuilt_and_references_its_sources(data_dir) -> None:
+    sources = headers(data_dir, "RG1_UNCR", "RG1_J2KR")
+    items = [
+        ClassifiedInstance(h, "PNEUMONIA", {"NORMAL": 0.25, "PNEUMONIA": 0.75}, "chest-xray", 4, []) for h in sources
+    ]
+    first, uid = build_report("batch-1", items)
+    again, same_uid = build_report("batch-1", items)
+    _, other_uid = build_report("batch-2", items)
+    assert uid == same_uid != other_uid
+    sr = pydicom.dcmread(io.BytesIO(first))
+    assert sr.SOPInstanceUID == uid == pydicom.dcmread(io.BytesIO(again)).SOPInstanceUID
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert referenced == {h.SOPInstanceUID for h in sources}
+    assert sr.PatientID == sources[0].PatientID and sr.StudyInstanceUID == sources[0].StudyInstanceUID
+
+
+def test_labels_get_standard_codes_where_known() -> None:
+    assert label_code("PNEUMONIA").scheme_designator == "SCT"
+    local = label_code("Parasitized-with-a-long-label-name")
+    assert local.scheme_designator == "99XRAYQ" and len(local.value) <= 16
+
+
+def test_callback_signature_fails_on_any_change() -> None:
+    body = b'{"batch":{"status":"succeeded"}}'
+    header = signature("s" * 20, 1_700_000_000, body)
+    assert verify_signature("s" * 20, header, body, now=1_700_000_010)
+    assert not verify_signature("s" * 20, header, body + b" ", now=1_700_000_010)
+    assert not verify_signature("t" * 20, header, body, now=1_700_000_010)
+    assert not verify_signature("s" * 20, header, body, now=1_700_000_000 + 3600)  # a replay, an hour later
+
+
+def test_callback_registration_needs_a_url_and_a_secret() -> None:
+    settings = Settings()
+    assert check_callback(None, None, settings) == (None, None)
+    assert check_callback("https://ris.example/hook", "x" * 16, settings) == ("https://ris.example/hook", "x" * 16)
+    for url, secret in (("ftp://ris.example/hook", "x" * 16), ("https://ris.example/hook", None), (None, "x" * 16)):
+        with pytest.raises(XrayqError) as caught:
+            check_callback(url, secret, settings)
+        assert caught.value.code == "invalid_callback"
+    server_secret = Settings(callback_secret="y" * 32)
+    assert check_callback("http://10.0.0.5/hook", None, server_secret) == ("http://10.0.0.5/hook", "y" * 32)
+
+
+def test_ae_addresses_and_negotiated_syntaxes() -> None:
+    remote = parse_remote_ae("PACS_MAIN@pacs.hospital.local:104")
+    assert (remote.ae_title, remote.host, remote.port) == ("PACS_MAIN", "pacs.hospital.local", 104)
+    for text in ("PACS@host", "@host:104", "PACS@host:70000"):
+        with pytest.raises(XrayqError):
+            parse_remote_ae(text)
+    syntaxes = decodable_transfer_syntaxes()
+    assert "1.2.840.10008.1.2.4.90" in syntaxes and "1.2.840.10008.1.2.5" in syntaxes  # JPEG 2000, RLE
