@@ -1,9 +1,10 @@
 """Datasets: uploads of labelled images become immutable dataset versions with a manifest.
 
 Every file is stored once, by content (`datasets/blobs/<sha256>`); a version's manifest lists its files
-with label, split and sha256. The manifest and the row are written last, so a failed upload leaves no
-dataset behind (at most blobs nothing refers to), and a version that extends another simply lists the
-other's files too.
+with label, split and sha256. An archive is read twice from its spooled file: once to check every
+entry (nothing is stored if one fails), once to store them, one file in memory at a time. The manifest
+and the row come last, so a crash mid-way leaves no dataset behind (at most blobs nothing refers to),
+and a version that extends another simply lists the other's files too.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import re
 import secrets
 import zipfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
@@ -58,8 +60,9 @@ class ManifestEntry:
 @dataclass
 class NewDataset:
     entries: list[ManifestEntry]
-    blobs: dict[str, bytes]  # sha256 -> bytes of files not yet stored
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any]
+    # Yields (sha256, bytes) of each distinct file, for storing once the whole upload is accepted.
+    files: Callable[[], Iterator[tuple[str, bytes]]]
 
 
 def blob_key(sha256: str) -> str:
@@ -106,24 +109,18 @@ def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_un
     limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=8)
     # Keyed pseudonyms: one key per deployment keeps a patient's studies together across uploads.
     key = settings.deidentification_key or secrets.token_hex(32)
-    blobs: dict[str, bytes] = {}
+    sources: dict[str, zipfile.ZipInfo] = {}  # sha256 -> the entry that gives those bytes
     manifest: list[ManifestEntry] = []
     unreadable: list[dict[str, str]] = []
     for labelled in layout.files:
         info = by_path[labelled.path]
-        record = None
         try:
-            data = _read_member(archive, info, settings.max_file_bytes)
-            media_type = check_image(data, limits)
-            if media_type == "application/dicom":
-                # Training data keeps no patient identity: only the de-identified copy is stored.
-                data, deidentified = deidentify(data, key)
-                record = deidentified.as_manifest()
+            data, media_type, record = _prepared(archive, info, settings, limits, key)
         except XrayqError as error:
             unreadable.append({"path": labelled.path, "code": error.code, "detail": error.detail})
             continue
         sha256 = hashlib.sha256(data).hexdigest()
-        blobs.setdefault(sha256, data)
+        sources.setdefault(sha256, info)
         manifest.append(
             ManifestEntry(labelled.path, labelled.split, labelled.label, sha256, len(data), media_type, record)
         )
@@ -142,7 +139,28 @@ def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_un
         "skipped_unreadable": unreadable[:_LISTED],
         "skipped_unreadable_count": len(unreadable),
     }
-    return NewDataset(manifest, blobs, details)
+
+    def files() -> Iterator[tuple[str, bytes]]:
+        for sha256, info in sources.items():
+            data, _, _ = _prepared(archive, info, settings, limits, key)
+            if hashlib.sha256(data).hexdigest() != sha256:  # de-identification is deterministic per key
+                raise XrayqError("archive_unreadable", f"{info.filename!r} changed while it was read.")
+            yield sha256, data
+
+    return NewDataset(manifest, details, files)
+
+
+def _prepared(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, settings: Settings, limits: ImageLimits, key: str
+) -> tuple[bytes, str, dict[str, Any] | None]:
+    """An entry's bytes as they will be stored, its media type, and its de-identification record."""
+    data = _read_member(archive, info, settings.max_file_bytes)
+    media_type = check_image(data, limits)
+    if media_type != "application/dicom":
+        return data, media_type, None
+    # Training data keeps no patient identity: only the de-identified copy is stored.
+    data, record = deidentify(data, key)
+    return data, media_type, record.as_manifest()
 
 
 def _dataset_entries(archive: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipInfo]:
@@ -209,10 +227,11 @@ def _read_npz(stream: IO[bytes], archive: zipfile.ZipFile, settings: Settings, c
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
             png = _png_bytes(image)
             sha256 = hashlib.sha256(png).hexdigest()
-            blobs.setdefault(sha256, png)
+            blobs.setdefault(sha256, png)  # small: MedMNIST-sized arrays are in memory anyway
             path = f"{split}/{names[int(label)]}/{split}_{index:06d}.png"
             entries.append(ManifestEntry(path, split, names[int(label)], sha256, len(png), "image/png"))
-    return NewDataset(entries, blobs, {"source": "npz", "layout": "npz", "arrays": sorted(arrays)})
+    details = {"source": "npz", "layout": "npz", "arrays": sorted(arrays)}
+    return NewDataset(entries, details, lambda: iter(blobs.items()))
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -245,7 +264,7 @@ def create_dataset(
     classes = check_splits(counts)
     latest = session.scalar(select(func.max(Dataset.version)).where(Dataset.name == name))
     dataset = Dataset(id=new_id(), name=name, version=(latest or 0) + 1, parent_id=parent.id if parent else None)
-    _put_blobs(store, upload.blobs)
+    _put_files(store, upload.files())
     manifest = {
         "format": MANIFEST_FORMAT,
         "id": dataset.id,
@@ -296,12 +315,18 @@ def _counts(entries: list[ManifestEntry]) -> dict[str, dict[str, int]]:
     }
 
 
-def _put_blobs(store: ObjectStore, blobs: dict[str, bytes]) -> None:
-    def put(item: tuple[str, bytes]) -> None:
-        store.put(blob_key(item[0]), item[1])
-
+def _put_files(store: ObjectStore, files: Iterator[tuple[str, bytes]], in_flight: int = 16) -> None:
+    """Store files concurrently (S3 round trips), with a bounded number of them in memory at once."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(put, blobs.items()))
+        pending: set[Future[None]] = set()
+        for sha256, data in files:
+            if len(pending) >= in_flight:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+            pending.add(pool.submit(store.put, blob_key(sha256), data))
+        for future in pending:
+            future.result()
 
 
 def load_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any]:
