@@ -57,9 +57,14 @@ class RunReporter:
         self.started = time.monotonic()
         self.training_started: float | None = None
         self._last_write = 0.0
+        self._last_progress: dict[str, Any] = {"phase": "loading"}
 
     def phase(self, phase: str, **values: Any) -> None:
         self._write({"phase": phase, **values}, force=True)
+
+    def beat(self, *_: object) -> None:
+        """The heartbeat alone (progress unchanged), during long steps without progress of their own."""
+        self._write(dict(self._last_progress), force=False)
 
     def loading(self, done: int, total: int) -> None:
         self._write({"phase": "loading", "step": done, "steps": total, "percent": 0.0}, force=done == total)
@@ -91,6 +96,7 @@ class RunReporter:
         if not force and now - self._last_write < self.interval_s:
             return
         self._last_write = now
+        self._last_progress = progress
         progress["elapsed_seconds"] = round(now - self.started, 1)
         with self.database.session() as session:
             cancel = record_progress(session, self.run_id, progress, list(self.history))
@@ -164,7 +170,7 @@ def _train_evaluate_register(
     train = load_examples(train_examples, classes, spec, progress=reporter.loading)
     if by_split.get("val"):
         val_examples = by_split["val"]
-        val = load_examples(val_examples, classes, spec)
+        val = load_examples(val_examples, classes, spec, progress=reporter.beat)
         split_note: dict[str, Any] = {"method": "the dataset's val split"}
     else:
         train_idx, val_idx = train_val_split(train, config.val_fraction, config.seed)
@@ -177,7 +183,7 @@ def _train_evaluate_register(
             "val_fraction": config.val_fraction,
         }
     evaluation = (
-        EvaluationSet("test", by_split["test"], load_examples(by_split["test"], classes, spec))
+        EvaluationSet("test", by_split["test"], load_examples(by_split["test"], classes, spec, progress=reporter.beat))
         if by_split.get("test")
         else EvaluationSet("val", val_examples, val)
     )
@@ -192,7 +198,7 @@ def _train_evaluate_register(
     probabilities = predict_probabilities(model, evaluation.images, spec, device)
     labels = evaluation.images.labels.numpy()
     report = classification_report(labels, probabilities, classes)
-    champion = _evaluate_champion(settings, database, store, name, classes, evaluation)
+    champion = _evaluate_champion(settings, database, store, name, classes, evaluation, reporter)
     decision = decide_promotion(policy, report, champion)
     plots = render_plots(
         report,
@@ -293,7 +299,13 @@ def decide_promotion(policy: str, candidate: dict[str, Any], champion: dict[str,
 
 
 def _evaluate_champion(
-    settings: Settings, database: Database, store: ObjectStore, name: str, classes: list[str], evaluation: EvaluationSet
+    settings: Settings,
+    database: Database,
+    store: ObjectStore,
+    name: str,
+    classes: list[str],
+    evaluation: EvaluationSet,
+    reporter: RunReporter,
 ) -> dict[str, Any] | None:
     """The active version's figures on this run's evaluation images, through its own preprocessing."""
     with database.session() as session:
@@ -306,7 +318,7 @@ def _evaluate_champion(
             return {"version": active.version, "error": f"its classes {active.classes} differ from {classes}"}
         device = pick_device(settings.device)
         loaded = load_model(active, store, device)
-    images = load_examples(evaluation.examples, classes, loaded.spec)
+    images = load_examples(evaluation.examples, classes, loaded.spec, progress=reporter.beat)
     probabilities = predict_probabilities(loaded.module, images, loaded.spec, device)
     report = classification_report(images.labels.numpy(), probabilities, classes)
     return {"version": active.version, **evaluation_summary(report, evaluation.name)}
