@@ -216,7 +216,6 @@ class DatasetView(BaseModel):
 
 # --- training runs ----------------------------------------------------------------------------------
 
-RunStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 PromotionPolicy = Literal["manual", "if_better", "always"]
 
 
@@ -264,7 +263,7 @@ class RunProgress(BaseModel):
 
 class TrainingRunView(BaseModel):
     id: str
-    status: RunStatusName
+    status: JobStatusName  # a run goes through a job's lifecycle
     dataset_id: str
     model_name: str
     config: dict[str, Any]
