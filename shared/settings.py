@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # Authentication. "auto": API keys required unless embedded on a loopback address.
     auth: Literal["auto", "on", "off"] = "auto"
     admin_key: str = ""  # bootstrap admin key (XRAYQ_ADMIN_KEY): create the real keys with it
+    # Seconds a gateway process remembers a checked API key; a key revoked through another gateway
+    # process stops working within this time (0: every request queries the database).
+    auth_cache_s: float = Field(default=5.0, ge=0)
 
     # Browsers: origins allowed to call the API from a web page (comma-separated); none by default.
     cors_origins: str = ""

@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
+from services.gateway.admission import AdmissionQueue
+from services.gateway.deps import PrincipalCache
 from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
 from services.gateway.problems import install_problem_handlers
@@ -54,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_object_store(settings)
     app.state.celery = make_celery(settings, "xrayq-gateway")
     app.state.waiter = CompletionWaiter(app.state.database)
+    app.state.principals = PrincipalCache(settings.auth_cache_s)
+    app.state.admission = AdmissionQueue(settings, app.state.database, app.state.store, app.state.celery)
     _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)

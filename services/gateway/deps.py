@@ -1,39 +1,81 @@
-"""Typed dependencies: every route states what it needs in its signature."""
+"""Typed dependencies: every route states what it needs in its signature.
+
+Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in its thread
+pool, and on the submit path those hops cost more than the work itself.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Form, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from shared.auth import OPEN, Principal, authenticate, require
+from shared.auth import OPEN, Principal, authenticate, hash_key, require
 from shared.db.session import Database
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A unit of work per request: committed when the route returns, rolled back if it raised."""
     database: Database = request.app.state.database
-    with database.session() as session:
+    session = database.sessions()  # no connection yet: the route's first query opens one
+    try:
         yield session
+    except BaseException:
+        await run_in_threadpool(database.finish, session, commit=False)
+        raise
+    await run_in_threadpool(database.finish, session, commit=True)
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_principal(
+class PrincipalCache:
+    """Recently seen API keys (by hash) and who they act for, so a request does not cost a query.
+
+    Entries live `ttl_s` seconds: a key revoked through another gateway process stops working within
+    that time; one revoked through this process stops at once (`forget_all`).
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, token: str) -> Principal | None:
+        entry = self._entries.get(hash_key(token))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, token: str, principal: Principal) -> None:
+        if self.ttl_s > 0:
+            if len(self._entries) > 10_000:  # bounded: stale entries go first, then everything
+                now = time.monotonic()
+                self._entries = {k: v for k, v in self._entries.items() if v[1] >= now}
+                if len(self._entries) > 10_000:
+                    self._entries.clear()
+            self._entries[hash_key(token)] = (principal, time.monotonic() + self.ttl_s)
+
+    def forget_all(self) -> None:
+        self._entries.clear()
+
+
+async def get_principal(
     request: Request,
     authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
 ) -> Principal:
@@ -44,12 +86,22 @@ def get_principal(
     if authorization:
         scheme, _, value = authorization.partition(" ")
         token = value.strip() if scheme.lower() == "bearer" else None
-    with request.app.state.database.session() as session:
+    cache: PrincipalCache = request.app.state.principals
+    principal = cache.get(token) if token else None
+    if principal is None:
+        principal = await run_in_threadpool(_authenticate, request.app.state.database, settings, token)
+        if token:
+            cache.put(token, principal)
+    return principal
+
+
+def _authenticate(database: Database, settings: Settings, token: str | None) -> Principal:
+    with database.session() as session:
         return authenticate(session, settings, token)
 
 
 def requires(role: str):  # type: ignore[no-untyped-def]
-    def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
         require(principal, role)
         return principal
 

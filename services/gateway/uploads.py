@@ -6,6 +6,8 @@ import io
 import zipfile
 from typing import BinaryIO
 
+from fastapi import UploadFile
+
 from shared import dicom
 from shared.archive_safety import checked_entries
 from shared.errors import XrayqError
@@ -16,6 +18,14 @@ from shared.settings import Settings
 
 def read_bounded(stream: BinaryIO, limit: int, filename: str) -> bytes:
     data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise XrayqError("file_too_large", f"{filename!r} is larger than {limit} bytes.")
+    return data
+
+
+async def read_upload(file: UploadFile, limit: int, filename: str) -> bytes:
+    """`read_bounded` for an async route (the spooled upload is read off the event loop if on disk)."""
+    data = await file.read(limit + 1)
     if len(data) > limit:
         raise XrayqError("file_too_large", f"{filename!r} is larger than {limit} bytes.")
     return data

@@ -50,10 +50,19 @@ class Database:
         session = self.sessions()
         try:
             yield session
-            session.commit()
         except BaseException:
-            session.rollback()
+            self.finish(session, commit=False)
             raise
+        self.finish(session, commit=True)
+
+    @staticmethod
+    def finish(session: Session, *, commit: bool) -> None:
+        """End a unit of work: commit (or roll back), and always give the connection back."""
+        try:
+            if commit:
+                session.commit()
+            else:
+                session.rollback()
         finally:
             session.close()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from services.gateway.deps import AdminDep, SessionDep
 from services.gateway.problems import PROBLEMS
@@ -38,7 +38,8 @@ def list_all(session: SessionDep, _: AdminDep) -> list[ApiKeyView]:
 
 
 @router.delete("/{key_id}", response_model=ApiKeyView, responses=PROBLEMS)
-def revoke(key_id: str, session: SessionDep, _: AdminDep) -> ApiKeyView:
+def revoke(key_id: str, request: Request, session: SessionDep, _: AdminDep) -> ApiKeyView:
     row = revoke_key(session, key_id)
     session.commit()
+    request.app.state.principals.forget_all()  # this process stops honouring it at once
     return key_view(row)

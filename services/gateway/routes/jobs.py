@@ -8,66 +8,80 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
+from starlette.datastructures import State
 
-from services.gateway.deps import (
-    CeleryDep,
-    IdempotencyKeyHeader,
-    ModelForm,
-    SessionDep,
-    SettingsDep,
-    StoreDep,
-    SubmitterDep,
-)
+from services.gateway.deps import IdempotencyKeyHeader, ModelForm, SessionDep, SettingsDep, SubmitterDep
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
-from services.gateway.uploads import clean_filename, read_bounded, validate_image
+from services.gateway.uploads import clean_filename, read_upload, validate_image
+from shared.auth import Principal
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
-from shared.jobs import cancel_job, get_job, job_view
+from shared.jobs import Upload, cancel_job, get_job, job_view
 from shared.schemas import JobAccepted, JobView
-from shared.submissions import submit_images
+from shared.submissions import Submitted, submit_images
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=PROBLEMS)
-def submit_job(
+async def submit_job(
+    request: Request,
     principal: SubmitterDep,
     response: Response,
     settings: SettingsDep,
-    session: SessionDep,
-    store: StoreDep,
-    celery: CeleryDep,
     file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
     model: ModelForm = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:
     filename = clean_filename(file.filename, "upload")
-    data = read_bounded(file.file, settings.max_file_bytes, filename)
+    data = await read_upload(file, settings.max_file_bytes, filename)
     upload = validate_image(filename, data, settings)
     if upload.error is not None:
         raise upload.error
-    submitted = submit_images(
-        session,
-        store,
-        celery,
-        settings,
-        [upload],
-        model_ref=model or settings.default_model,
-        as_batch=False,
-        client_ref=client_ref,
-        idempotency_key=idempotency_key,
-        organisation=principal.organisation,
-    )
-    job = submitted.jobs[0]
-    if submitted.replayed:
+    model_ref = model or settings.default_model
+    replayed = False
+    if idempotency_key is None:
+        # The common case goes through the gateway's group commit (see services/gateway/admission.py).
+        job = await request.app.state.admission.submit(
+            upload, model_ref=model_ref, client_ref=client_ref, organisation=principal.organisation
+        )
+    else:
+        submitted = await run_in_threadpool(
+            _submit_idempotent, request.app.state, upload, model_ref, client_ref, idempotency_key, principal
+        )
+        job, replayed = submitted.jobs[0], submitted.replayed
+    if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     else:
         JOBS_SUBMITTED.labels(model=job.model_name, kind="single").inc()
     location = f"/v1/jobs/{job.id}"
     response.headers["Location"] = location
     return JobAccepted(id=job.id, status=job.status.value, filename=job.filename, location=location)
+
+
+def _submit_idempotent(
+    state: State,
+    upload: Upload,
+    model_ref: str,
+    client_ref: str | None,
+    idempotency_key: str,
+    principal: Principal,
+) -> Submitted:
+    with state.database.session() as session:
+        return submit_images(
+            session,
+            state.store,
+            state.celery,
+            state.settings,
+            [upload],
+            model_ref=model_ref,
+            as_batch=False,
+            client_ref=client_ref,
+            idempotency_key=idempotency_key,
+            organisation=principal.organisation,
+        )
 
 
 @router.get("/{job_id}", response_model=JobView, responses=PROBLEMS)
