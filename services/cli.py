@@ -146,7 +146,9 @@ def _worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     if settings.worker_metrics_port:
         _serve_worker_metrics(settings.worker_metrics_port)
-    return _celery_worker("services.worker.app", "predict", args.concurrency or settings.worker_concurrency)
+    from services.worker.app import pool_size
+
+    return _celery_worker("services.worker.app", "predict", pool_size(args.concurrency or settings.worker_concurrency))
 
 
 def _serve_worker_metrics(port: int) -> None:

@@ -35,12 +35,14 @@ class LocalObjectStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._prefix = os.path.join(self.root, "")
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root):
+        # Lexical, not Path.resolve(): no symlink walk per object (the store creates every path in it).
+        path = os.path.normpath(os.path.join(self.root, key))
+        if not path.startswith(self._prefix):
             raise ValueError(f"object key escapes the store: {key!r}")
-        return path
+        return Path(path)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)

@@ -7,6 +7,7 @@ models loaded between messages.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from celery.signals import worker_process_init
@@ -16,13 +17,29 @@ from shared.db.session import database_for
 from shared.logs import configure_logging
 from shared.nets import pick_device
 from shared.queue import PREDICT_TASK, make_celery
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from shared.storage import make_object_store
 
 settings = get_settings()
 app = make_celery(settings, "xrayq-worker")
 log = logging.getLogger(__name__)
 _predictor: Predictor | None = None
+_processes = 1  # set by `pool_size` before the pool forks
+
+
+def pool_size(requested: int) -> int:
+    """Inference processes for this worker: `requested`, or chosen for the device (see Settings)."""
+    global _processes
+    _processes = requested or (1 if _gpu_present(settings) else min(2, os.cpu_count() or 1))
+    return _processes
+
+
+def _gpu_present(settings: Settings) -> bool:
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    # NVML's count does not initialise CUDA in this process, which must not happen before the fork.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    return torch.cuda.is_available()
 
 
 def get_predictor() -> Predictor:
@@ -40,8 +57,8 @@ def get_predictor() -> Predictor:
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
     configure_logging(settings)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    # Threads beyond the cores only make the processes wait on each other.
+    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // _processes))
 
 
 @app.task(name=PREDICT_TASK)

@@ -16,8 +16,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import torch
-from sqlalchemy import Table, bindparam, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, bindparam, func, or_, select, update
 
 from services.worker import metrics
 from shared.artifacts import LoadedModel, load_model
@@ -35,6 +34,15 @@ log = logging.getLogger(__name__)
 
 # "Not yet finished", spelled as equalities rather than NOT IN: executemany refuses expanding lists.
 _NOT_TERMINAL = or_(*(Job.status == status for status in JobStatus if not status.terminal))
+_CLAIMED_COLUMNS = (
+    Job.id,
+    Job.input_key,
+    Job.model_name,
+    Job.model_version_requested,
+    Job.created_at,
+    Job.dicom,
+    Job.attempts,
+)
 
 
 class ModelCache:
@@ -114,50 +122,66 @@ class Predictor:
         A message shorter than a chunk also takes single jobs that are still waiting (dynamic batching):
         under load one forward pass then serves many single-image clients, and their own messages,
         arriving later, find them finished and do nothing.
+
+        Each claim is one UPDATE ... RETURNING, so the write lock is taken by the statement that reads:
+        two worker processes never claim the same waiting job (Postgres: SKIP LOCKED; SQLite: one
+        writer at a time, with no read-then-write window in between).
         """
         now = utcnow()
+        table = cast(Table, Job.__table__)
+        claim = (
+            update(table)
+            .values(
+                attempts=table.c.attempts + 1,
+                status=JobStatus.running,
+                started_at=func.coalesce(table.c.started_at, now),
+            )
+            .returning(*_CLAIMED_COLUMNS)
+        )
         with self.db.session() as session:
-            jobs = list(session.scalars(select(Job).where(Job.id.in_(job_ids), _NOT_TERMINAL)))
-            room = self.settings.predict_chunk_size - len(jobs)
+            connection = session.connection()
+            rows = list(connection.execute(claim.where(table.c.id.in_(job_ids), _NOT_TERMINAL)))
+            room = self.settings.predict_chunk_size - len(rows)
             if self.settings.coalesce_singles and room > 0:
-                jobs += self._waiting_singles(session, job_ids, room)
-            claimed = []
-            for job in jobs:
-                job.attempts += 1
-                if job.attempts > self.settings.max_attempts:
-                    # A message that keeps killing its worker must not loop forever.
-                    job.status = JobStatus.failed
-                    job.error_code = "too_many_attempts"
-                    job.error_detail = f"Gave up after {self.settings.max_attempts} attempts."
-                    job.finished_at = now
-                    continue
-                job.status = JobStatus.running
-                job.started_at = job.started_at or now
-                created = as_utc(job.created_at)
-                claimed.append(
-                    Claimed(
-                        job.id,
-                        job.input_key,
-                        job.model_name,
-                        job.model_version_requested,
-                        created,
-                        {"queue_ms": _ms_since(created, now)},
-                        job.dicom,
+                waiting = (
+                    select(table.c.id)
+                    .where(table.c.status == JobStatus.queued, table.c.batch_id.is_(None), table.c.id.not_in(job_ids))
+                    .order_by(table.c.created_at)
+                    .limit(room)
+                )
+                if connection.dialect.name == "postgresql":
+                    waiting = waiting.with_for_update(skip_locked=True)
+                rows += connection.execute(claim.where(table.c.id.in_(waiting.scalar_subquery())))
+            # A message that keeps killing its worker must not loop forever.
+            exhausted = [row.id for row in rows if row.attempts > self.settings.max_attempts]
+            if exhausted:
+                connection.execute(
+                    update(table)
+                    .where(table.c.id.in_(exhausted))
+                    .values(
+                        status=JobStatus.failed,
+                        error_code="too_many_attempts",
+                        error_detail=f"Gave up after {self.settings.max_attempts} attempts.",
+                        finished_at=now,
                     )
                 )
+        claimed = []
+        for row in rows:
+            if row.attempts > self.settings.max_attempts:
+                continue
+            created = as_utc(row.created_at)
+            claimed.append(
+                Claimed(
+                    row.id,
+                    row.input_key,
+                    row.model_name,
+                    row.model_version_requested,
+                    created,
+                    {"queue_ms": _ms_since(created, now)},
+                    row.dicom,
+                )
+            )
         return claimed
-
-    @staticmethod
-    def _waiting_singles(session: Session, exclude: list[str], limit: int) -> list[Job]:
-        query = (
-            select(Job)
-            .where(Job.status == JobStatus.queued, Job.batch_id.is_(None), Job.id.not_in(exclude))
-            .order_by(Job.created_at)
-            .limit(limit)
-        )
-        if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)  # two workers never take the same waiting job
-        return list(session.scalars(query))
 
     def _run_group(self, model: LoadedModel, jobs: list[Claimed]) -> None:
         """Fetch, decode and preprocess concurrently (I/O, and decoders that release the GIL), then one

@@ -96,8 +96,8 @@ async def read_job(
     view = await run_in_threadpool(_load_view, database, job_id, principal.scope)
     timeout = min(wait, settings.max_wait_seconds)
     if timeout > 0 and view.status not in TERMINAL_NAMES:
-        await request.app.state.waiter.wait(job_id, timeout)
-        view = await run_in_threadpool(_load_view, database, job_id, principal.scope)
+        finished = await request.app.state.waiter.wait(job_id, timeout)
+        view = finished or await run_in_threadpool(_load_view, database, job_id, principal.scope)
     return view
 
 
