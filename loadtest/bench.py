@@ -165,12 +165,11 @@ def measure_pipeline(url: str, images: list[tuple[str, bytes]], batch_size: int,
     submitted = time.perf_counter()
     succeeded = 0
     for batch_id in batch_ids:
-        while True:
-            view = client.get(f"/v1/batches/{batch_id}", params={"limit": 1}).json()
+        while True:  # long-polls: the gateway answers as the batch finishes
+            view = client.get(f"/v1/batches/{batch_id}", params={"limit": 1, "wait": 30}).json()
             if view["progress"] >= 1.0:
                 succeeded += view["counts"]["succeeded"]
                 break
-            time.sleep(0.01)
     elapsed = time.perf_counter() - started
     client.close()
     return {

@@ -52,15 +52,16 @@ class PacsIntegration(HttpUser):
                 return
             batch_id = response.json()["id"]
         deadline = time.monotonic() + 120
-        with self.client.rename_request("/v1/batches/[id]"):
+        with self.client.rename_request("/v1/batches/[id]?wait"):
             while time.monotonic() < deadline:
-                with self.client.get(f"/v1/batches/{batch_id}", params={"limit": 1}, catch_response=True) as response:
+                with self.client.get(
+                    f"/v1/batches/{batch_id}", params={"limit": 1, "wait": 10}, catch_response=True
+                ) as response:
                     body = response.json()
                     if body["status"] in ("succeeded", "partially_failed", "failed", "cancelled"):
                         if body["status"] != "succeeded":
                             response.failure(f"batch ended {body['status']}: {body['counts']}")
                         return
-                time.sleep(0.5)
         self.environment.events.request.fire(
             request_type="BATCH",
             name="timeout",

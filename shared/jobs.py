@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, update
@@ -153,12 +154,18 @@ def new_jobs(
 
 
 def put_all(store: ObjectStore, items: list[tuple[str, bytes, str]]) -> None:
+    """Store many inputs; in parallel, since an S3 put is a network round trip."""
     if len(items) <= 1:
         for key, data, media_type in items:
             store.put(key, data, media_type)
         return
-    with ThreadPoolExecutor(max_workers=min(16, len(items))) as pool:
-        list(pool.map(lambda item: store.put(*item), items))
+    list(_put_pool().map(lambda item: store.put(*item), items))
+
+
+@lru_cache(maxsize=1)
+def _put_pool() -> ThreadPoolExecutor:
+    # One pool per process, made once: starting threads per request cost more than local puts.
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="put")
 
 
 def publish_jobs(celery: Celery, job_ids: Sequence[str], chunk_size: int) -> bool:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shared.db.models import Job
 from shared.db.session import Database
 from shared.errors import XrayqError
-from shared.jobs import Upload, check_model_available, new_jobs, publish_jobs
+from shared.jobs import Upload, check_model_available, new_jobs, publish_jobs, put_all
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
@@ -62,8 +62,6 @@ class AdmissionQueue:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        # Object stores are network round trips in services mode: store a group's inputs in parallel.
-        self._puts = ThreadPoolExecutor(max_workers=16, thread_name_prefix="admission-put")
 
     async def submit(self, upload: Upload, *, model_ref: str, client_ref: str | None, organisation: str | None) -> Job:
         """The committed and published job for this upload; raises what its group's admission raised."""
@@ -124,7 +122,7 @@ class AdmissionQueue:
             if not admitted:
                 return
             # Inputs first: a committed row always finds its bytes.
-            list(self._puts.map(lambda item: self.store.put(*item), to_store))
+            put_all(self.store, to_store)
             session.add_all([job for _, job in admitted])
         publish_jobs(self.celery, [job.id for _, job in admitted], self.settings.predict_chunk_size)
         for pending, job in admitted:

@@ -1,9 +1,10 @@
 """Long-polling without a database query per waiting client.
 
-One loop per gateway process asks the database, every few milliseconds, which of the jobs that
-clients are waiting on have finished, loads those (one query for all of them) and hands each waiting
-client its job's final view. Its cost does not grow with the number of waiters (one small query per
-tick, plus one for the jobs that finished in it), and it works the same in embedded and services mode.
+One loop per gateway process asks the database, every few milliseconds, which of the jobs (and
+batches) that clients are waiting on have finished, loads those jobs (one query for all of them) and
+hands each waiting client its job's final view; a batch's client is woken to read its batch. Its cost
+does not grow with the number of waiters (one small query per tick and kind, plus one for the jobs
+that finished in it), and it works the same in embedded and services mode.
 """
 
 from __future__ import annotations
@@ -12,24 +13,29 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from typing import TypeVar
 
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import selectinload
 
-from shared.db.models import TERMINAL_STATUSES, Job
+from shared.db.models import TERMINAL_STATUSES, Batch, Job
 from shared.db.session import Database
 from shared.jobs import job_view
 from shared.schemas import JobView
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+_TERMINAL = [status.value for status in TERMINAL_STATUSES]
+
 
 class CompletionWaiter:
     def __init__(self, database: Database, interval_s: float = 0.005) -> None:
         self.database = database
         self.interval_s = interval_s
-        self._waiting: dict[str, set[asyncio.Future[JobView]]] = defaultdict(set)
+        self._jobs: dict[str, set[asyncio.Future[JobView]]] = defaultdict(set)
+        self._batches: dict[str, set[asyncio.Future[bool]]] = defaultdict(set)
         self._loop_task: asyncio.Task[None] | None = None
 
     async def wait(self, job_id: str, timeout_s: float) -> JobView | None:
@@ -37,8 +43,16 @@ class CompletionWaiter:
 
         The caller has already checked that the job exists and that its client may see it.
         """
-        finished: asyncio.Future[JobView] = asyncio.get_running_loop().create_future()
-        self._waiting[job_id].add(finished)
+        return await self._wait(self._jobs, job_id, timeout_s)
+
+    async def wait_batch(self, batch_id: str, timeout_s: float) -> bool:
+        """True once every job of the batch has finished (and a study batch's study is complete)."""
+        finished = await self._wait(self._batches, batch_id, timeout_s)
+        return finished is not None
+
+    async def _wait(self, waiting: dict[str, set[asyncio.Future[_T]]], key: str, timeout_s: float) -> _T | None:
+        finished: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        waiting[key].add(finished)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._watch())
         try:
@@ -46,33 +60,46 @@ class CompletionWaiter:
                 return await asyncio.wait_for(finished, timeout_s)
             return None
         finally:
-            futures = self._waiting.get(job_id)
+            futures = waiting.get(key)
             if futures is not None:
                 futures.discard(finished)
                 if not futures:
-                    del self._waiting[job_id]
+                    del waiting[key]
 
     async def _watch(self) -> None:
-        while self._waiting:
+        while self._jobs or self._batches:
             try:
-                views = await run_in_threadpool(self._finished, list(self._waiting))
+                views, batches = await run_in_threadpool(self._finished, list(self._jobs), list(self._batches))
             except Exception:  # keep serving the waiters; they fall back to their own timeouts
                 log.warning("could not check finished jobs", exc_info=True)
-                views = {}
+                views, batches = {}, []
             for job_id, view in views.items():
-                for finished in self._waiting.get(job_id, ()):
-                    if not finished.done():
-                        finished.set_result(view)
+                _settle(self._jobs.get(job_id, ()), view)
+            for batch_id in batches:
+                _settle(self._batches.get(batch_id, ()), True)
             await asyncio.sleep(self.interval_s)
 
-    def _finished(self, job_ids: list[str]) -> dict[str, JobView]:
-        terminal = [status.value for status in TERMINAL_STATUSES]
+    def _finished(self, job_ids: list[str], batch_ids: list[str]) -> tuple[dict[str, JobView], list[str]]:
         views: dict[str, JobView] = {}
+        batches: list[str] = []
         with self.database.session() as session:
-            for start in range(0, len(job_ids), 500):
-                chunk = job_ids[start : start + 500]
-                done = session.scalars(select(Job.id).where(Job.id.in_(chunk), Job.status.in_(terminal))).all()
+            for chunk in _chunks(job_ids):
+                done = session.scalars(select(Job.id).where(Job.id.in_(chunk), Job.status.in_(_TERMINAL))).all()
                 if done:  # full rows only for the few that finished since the last tick
                     query = select(Job).options(selectinload(Job.model_version)).where(Job.id.in_(done))
                     views.update((job.id, job_view(job)) for job in session.scalars(query))
-        return views
+            for chunk in _chunks(batch_ids):
+                unfinished = exists().where(Job.batch_id == Batch.id, Job.status.not_in(_TERMINAL))
+                complete = or_(Batch.study_instance_uid.is_(None), Batch.stable_at.is_not(None))
+                batches += session.scalars(select(Batch.id).where(Batch.id.in_(chunk), complete, ~unfinished)).all()
+        return views, batches
+
+
+def _settle(futures: set[asyncio.Future[_T]] | tuple[()], result: _T) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(result)
+
+
+def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    return [ids[start : start + size] for start in range(0, len(ids), size)]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 import zipfile
 
 import pytest
 from sqlalchemy import select
 
-from shared.db.models import Job
+from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
 from shared.storage import make_object_store
 from tests.conftest import ADMIN_HEADERS, png_bytes
@@ -179,6 +180,35 @@ def test_long_poll_returns_at_deadline_when_not_finished(client, chest_images) -
     view = client.get(f"/v1/jobs/{job_id}?wait=0.5").json()  # no worker runs in this test module
     assert view["status"] == "queued"
     assert 0.4 <= time.monotonic() - started < 5
+
+
+def test_batch_long_poll_returns_at_deadline_when_not_finished(client, chest_images) -> None:
+    files = [("files", (p.name, p.read_bytes())) for p in chest_images["NORMAL"][2:4]]
+    batch_id = client.post("/v1/batches", files=files).json()["id"]
+    started = time.monotonic()
+    view = client.get(f"/v1/batches/{batch_id}?wait=0.5").json()  # no worker runs in this test module
+    assert view["status"] == "queued" and view["total"] == 2
+    assert 0.4 <= time.monotonic() - started < 5
+    assert client.get("/v1/batches/no-such-batch?wait=5").status_code == 404
+
+
+def test_batch_long_poll_is_answered_when_its_last_job_finishes(client, chest_images, services_settings) -> None:
+    files = [("files", (p.name, p.read_bytes())) for p in chest_images["NORMAL"][4:7]]
+    batch_id = client.post("/v1/batches", files=files).json()["id"]
+
+    def finish_jobs_later() -> None:  # what a worker would write, without one
+        time.sleep(0.3)
+        with database_for(services_settings).session() as session:
+            for job in session.scalars(select(Job).where(Job.batch_id == batch_id)):
+                job.status, job.label, job.probabilities = JobStatus.succeeded, "NORMAL", {"NORMAL": 1.0}
+
+    finisher = threading.Thread(target=finish_jobs_later)
+    started = time.monotonic()
+    finisher.start()
+    view = client.get(f"/v1/batches/{batch_id}?wait=20").json()
+    finisher.join()
+    assert view["status"] == "succeeded" and view["counts"]["succeeded"] == 3
+    assert time.monotonic() - started < 5
 
 
 def test_health_readiness_models_and_metrics(client) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
 
 from services.gateway.deps import (
     CallbackSecretForm,
@@ -21,6 +22,7 @@ from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import check_file_count, clean_filename, expand_zip, validate_image
 from shared.callbacks import check_callback
+from shared.db.session import Database
 from shared.errors import XrayqError
 from shared.imaging import sniff_media_type
 from shared.jobs import Upload, batch_view, study_report
@@ -114,14 +116,33 @@ def _too_large(filename: str, settings: Settings) -> Upload:
 
 
 @router.get("/{batch_id}", response_model=BatchView, responses=PROBLEMS)
-def read_batch(
+async def read_batch(
+    request: Request,
     batch_id: str,
-    session: SessionDep,
+    settings: SettingsDep,
     principal: SubmitterDep,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,9}$", description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    wait: Annotated[
+        float, Query(ge=0, description="Long-poll: seconds to wait until every job of the batch has finished.")
+    ] = 0,
 ) -> BatchView:
-    return batch_view(session, batch_id, int(cursor or 0), limit, principal.scope)
+    database = request.app.state.database
+    args = (database, batch_id, int(cursor or 0), limit, principal.scope)
+    view = await run_in_threadpool(_load_batch_view, *args)
+    timeout = min(wait, settings.max_wait_seconds)
+    finished = view.status in FINISHED_BATCH_STATUSES
+    if timeout > 0 and not finished and await request.app.state.waiter.wait_batch(batch_id, timeout):
+        view = await run_in_threadpool(_load_batch_view, *args)
+    return view
+
+
+FINISHED_BATCH_STATUSES = frozenset({"succeeded", "partially_failed", "failed", "cancelled"})
+
+
+def _load_batch_view(database: Database, batch_id: str, cursor: int, limit: int, organisation: str | None) -> BatchView:
+    with database.session() as session:
+        return batch_view(session, batch_id, cursor, limit, organisation)
 
 
 @router.get(
