@@ -86,6 +86,7 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
     from shared.artifacts import load_model
     from shared.db.session import database_for
     from shared.imaging import open_image
+    from shared.nets import pick_device
     from shared.preprocess import preprocess
     from shared.registry import parse_model_ref, resolve_version
     from shared.storage import make_object_store
@@ -94,12 +95,18 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
     with database_for(settings).session() as session:
         row = resolve_version(session, name, version)
         session.expunge(row)
-    model = load_model(row, make_object_store(settings), torch.device("cpu"))
+    # The device the worker uses (XRAYQ_DEVICE): on a GPU host the ceiling is the GPU's, not the CPU's.
+    device = pick_device(settings.device)
+    model = load_model(row, make_object_store(settings), device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def run(batch: list[bytes]) -> None:
-        tensors = torch.stack([preprocess(open_image(data), model.spec) for data in batch])
+        tensors = torch.stack([preprocess(open_image(data), model.spec) for data in batch]).to(device)
         with torch.inference_mode():
-            model.module(tensors)
+            model.module(tensors).cpu()  # the probabilities back on the host, as the worker has them
 
     payloads = [data for _, data in images]
     per_batch: dict[int, float] = {}
@@ -111,12 +118,14 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
         for batch in batches:
             run(batch)
         per_batch[size] = round(sum(map(len, batches)) / (time.perf_counter() - started), 1)
-        x = torch.randn(size, 3, model.spec.size, model.spec.size)
+        x = torch.randn(size, 3, model.spec.size, model.spec.size, device=device)
         with torch.inference_mode():
             model.module(x)
+            sync()
             started = time.perf_counter()
             for _ in range(max(3, 64 // size)):
                 model.module(x)
+            sync()  # CUDA runs asynchronously: without this the clock stops before the work does
             forward_only[size] = round(size * max(3, 64 // size) / (time.perf_counter() - started), 1)
     one = []
     for data in payloads[:20]:
@@ -133,6 +142,7 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
         "ips_by_batch": per_batch,
         "forward_only_ips_by_batch": forward_only,
         "one_image_ms_p50": round(statistics.median(one), 2),
+        "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI, File, UploadFile
 from shared.artifacts import load_model
 from shared.db.session import database_for
 from shared.imaging import open_image
+from shared.nets import pick_device
 from shared.preprocess import preprocess
 from shared.registry import parse_model_ref, resolve_version
 from shared.settings import get_settings
@@ -25,13 +26,13 @@ name, version = parse_model_ref(os.environ.get("XRAYQ_BASELINE_MODEL", settings.
 with database_for(settings).session() as session:
     row = resolve_version(session, name, version)
     session.expunge(row)
-model = load_model(row, make_object_store(settings), torch.device("cpu"))
+model = load_model(row, make_object_store(settings), pick_device(settings.device))  # as the worker
 app = FastAPI(title="synchronous baseline")
 
 
 @app.post("/predict")
 def predict(file: UploadFile = File(...)) -> dict[str, object]:
-    tensor = preprocess(open_image(file.file.read()), model.spec).unsqueeze(0)
+    tensor = preprocess(open_image(file.file.read()), model.spec).unsqueeze(0).to(model.device)
     with torch.inference_mode():
         probabilities = torch.softmax(model.module(tensor), dim=1)[0].tolist()
     best = max(range(len(probabilities)), key=probabilities.__getitem__)

@@ -24,7 +24,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # sys.__stderr__, not sys.stderr: in a Celery pool process sys.stderr is Celery's LoggingProxy,
+    # which feeds records back into logging and drops them (recursion guard).
+    handler = logging.StreamHandler(sys.__stderr__)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -49,7 +49,10 @@ def get_predictor() -> Predictor:
         store = make_object_store(settings)
         device = pick_device(settings.device)
         _predictor = Predictor(
-            settings, database_for(settings), store, ModelCache(store, device, settings.model_cache_size)
+            settings,
+            database_for(settings),
+            store,
+            ModelCache(store, device, settings.model_cache_size, warm_batch_sizes=(1, settings.predict_chunk_size)),
         )
     return _predictor
 
