@@ -33,7 +33,9 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
             "processed_folder": str(spool / "processed"),
             "control_folder": str(spool / "control"),
             "store_processed": False,
-            "polling_interval": 0.005,  # the default 1 s would add up to a second to every job
+            # The default 1 s would add up to a second to every job; a listing of an empty folder
+            # every 2 ms costs about 1 % of a core.
+            "polling_interval": 0.002,
         }
     options: dict[str, object] = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
     if settings.broker_key_prefix:

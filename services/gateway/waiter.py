@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _TERMINAL = [status.value for status in TERMINAL_STATUSES]
+# Ticks are finer while only a few clients wait (an idle gateway answers sooner) and coarser under
+# load, where one tick serves many waiters and the ticks' own cost would compete with the requests.
+FAST_TICK_S = 0.002
+FEW_WAITERS = 4
 
 
 class CompletionWaiter:
@@ -77,7 +81,8 @@ class CompletionWaiter:
                 _settle(self._jobs.get(job_id, ()), view)
             for batch_id in batches:
                 _settle(self._batches.get(batch_id, ()), True)
-            await asyncio.sleep(self.interval_s)
+            few = len(self._jobs) + len(self._batches) <= FEW_WAITERS
+            await asyncio.sleep(min(FAST_TICK_S, self.interval_s) if few else self.interval_s)
 
     def _finished(self, job_ids: list[str], batch_ids: list[str]) -> tuple[dict[str, JobView], list[str]]:
         views: dict[str, JobView] = {}

@@ -114,24 +114,24 @@ class Predictor:
             metrics.BUSY.inc(time.monotonic() - started)
 
     def _run(self, job_ids: list[str]) -> dict[str, int]:
-        claimed = self._claim(job_ids)
+        claimed, versions = self._claim(job_ids)
         for job in claimed:
             metrics.QUEUE_WAIT.observe(job.timings["queue_ms"] / 1000)
         groups: dict[tuple[str, int | None], list[Claimed]] = defaultdict(list)
         for job in claimed:
             groups[(job.model_name, job.model_version_requested)].append(job)
-        for (name, version), jobs in groups.items():
-            try:
-                # Resolved per message, not cached: a newly activated version serves from the next one.
-                model = self._model_for(name, version)
-            except XrayqError as error:
-                self._write(failures=[(job, error) for job in jobs])
+        for key, jobs in groups.items():
+            version = versions[key]
+            if isinstance(version, XrayqError):
+                self._write(failures=[(job, version) for job in jobs])
                 continue
-            self._run_group(model, jobs)
+            self._run_group(self.cache.get(version), jobs)
         return {"claimed": len(claimed)}
 
-    def _claim(self, job_ids: list[str]) -> list[Claimed]:
+    def _claim(self, job_ids: list[str]) -> tuple[list[Claimed], dict[tuple[str, int | None], Any]]:
         """Mark the message's unfinished jobs running and count the attempt; fail those out of attempts.
+        Also returns, per (model, requested version) of the claimed jobs, the version row that answers
+        them (or the XrayqError saying why none can).
 
         A message shorter than a chunk also takes single jobs that are still waiting (dynamic batching):
         under load one forward pass then serves many single-image clients, and their own messages,
@@ -179,6 +179,17 @@ class Predictor:
                         finished_at=now,
                     )
                 )
+            # Resolved per message, in the claim's transaction, never cached: a newly activated
+            # version serves from the next message on.
+            versions: dict[tuple[str, int | None], Any] = {}
+            for row in rows:
+                key = (row.model_name, row.model_version_requested)
+                if key not in versions:
+                    try:
+                        versions[key] = resolve_version(session, *key)
+                        session.expunge(versions[key])
+                    except XrayqError as error:
+                        versions[key] = error
         claimed = []
         for row in rows:
             if row.attempts > self.settings.max_attempts:
@@ -195,7 +206,7 @@ class Predictor:
                     row.dicom,
                 )
             )
-        return claimed
+        return claimed, versions
 
     def _run_group(self, model: LoadedModel, jobs: list[Claimed]) -> None:
         """Fetch, decode and preprocess concurrently (I/O, and decoders that release the GIL), then one
@@ -242,12 +253,6 @@ class Predictor:
         job.timings["preprocess_ms"] = round((time.monotonic() - fetched) * 1000, 2)
         metrics.PREPROCESS.observe(time.monotonic() - started)
         return None
-
-    def _model_for(self, name: str, version: int | None) -> LoadedModel:
-        with self.db.session() as session:
-            row = resolve_version(session, name, version)
-            session.expunge(row)
-        return self.cache.get(row)
 
     def _write(
         self,
