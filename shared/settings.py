@@ -78,9 +78,9 @@ class Settings(BaseSettings):
     # Torch threads per worker (and trainer) process; 0: a worker shares the cores out among its
     # processes, the trainer takes them all.
     torch_threads: int = 0
-    # Inference processes per `xrayq worker`; 0: one on a GPU, two on a CPU (one decodes while the
-    # other runs the model: decoding holds the GIL, and two single-threaded forward passes beat one
-    # two-threaded pass on a busy machine). Each process holds its own copy of the model.
+    # Inference processes per `xrayq worker`; 0: on a CPU two (one decodes while the other runs the
+    # model: decoding holds the GIL, and two single-threaded forward passes beat one two-threaded pass
+    # on a busy machine), on a GPU one per 4 cores, at most 4. Each holds its own copy of the model.
     worker_concurrency: int = Field(default=0, ge=0)
     # Where `xrayq worker` serves its Prometheus metrics (0: not at all).
     worker_metrics_port: int = 9101
