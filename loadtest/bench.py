@@ -1,10 +1,10 @@
 """Headless benchmark of a running xrayq stack; prints one JSON document (`make bench`).
 
 What it measures, all in one run, against the model version the stack serves:
-- model_only: decode + preprocess + forward of that model in this one process, at batch sizes 1..64
-  (the ceiling on this machine: nothing can classify faster);
+- model_only: decode + preprocess + forward of that model in this one process, on the worker's
+  device, at batch sizes 1..64, best of three repeats (the ceiling on this machine);
 - pipeline: images/s through the batch API (N images as concurrent ZIP batches), from the first byte
-  sent until the last job finished;
+  sent until the last job finished; the median of three rounds, each on images of its own;
 - single: single-image jobs at concurrency 1, 8 and 32 (submit, then long-poll), with latencies;
 - overhead_ms_p50: single-job latency at idle minus the model's time for one image;
 - submit_rps: submissions accepted per second by a gateway whose messages no worker reads;
@@ -111,22 +111,31 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
     payloads = [data for _, data in images]
     per_batch: dict[int, float] = {}
     forward_only: dict[int, float] = {}
+    # A ceiling is a best case: each figure is the best of three timed repeats, so a moment of
+    # contention on a small machine does not lower the bar the pipeline is compared with.
     for size in (1, 8, 16, 32, 64):
         batches = [payloads[i : i + size] for i in range(0, min(len(payloads), max(size * 6, 48)), size)]
         run(batches[0])  # warm-up
-        started = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        per_batch[size] = round(sum(map(len, batches)) / (time.perf_counter() - started), 1)
+        rates = []
+        for _ in range(3):
+            started = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            rates.append(sum(map(len, batches)) / (time.perf_counter() - started))
+        per_batch[size] = round(max(rates), 1)
         x = torch.randn(size, 3, model.spec.size, model.spec.size, device=device)
+        passes = max(3, 64 // size)
         with torch.inference_mode():
             model.module(x)
-            sync()
-            started = time.perf_counter()
-            for _ in range(max(3, 64 // size)):
-                model.module(x)
-            sync()  # CUDA runs asynchronously: without this the clock stops before the work does
-            forward_only[size] = round(size * max(3, 64 // size) / (time.perf_counter() - started), 1)
+            rates = []
+            for _ in range(3):
+                sync()
+                started = time.perf_counter()
+                for _ in range(passes):
+                    model.module(x)
+                sync()  # CUDA runs asynchronously: without this the clock stops before the work does
+                rates.append(size * passes / (time.perf_counter() - started))
+            forward_only[size] = round(max(rates), 1)
     one = []
     for data in payloads[:20]:
         started = time.perf_counter()
@@ -395,6 +404,7 @@ def main() -> int:
     parser.add_argument("--url", default=None, help="the stack's gateway (default: XRAYQ_PUBLIC_URL)")
     parser.add_argument("--start", action="store_true", help="start `xrayq up` if nothing answers at URL")
     parser.add_argument("--images", type=int, default=512, help="images for the pipeline measurement")
+    parser.add_argument("--pipeline-rounds", type=int, default=3, help="pipeline runs (median reported)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch in the pipeline run")
     parser.add_argument("--senders", type=int, default=4, help="concurrent batch senders in the pipeline run")
     parser.add_argument("--single-total", type=int, default=160, help="jobs per single-job concurrency level")
@@ -413,7 +423,7 @@ def main() -> int:
         if not wait_ready(url, 900):
             raise SystemExit(f"the stack did not become ready; see {workdir / 'stack.log'}")
     try:
-        images = load_images(settings, args.images)
+        images = load_images(settings, args.images * args.pipeline_rounds)
         models = httpx.get(f"{url}/v1/models", timeout=10, headers=auth_headers()).json()
         active = next(m for m in models if m["name"] == settings.default_model)
         model_ref = f"{active['name']}@{active['active_version']}"
@@ -426,7 +436,15 @@ def main() -> int:
         }
         report["model_only"] = measure_model_only(settings, model_ref, images)
         measure_single(url, images, 1, 5)  # warm the worker's model cache
-        report["pipeline"] = measure_pipeline(url, images, args.batch_size, args.senders)
+        rounds = [
+            measure_pipeline(url, images[i * args.images : (i + 1) * args.images], args.batch_size, args.senders)
+            for i in range(args.pipeline_rounds)
+        ]
+        # The median round (each on images of its own), with every round kept for the record.
+        report["pipeline"] = {
+            **sorted(rounds, key=lambda r: r["ips"])[len(rounds) // 2],
+            "rounds_ips": [r["ips"] for r in rounds],
+        }
         report["single"] = {
             f"c{c}": measure_single(url, images, c, max(args.single_total // (4 if c == 1 else 1), 4 * c))
             for c in (1, 8, 32)
