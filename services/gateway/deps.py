@@ -64,11 +64,8 @@ class PrincipalCache:
 
     def put(self, token: str, principal: Principal) -> None:
         if self.ttl_s > 0:
-            if len(self._entries) > 10_000:  # bounded: stale entries go first, then everything
-                now = time.monotonic()
-                self._entries = {k: v for k, v in self._entries.items() if v[1] >= now}
-                if len(self._entries) > 10_000:
-                    self._entries.clear()
+            if len(self._entries) >= 10_000:  # bounded; each key is looked up again on its next use
+                self._entries.clear()
             self._entries[hash_key(token)] = (principal, time.monotonic() + self.ttl_s)
 
     def forget_all(self) -> None:

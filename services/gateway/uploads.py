@@ -16,10 +16,14 @@ from shared.jobs import Upload
 from shared.settings import Settings
 
 
+def too_large(filename: str, limit: int) -> XrayqError:
+    return XrayqError("file_too_large", f"{filename!r} is larger than {limit} bytes.")
+
+
 def read_bounded(stream: BinaryIO, limit: int, filename: str) -> bytes:
     data = stream.read(limit + 1)
     if len(data) > limit:
-        raise XrayqError("file_too_large", f"{filename!r} is larger than {limit} bytes.")
+        raise too_large(filename, limit)
     return data
 
 
@@ -27,7 +31,7 @@ async def read_upload(file: UploadFile, limit: int, filename: str) -> bytes:
     """`read_bounded` for an async route (the spooled upload is read off the event loop if on disk)."""
     data = await file.read(limit + 1)
     if len(data) > limit:
-        raise XrayqError("file_too_large", f"{filename!r} is larger than {limit} bytes.")
+        raise too_large(filename, limit)
     return data
 
 
@@ -85,7 +89,7 @@ def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
                     name,
                     b"",
                     None,
-                    XrayqError("file_too_large", f"{name!r} is larger than {settings.max_file_bytes} bytes."),
+                    too_large(name, settings.max_file_bytes),
                 )
             )
             continue

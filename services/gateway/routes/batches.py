@@ -20,10 +20,9 @@ from services.gateway.deps import (
 )
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
-from services.gateway.uploads import check_file_count, clean_filename, expand_zip, validate_image
+from services.gateway.uploads import check_file_count, clean_filename, expand_zip, too_large, validate_image
 from shared.callbacks import check_callback
 from shared.db.session import Database
-from shared.errors import XrayqError
 from shared.imaging import sniff_media_type
 from shared.jobs import Upload, batch_view, study_report
 from shared.schemas import BatchAccepted, BatchView, JobAccepted
@@ -111,7 +110,7 @@ def _too_large(filename: str, settings: Settings) -> Upload:
         filename,
         b"",
         None,
-        XrayqError("file_too_large", f"{filename!r} is larger than {settings.max_file_bytes} bytes."),
+        too_large(filename, settings.max_file_bytes),
     )
 
 
