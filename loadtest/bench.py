@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from shared.settings import Settings, get_settings
+from shared.core.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,13 +83,13 @@ def load_images(settings: Settings, count: int) -> list[tuple[str, bytes]]:
 def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
     import torch
 
-    from shared.artifacts import load_model
+    from shared.core.storage import make_object_store
     from shared.db.session import database_for
-    from shared.imaging import open_image
-    from shared.nets import pick_device
-    from shared.preprocess import preprocess
-    from shared.registry import parse_model_ref, resolve_version
-    from shared.storage import make_object_store
+    from shared.imaging.decode import open_image
+    from shared.imaging.preprocess import preprocess
+    from shared.models.artifacts import load_model
+    from shared.models.nets import pick_device
+    from shared.models.registry import parse_model_ref, resolve_version
 
     name, version = parse_model_ref(model_ref)
     with database_for(settings).session() as session:
@@ -331,9 +331,9 @@ def measure_submit_rps(settings: Settings, images: list[tuple[str, bytes]], tota
 def _delete_jobs(settings: Settings, client_ref: str) -> None:
     from sqlalchemy import delete, select
 
+    from shared.core.storage import make_object_store
     from shared.db.models import Job
     from shared.db.session import database_for
-    from shared.storage import make_object_store
 
     store = make_object_store(settings)
     with database_for(settings).session() as session:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from locust import HttpUser, between, task
 
-from shared.settings import get_settings
+from shared.core.settings import get_settings
 
 # Services mode needs a key: XRAYQ_API_KEY (role `submit`), else the bootstrap admin key.
 _KEY = os.environ.get("XRAYQ_API_KEY") or get_settings().admin_key

@@ -12,14 +12,14 @@ import os
 import torch
 from fastapi import FastAPI, File, UploadFile
 
-from shared.artifacts import load_model
+from shared.core.settings import get_settings
+from shared.core.storage import make_object_store
 from shared.db.session import database_for
-from shared.imaging import open_image
-from shared.nets import pick_device
-from shared.preprocess import preprocess
-from shared.registry import parse_model_ref, resolve_version
-from shared.settings import get_settings
-from shared.storage import make_object_store
+from shared.imaging.decode import open_image
+from shared.imaging.preprocess import preprocess
+from shared.models.artifacts import load_model
+from shared.models.nets import pick_device
+from shared.models.registry import parse_model_ref, resolve_version
 
 settings = get_settings()
 name, version = parse_model_ref(os.environ.get("XRAYQ_BASELINE_MODEL", settings.default_model))

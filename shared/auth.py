@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
 from shared.db.models import ApiKey, utcnow
-from shared.errors import XrayqError
-from shared.settings import Settings
 
 ROLES = ("submit", "train", "admin")
 BOOTSTRAP_ORGANISATION = "admin"

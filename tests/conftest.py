@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.settings import Settings
+from shared.core.settings import Settings
 
 CHEST_TRAIN = Path("chest-xray-224") / "train"
 
@@ -147,8 +147,8 @@ def settings_from_env(env: dict[str, str], **overrides: object) -> Settings:
 
 @pytest.fixture(scope="session")
 def services_settings(services_env) -> Settings:
+    from shared.core.storage import S3ObjectStore
     from shared.db.migrate import upgrade_database
-    from shared.storage import S3ObjectStore
 
     settings = settings_from_env(services_env)
     upgrade_database(settings)

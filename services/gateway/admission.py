@@ -21,12 +21,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
 from shared.db.models import Job
 from shared.db.session import Database
-from shared.errors import XrayqError
-from shared.jobs import Upload, check_model_available, new_jobs, publish_jobs, put_all
-from shared.settings import Settings
-from shared.storage import ObjectStore
+from shared.jobs.lifecycle import Upload, check_model_available, new_jobs, publish_jobs, put_all
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -29,13 +29,13 @@ from services.gateway.routes import (
     training_runs,
 )
 from services.gateway.waiter import CompletionWaiter
+from shared.core.logs import configure_logging
+from shared.core.queue import make_celery
+from shared.core.settings import Settings, get_settings
+from shared.core.storage import make_object_store
 from shared.db.session import Database, database_for
-from shared.deliveries import finish_pass
-from shared.logs import configure_logging
-from shared.queue import make_celery
-from shared.reconciler import purge_old_inputs, reconcile_once, reconcile_runs
-from shared.settings import Settings, get_settings
-from shared.storage import make_object_store
+from shared.jobs.deliveries import finish_pass
+from shared.jobs.reconciler import purge_old_inputs, reconcile_once, reconcile_runs
 
 log = logging.getLogger(__name__)
 _collectors: dict[str, StateCollector] = {}

@@ -16,9 +16,9 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from shared.auth import OPEN, Principal, authenticate, hash_key, require
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
 from shared.db.session import Database
-from shared.settings import Settings
-from shared.storage import ObjectStore
 
 
 async def get_settings_dep(request: Request) -> Settings:

@@ -17,10 +17,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.core.queue import queue_depths
+from shared.core.settings import Settings
 from shared.db.models import Job, ModelVersion
 from shared.db.session import Database
-from shared.queue import queue_depths
-from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import XrayqError
+from shared.core.errors import XrayqError
 from shared.schemas import Problem
 
 PROBLEM_JSON = "application/problem+json"

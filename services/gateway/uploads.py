@@ -8,12 +8,12 @@ from typing import BinaryIO
 
 from fastapi import UploadFile
 
-from shared import dicom
-from shared.archive_safety import checked_entries
-from shared.errors import XrayqError
-from shared.imaging import ImageLimits, check_image, sniff_media_type
-from shared.jobs import Upload
-from shared.settings import Settings
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.imaging import dicom
+from shared.imaging.decode import ImageLimits, check_image, sniff_media_type
+from shared.intake.archives import checked_entries
+from shared.jobs.lifecycle import Upload
 
 
 def too_large(filename: str, limit: int) -> XrayqError:

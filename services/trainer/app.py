@@ -11,9 +11,9 @@ from celery.signals import worker_process_init
 from services.trainer.pipeline import train_and_register
 from services.trainer.runs import execute_run
 from services.trainer.training import TrainConfig
-from shared.logs import configure_logging
-from shared.queue import TRAIN_RUN_TASK, TRAIN_TASK, make_celery
-from shared.settings import get_settings
+from shared.core.logs import configure_logging
+from shared.core.queue import TRAIN_RUN_TASK, TRAIN_TASK, make_celery
+from shared.core.settings import get_settings
 
 settings = get_settings()
 app = make_celery(settings, "xrayq-trainer")

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.errors import XrayqError
-from shared.imaging import ImageLimits, decode_image, open_image, sniff_media_type
-from shared.preprocess import PreprocessSpec, to_model_pixels
+from shared.core.errors import XrayqError
+from shared.imaging.decode import ImageLimits, decode_image, open_image, sniff_media_type
+from shared.imaging.preprocess import PreprocessSpec, to_model_pixels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 

@@ -17,10 +17,10 @@ import torch
 
 from services.trainer.data import detect_color, load_dataset, train_val_split
 from services.trainer.training import ProgressCallback, TrainConfig, fit
-from shared.artifacts import register_version
+from shared.core.settings import Settings
+from shared.core.storage import make_object_store
 from shared.db.session import database_for
-from shared.settings import Settings
-from shared.storage import make_object_store
+from shared.models.artifacts import register_version
 
 log = logging.getLogger(__name__)
 

@@ -24,16 +24,16 @@ from services.trainer.data import Example, LabelledImages, detect_color_of, load
 from services.trainer.evaluation import classification_report, roc_points
 from services.trainer.plots import render_plots
 from services.trainer.training import TrainConfig, fit, predict_probabilities
-from shared.artifacts import load_model, register_version
-from shared.datasets import blob_key, load_manifest
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore, make_object_store
 from shared.db.models import Dataset, ModelVersion, RunStatus, TrainingRun
 from shared.db.session import Database, database_for
-from shared.errors import XrayqError
-from shared.nets import build_model, pick_device
-from shared.registry import activate_version
-from shared.settings import Settings
-from shared.storage import ObjectStore, make_object_store
-from shared.training_runs import claim_run, finish_run, record_progress
+from shared.models.artifacts import load_model, register_version
+from shared.models.nets import build_model, pick_device
+from shared.models.registry import activate_version
+from shared.training.datasets import blob_key, load_manifest
+from shared.training.runs import claim_run, finish_run, record_progress
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from torchvision.transforms import v2
 
 from services.trainer.data import LabelledImages
 from services.trainer.evaluation import classification_report
-from shared.nets import DEFAULT_ARCHITECTURE, build_model, pick_device
-from shared.preprocess import PreprocessSpec, normalize
+from shared.imaging.preprocess import PreprocessSpec, normalize
+from shared.models.nets import DEFAULT_ARCHITECTURE, build_model, pick_device
 
 
 @dataclass

@@ -13,12 +13,12 @@ import torch
 from celery.signals import worker_process_init
 
 from services.worker.inference import ModelCache, Predictor
+from shared.core.logs import configure_logging
+from shared.core.queue import PREDICT_TASK, make_celery
+from shared.core.settings import Settings, get_settings
+from shared.core.storage import make_object_store
 from shared.db.session import database_for
-from shared.logs import configure_logging
-from shared.nets import pick_device
-from shared.queue import PREDICT_TASK, make_celery
-from shared.settings import Settings, get_settings
-from shared.storage import make_object_store
+from shared.models.nets import pick_device
 
 settings = get_settings()
 app = make_celery(settings, "xrayq-worker")

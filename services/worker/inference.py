@@ -19,16 +19,16 @@ import torch
 from sqlalchemy import Table, bindparam, func, or_, select, update
 
 from services.worker import metrics
-from shared.artifacts import LoadedModel, load_model
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.core.storage import ObjectNotFound, ObjectStore
 from shared.db.models import Job, JobStatus, as_utc, utcnow
 from shared.db.session import Database
-from shared.dicom import suitability_warnings
-from shared.errors import XrayqError
-from shared.imaging import ImageLimits, open_image
-from shared.preprocess import normalize, to_model_pixels
-from shared.registry import resolve_version
-from shared.settings import Settings
-from shared.storage import ObjectNotFound, ObjectStore
+from shared.imaging.decode import ImageLimits, open_image
+from shared.imaging.dicom import suitability_warnings
+from shared.imaging.preprocess import normalize, to_model_pixels
+from shared.models.artifacts import LoadedModel, load_model
+from shared.models.registry import resolve_version
 
 log = logging.getLogger(__name__)
 

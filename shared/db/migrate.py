@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from shared.settings import Settings
+from shared.core.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.settings import Settings
+from shared.core.settings import Settings
 
 
 def make_engine(database_url: str) -> Engine:

@@ -176,8 +176,8 @@ def e2e_services_env(services_env, tmp_path_factory, data_dir):
     The stacks live for the whole session: sharing the integration tests' namespaces, their workers
     and trainer would consume the messages those tests publish and inspect.
     """
+    from shared.core.storage import S3ObjectStore
     from shared.db.migrate import upgrade_database
-    from shared.storage import S3ObjectStore
 
     with scratch_database() as database_url:
         env = {

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from shared.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, verify_signature
+from shared.jobs.callbacks import DELIVERY_HEADER, SIGNATURE_HEADER, verify_signature
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e

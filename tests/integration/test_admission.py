@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import select
 
 from services.gateway.admission import AdmissionQueue
+from shared.core.errors import XrayqError
+from shared.core.queue import make_celery
+from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
-from shared.errors import XrayqError
-from shared.jobs import Upload
-from shared.queue import make_celery
-from shared.storage import make_object_store
+from shared.jobs.lifecycle import Upload
 from tests.integration.test_gateway_api import queued_message_ids
 
 

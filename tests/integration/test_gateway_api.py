@@ -12,9 +12,9 @@ import zipfile
 import pytest
 from sqlalchemy import select
 
+from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
-from shared.storage import make_object_store
 from tests.conftest import ADMIN_HEADERS, png_bytes
 
 

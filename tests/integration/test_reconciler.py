@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from shared.core.queue import make_celery
+from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import database_for
-from shared.jobs import Upload, create_jobs
-from shared.queue import make_celery
-from shared.reconciler import reconcile_once
-from shared.storage import make_object_store
+from shared.jobs.lifecycle import Upload, create_jobs
+from shared.jobs.reconciler import reconcile_once
 from tests.integration.test_gateway_api import queued_message_ids
 
 
@@ -61,7 +61,7 @@ def test_a_busy_queue_is_not_mistaken_for_lost_messages(
 
 
 def test_inputs_of_long_finished_jobs_are_purged_and_results_kept(services_settings, services_model, chest_images):
-    from shared.reconciler import purge_old_inputs
+    from shared.jobs.reconciler import purge_old_inputs
 
     image = chest_images["NORMAL"][5].read_bytes()
     old = old_job(services_settings, image, JobStatus.queued, age_s=0)

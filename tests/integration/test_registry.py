@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.artifacts import load_model
+from shared.core.errors import XrayqError
+from shared.core.storage import make_object_store
 from shared.db.models import ModelVersion
 from shared.db.session import database_for
-from shared.errors import XrayqError
-from shared.registry import parse_model_ref, resolve_version
-from shared.storage import make_object_store
+from shared.models.artifacts import load_model
+from shared.models.registry import parse_model_ref, resolve_version
 
 
 def test_trained_version_is_registered_active_and_loads_back(services_settings, services_model) -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.storage import LocalObjectStore, ObjectNotFound, S3ObjectStore, make_object_store
+from shared.core.storage import LocalObjectStore, ObjectNotFound, S3ObjectStore, make_object_store
 
 
 @pytest.fixture(params=["s3", "local"])

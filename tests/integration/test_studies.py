@@ -10,13 +10,13 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from shared.core.queue import make_celery
+from shared.core.storage import make_object_store
 from shared.db.models import Batch
 from shared.db.session import database_for
-from shared.deliveries import finish_pass
-from shared.jobs import batch_view
-from shared.queue import make_celery
-from shared.storage import make_object_store
-from shared.studies import add_instances, read_instance, seal_stable_studies
+from shared.jobs.deliveries import finish_pass
+from shared.jobs.lifecycle import batch_view
+from shared.jobs.studies import add_instances, read_instance, seal_stable_studies
 from tests.conftest import settings_from_env
 
 pytestmark = pytest.mark.integration

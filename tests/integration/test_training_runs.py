@@ -18,12 +18,12 @@ from sqlalchemy import func, select, update
 
 from services.gateway.app import create_app
 from services.trainer.runs import execute_run
-from shared.datasets import blob_key
+from shared.core.storage import make_object_store
 from shared.db.models import Dataset, ModelVersion, TrainingRun, utcnow
 from shared.db.session import database_for
-from shared.reconciler import reconcile_runs
-from shared.storage import make_object_store
-from shared.training_runs import claim_run
+from shared.jobs.reconciler import reconcile_runs
+from shared.training.datasets import blob_key
+from shared.training.runs import claim_run
 from tests.conftest import ADMIN_HEADERS, png_bytes
 from tests.integration.test_gateway_api import problem, zip_bomb
 
@@ -88,7 +88,7 @@ def test_zip_of_split_class_folders_becomes_an_immutable_dataset(client, chest_d
     store = make_object_store(services_settings)
     with database_for(services_settings).session() as session:
         row = session.get(Dataset, body["id"])
-        from shared.datasets import load_manifest
+        from shared.training.datasets import load_manifest
 
         manifest = load_manifest(store, row)
     entry = manifest["files"][0]
@@ -279,7 +279,7 @@ def test_a_run_whose_trainer_died_is_failed_by_the_reconciler(client, chest_data
         session.execute(
             update(TrainingRun).where(TrainingRun.id == run["id"]).values(heartbeat_at=utcnow() - timedelta(hours=1))
         )
-    from shared.queue import make_celery
+    from shared.core.queue import make_celery
 
     result = reconcile_runs(services_settings, database, make_celery(services_settings))
     assert result["failed"] >= 1
@@ -290,7 +290,7 @@ def test_a_run_whose_trainer_died_is_failed_by_the_reconciler(client, chest_data
 def test_dicom_training_data_is_stored_de_identified(client, data_dir, services_settings) -> None:
     import pydicom
 
-    from shared.datasets import load_manifest
+    from shared.training.datasets import load_manifest
 
     originals = {name: (data_dir / "dicom" / f"{name}.dcm").read_bytes() for name in ("RG1_UNCR", "RG3_UNCR")}
     response = upload(

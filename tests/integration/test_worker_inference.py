@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from services.worker.inference import ModelCache, Predictor
+from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
-from shared.jobs import Upload, create_jobs, get_job
-from shared.storage import make_object_store
+from shared.jobs.lifecycle import Upload, create_jobs, get_job
 
 
 def make_predictor(settings) -> Predictor:

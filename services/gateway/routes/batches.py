@@ -21,13 +21,13 @@ from services.gateway.deps import (
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import check_file_count, clean_filename, expand_zip, too_large, validate_image
-from shared.callbacks import check_callback
+from shared.core.settings import Settings
 from shared.db.session import Database
-from shared.imaging import sniff_media_type
-from shared.jobs import Upload, batch_view, study_report
+from shared.imaging.decode import sniff_media_type
+from shared.jobs.callbacks import check_callback
+from shared.jobs.lifecycle import Upload, batch_view, study_report
+from shared.jobs.submissions import submit_images
 from shared.schemas import BatchAccepted, BatchView, JobAccepted
-from shared.settings import Settings
-from shared.submissions import submit_images
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 

@@ -9,9 +9,9 @@ from sqlalchemy import select
 
 from services.gateway.deps import SessionDep, SettingsDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
-from shared.datasets import check_dataset_name, create_dataset, find_dataset, read_upload
 from shared.db.models import Dataset, as_utc
 from shared.schemas import DatasetView
+from shared.training.datasets import check_dataset_name, create_dataset, find_dataset, read_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -17,12 +17,12 @@ from pydicom import Dataset
 
 from services.gateway.deps import SubmitterDep
 from services.gateway.problems import PROBLEMS
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
 from shared.db.session import Database
-from shared.dicom import read_header
-from shared.errors import XrayqError
-from shared.jobs import Upload
-from shared.settings import Settings
-from shared.studies import Refused, add_instances, read_instance, refusal
+from shared.imaging.dicom import read_header
+from shared.jobs.lifecycle import Upload
+from shared.jobs.studies import Refused, add_instances, read_instance, refusal
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 DICOM_JSON = "application/dicom+json"

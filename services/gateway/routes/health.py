@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from services.gateway.metrics import REGISTRY
-from shared.registry import any_active_version
+from shared.models.registry import any_active_version
 from shared.schemas import ReadinessView
 
 router = APIRouter(tags=["health"])

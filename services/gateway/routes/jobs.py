@@ -17,9 +17,9 @@ from services.gateway.uploads import clean_filename, read_upload, validate_image
 from shared.auth import Principal
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
-from shared.jobs import Upload, cancel_job, get_job, job_view
+from shared.jobs.lifecycle import Upload, cancel_job, get_job, job_view
+from shared.jobs.submissions import Submitted, submit_images
 from shared.schemas import JobAccepted, JobView
-from shared.submissions import Submitted, submit_images
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -9,11 +9,11 @@ from sqlalchemy import select
 
 from services.gateway.deps import PrincipalDep, SessionDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
+from shared.core.errors import XrayqError
+from shared.core.storage import ObjectNotFound
 from shared.db.models import ModelActivation, ModelVersion, as_utc
-from shared.errors import XrayqError
-from shared.registry import activation_history, find_version, promote, promote_by_id, rollback
+from shared.models.registry import activation_history, find_version, promote, promote_by_id, rollback
 from shared.schemas import ModelActivationView, ModelVersionView, ModelView, PromoteRequest
-from shared.storage import ObjectNotFound
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

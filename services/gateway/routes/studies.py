@@ -19,11 +19,11 @@ from services.gateway.deps import (
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import check_file_count, clean_filename
-from shared.callbacks import check_callback
-from shared.errors import XrayqError
-from shared.jobs import Upload, batch_view
+from shared.core.errors import XrayqError
+from shared.jobs.callbacks import check_callback
+from shared.jobs.lifecycle import Upload, batch_view
+from shared.jobs.studies import Refused, StudyIntake, add_instances, read_instance, refusal, study_batch_ids
 from shared.schemas import BatchView, RefusedInstance, StudiesAccepted, StudyAccepted
-from shared.studies import Refused, StudyIntake, add_instances, read_instance, refusal, study_batch_ids
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, TrainerDep
 from services.gateway.problems import PROBLEMS
 from shared.schemas import TrainingRunCreate, TrainingRunView
-from shared.training_runs import cancel_run, create_run, find_run, list_runs, publish_run, run_view
+from shared.training.runs import cancel_run, create_run, find_run, list_runs, publish_run, run_view
 
 router = APIRouter(prefix="/v1/training-runs", tags=["training runs"])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
+from shared.core.settings import Settings
 from shared.db.models import Base
 from shared.db.session import make_engine
-from shared.settings import Settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().database_url

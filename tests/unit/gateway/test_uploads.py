@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from services.gateway.uploads import clean_filename, expand_zip, read_bounded, validate_image
-from shared.errors import XrayqError
-from shared.settings import Settings
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
 from tests.conftest import jpeg_bytes, png_bytes
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torchvision
 
-from shared.architectures import ARCHITECTURES, check_architecture
-from shared.errors import XrayqError
+from shared.core.errors import XrayqError
+from shared.models.architectures import ARCHITECTURES, check_architecture
 
 
 def test_every_listed_name_is_a_torchvision_classification_model() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.dataset_layout import check_splits, parse_layout
-from shared.errors import XrayqError
+from shared.core.errors import XrayqError
+from shared.training.dataset_layout import check_splits, parse_layout
 
 
 def labels(paths: list[str]) -> list[tuple[str, str]]:

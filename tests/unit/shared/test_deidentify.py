@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from shared.deidentify import deidentify
-from shared.errors import XrayqError
+from shared.core.errors import XrayqError
+from shared.imaging.deidentify import deidentify
 
 KEY = "dataset-7-deidentification-key"
 

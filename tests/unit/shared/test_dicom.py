@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 
-from shared.errors import XrayqError
-from shared.imaging import check_image, open_image, to_float_array
+from shared.core.errors import XrayqError
+from shared.imaging.decode import check_image, open_image, to_float_array
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_garbage_after_the_dicom_preamble_is_refused_as_dicom(dicom_dir) -> None
 
 
 def test_identifying_tags_and_suitability_flags(dicom_dir) -> None:
-    from shared.dicom import identifying_tags, read_header, suitability_warnings
+    from shared.imaging.dicom import identifying_tags, read_header, suitability_warnings
 
     tags = identifying_tags(read_header(read(dicom_dir, "RG3_UNCR")))
     assert tags["Modality"] == "CR" and tags["BodyPartExamined"] == "EXTREMITY"

@@ -7,11 +7,11 @@ import io
 import pydicom
 import pytest
 
-from shared.callbacks import check_callback, signature, verify_signature
-from shared.dimse import decodable_transfer_syntaxes, parse_remote_ae
-from shared.errors import XrayqError
-from shared.reports import ClassifiedInstance, build_report, label_code
-from shared.settings import Settings
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.imaging.dimse import decodable_transfer_syntaxes, parse_remote_ae
+from shared.imaging.reports import ClassifiedInstance, build_report, label_code
+from shared.jobs.callbacks import check_callback, signature, verify_signature
 
 
 def headers(data_dir, *names: str) -> list[pydicom.Dataset]:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.errors import XrayqError
-from shared.imaging import ImageLimits, check_image, decode_image, open_image, sniff_media_type
-from shared.preprocess import PreprocessSpec, preprocess
+from shared.core.errors import XrayqError
+from shared.imaging.decode import ImageLimits, check_image, decode_image, open_image, sniff_media_type
+from shared.imaging.preprocess import PreprocessSpec, preprocess
 from tests.conftest import jpeg_bytes, png_bytes
 
 

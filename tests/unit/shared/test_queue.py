@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from shared.queue import PREDICT_QUEUE, PREDICT_TASK, TRAIN_QUEUE, make_celery
-from shared.settings import Settings
+from shared.core.queue import PREDICT_QUEUE, PREDICT_TASK, TRAIN_QUEUE, make_celery
+from shared.core.settings import Settings
 
 
 def test_embedded_broker_writes_whole_message_files_in_arrival_order(tmp_path) -> None:

@@ -17,8 +17,8 @@ from services.trainer.data import (
     patient_group,
     split_by_group,
 )
-from shared.errors import XrayqError
-from shared.preprocess import PreprocessSpec
+from shared.core.errors import XrayqError
+from shared.imaging.preprocess import PreprocessSpec
 from tests.conftest import jpeg_bytes, png_bytes
 
 # --- patient_group -------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The DICOM receiver (`xrayq dicom`): C-ECHO and C-STORE SCP feeding the same intake as the HTTP API."""

@@ -1,0 +1,129 @@
+"""`xrayq dicom`: the DICOM receiver, a C-STORE SCP (pynetdicom) in a process of its own.
+
+It answers C-ECHO, and C-STORE for the radiograph storage SOP classes in every transfer syntax this
+installation decodes. Received instances go through the same study intake as STOW-RS and REST
+(`shared.jobs.studies`): stored, turned into jobs of their study's batch, published. Statuses (PS3.4 B.2.3):
+0x0000 once the instance is durably stored and queued; 0xA700 (Refused: Out of Resources) when storage,
+database or broker fail, or no model can answer yet -- the sender should retry; 0xA900 when the data
+set is not of the negotiated SOP class; 0xC000 (Cannot understand) for an instance that cannot be
+classified (its ErrorComment carries xrayq's error code). Calling AE titles outside the allow-list
+are rejected at association.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.events import EventHandlerType
+
+from shared.core.errors import XrayqError
+from shared.core.logs import configure_logging
+from shared.core.queue import make_celery
+from shared.core.settings import Settings
+from shared.core.storage import make_object_store
+from shared.db.session import database_for
+from shared.imaging.dimse import decodable_transfer_syntaxes
+from shared.jobs.studies import RADIOGRAPH_STORAGE_CLASSES, add_instances, read_instance
+
+log = logging.getLogger("xrayq.dicom")
+
+VERIFICATION = "1.2.840.10008.1.1"
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+# Not the sender's fault: it should send again later.
+_OUR_TROUBLE = frozenset({"no_active_model", "model_not_found", "model_corrupt", "file_too_large", "internal_error"})
+
+
+class StoreHandler:
+    """C-STORE requests to study intake; one per process, called from each association's thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = database_for(settings)
+        self.store = make_object_store(settings)
+        self.celery = make_celery(settings, "xrayq-dicom")
+        self.organisations = settings.dicom_calling_ae_organisations
+
+    def __call__(self, event: Any) -> Dataset | int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        negotiated = str(event.context.abstract_syntax)
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            upload = read_instance(f"{calling}-{event.request.AffectedSOPInstanceUID}.dcm", data, self.settings)
+        except XrayqError as error:
+            status = OUT_OF_RESOURCES if error.code in _OUR_TROUBLE else CANNOT_UNDERSTAND
+            return _status(status, error)
+        except Exception as exc:  # a data set pydicom cannot even encode
+            return _status(CANNOT_UNDERSTAND, XrayqError("dicom_unreadable", type(exc).__name__))
+        if str(event.dataset.get("SOPClassUID", "")) != negotiated:
+            return _status(SOP_CLASS_MISMATCH, XrayqError("dicom_sop_class_mismatch", "SOP class differs from context"))
+        try:
+            with self.database.session() as session:
+                intake = add_instances(
+                    session,
+                    self.store,
+                    self.celery,
+                    self.settings,
+                    [upload],
+                    organisation=self.organisations.get(calling, self.settings.dicom_organisation),
+                    source="dimse",
+                    model_ref=self.settings.dicom_model or self.settings.default_model,
+                )
+        except XrayqError as error:
+            return _status(OUT_OF_RESOURCES, error)
+        except Exception:
+            log.exception("could not store an instance from %s", calling)
+            return _status(OUT_OF_RESOURCES, XrayqError("internal_error", "storage unavailable"))
+        batch = intake.batches[0]
+        log.info("instance from %s joined study batch %s (%d instances)", calling, batch.id, batch.total)
+        return SUCCESS
+
+
+def _status(code: int, error: XrayqError) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = f"{error.code}: {error.detail}"[:64]  # LO: 64 characters
+    log.warning("C-STORE refused with 0x%04X: %s", code, error.code)
+    return status
+
+
+def make_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.dicom_ae_title)
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = settings.dicom_network_timeout_s
+    ae.maximum_associations = 16
+    allowed = list(settings.dicom_calling_ae_organisations)
+    if allowed:
+        ae.require_calling_aet = allowed  # others are rejected: "calling AE title not recognised"
+    ae.add_supported_context(VERIFICATION)
+    syntaxes = decodable_transfer_syntaxes()
+    for sop_class in RADIOGRAPH_STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, syntaxes)
+    return ae
+
+
+def run_scp(settings: Settings) -> int:
+    """Serve until SIGTERM / SIGINT; associations in progress are aborted on the way out."""
+    configure_logging(settings)
+    ae = make_ae(settings)
+    handlers: list[EventHandlerType] = [
+        (evt.EVT_C_STORE, StoreHandler(settings)),
+        (evt.EVT_C_ECHO, lambda _event: SUCCESS),
+    ]
+    address = (settings.dicom_bind_host, settings.dicom_port)
+    server = ae.start_server(address, block=False, evt_handlers=handlers)
+    assert server is not None  # block=False returns the running server
+    allowed = ", ".join(ae.require_calling_aet) or "any calling AE title"
+    log.info("DICOM receiver %s listening on %s:%d (accepting %s)", settings.dicom_ae_title, *address, allowed)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+    return 0

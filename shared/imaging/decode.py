@@ -1,0 +1,154 @@
+"""Image intake: identify uploads by content and decode them safely into float arrays.
+
+No torch here: the gateway validates uploads with this module and stays light.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from shared.core.errors import XrayqError
+from shared.imaging import dicom
+
+MediaType = Literal["image/png", "image/jpeg", "application/dicom", "application/zip"]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty archive
+
+# Pillow's own bomb guard is a warning up to 2x its limit; we check sizes ourselves before decoding and
+# turn Pillow's guard into a hard error as a second line.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def sniff_media_type(data: bytes) -> MediaType | None:
+    """The upload's type from its first bytes; file names and client-sent types are not trusted."""
+    if data.startswith(PNG_MAGIC):
+        return "image/png"
+    if data.startswith(JPEG_MAGIC):
+        return "image/jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "application/dicom"
+    if data.startswith(ZIP_MAGICS):
+        return "application/zip"
+    return None
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = 40_000_000
+    min_side: int = 32
+
+
+def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
+    """Cheap validation for the submit path: type by content, header, size, and a complete stream.
+
+    No full decode: the header gives the pixel count (so bombs are refused before any decoding) and
+    the file's end shows truncation (a JPEG's EOI marker, a PNG's IEND chunk); for DICOM, the header
+    and a decoder for its transfer syntax. Damage deeper inside the stream is found by the worker's
+    decode and fails that job alone.
+    """
+    limits = limits or ImageLimits()
+    media_type = _supported_type(data)
+    if media_type == "application/dicom":
+        header = dicom.read_header(data)
+        _check_size(*dicom.size_of(header), limits)
+        dicom.check_complete(data, header)
+        return media_type
+    _open_header(data, limits)
+    tail = data[-4096:]
+    complete = b"\xff\xd9" in tail if media_type == "image/jpeg" else b"IEND" in tail[-64:]
+    if not complete:
+        raise XrayqError("image_unreadable", "The image is truncated (its end marker is missing).")
+    return media_type
+
+
+def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+    """Fully decode a PNG (8/16-bit, grey, RGB, palette, alpha), JPEG or DICOM, checking its size first.
+
+    Raises XrayqError with a stable code for anything that is not a complete, readable image of
+    sensible size.
+    """
+    limits = limits or ImageLimits()
+    if _supported_type(data) == "application/dicom":
+        _check_size(*dicom.size_of(dicom.read_header(data)), limits)
+        return dicom.decode(data)
+    image = _open_header(data, limits)
+    try:
+        image.load()  # full decode: a truncated or corrupt stream fails here
+    except _DECODE_ERRORS as exc:
+        raise XrayqError("image_unreadable", f"The image could not be decoded: {exc}") from None
+    return image
+
+
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+def _supported_type(data: bytes) -> MediaType:
+    if not data:
+        raise XrayqError("empty_file", "The file is empty.")
+    media_type = sniff_media_type(data)
+    if media_type not in ("image/png", "image/jpeg", "application/dicom"):
+        raise XrayqError("unsupported_media_type", "The file is not a PNG, JPEG or DICOM image (checked by content).")
+    return media_type
+
+
+def _check_size(width: int, height: int, limits: ImageLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise XrayqError(
+            "image_too_large", f"The image has {width}x{height} pixels; the limit is {limits.max_pixels} pixels."
+        )
+    if min(width, height) < limits.min_side:
+        raise XrayqError(
+            "image_too_small",
+            f"The image is {width}x{height}; both sides must be at least {limits.min_side} pixels.",
+        )
+
+
+def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except _DECODE_ERRORS as exc:
+        raise XrayqError("image_unreadable", f"The image could not be read: {exc}") from None
+    _check_size(*image.size, limits)
+    return image
+
+
+def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
+    """`open_image` as float32 in [0, 1]: HxW for grey images, HxWx3 for colour ones."""
+    return to_float_array(open_image(data, limits))
+
+
+HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+def to_float_array(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if mode == "I":
+        # 16-bit PNGs may load as 32-bit ints; their range is still 16 bits.
+        array = np.asarray(image, dtype=np.float32)
+        return np.clip(array / 65535.0, 0.0, 1.0)
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        lo, hi = float(array.min()), float(array.max())
+        return (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+    if mode in ("L", "1"):
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    if mode == "LA":
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

@@ -1,0 +1,97 @@
+"""The ONE preprocessing function: decoded image -> model input.
+
+Training, evaluation and serving all call `preprocess` (or its two halves), driven by the
+`PreprocessSpec` recorded in the model's card, so a served model never sees inputs scaled differently
+from how it was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.imaging.decode import HIGH_DEPTH_MODES, to_float_array
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How pixels become a model input. Stored in every model card; the worker reads it back."""
+
+    size: int = 224
+    color: Literal["grayscale", "rgb"] = "grayscale"
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+    resize: Literal["stretch"] = "stretch"  # the training data is squashed to square; so is serving
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        return cls(
+            size=int(data["size"]),
+            color=data["color"],
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            resize=data.get("resize", "stretch"),
+            extra=dict(data.get("extra", {})),
+        )
+
+
+def to_model_pixels(image: Image.Image | np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """A decoded image -> uint8 C x size x size in the model's colour (no normalisation yet).
+
+    Colour conversion (ITU-R 601 luma for grey) and the antialiased bilinear resize run in Pillow's C
+    code, which releases the GIL: the worker prepares a chunk's images in parallel threads. 16-bit
+    images keep their precision until the final rounding. Split from `normalize` so a training set is
+    held in memory compactly as uint8 and augmented before normalising.
+    """
+    if isinstance(image, np.ndarray):
+        image = _from_array(image)
+    if image.mode in HIGH_DEPTH_MODES:
+        image = Image.fromarray(to_float_array(image) * np.float32(255.0), mode="F")
+    elif spec.color == "grayscale":
+        image = image.convert("L")
+    else:
+        image = image.convert("RGB")
+    image = image.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+    array = np.array(image)  # a writable copy: torch refuses to wrap read-only buffers
+    if image.mode == "F":
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+    if spec.color == "rgb" and tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1).contiguous()
+    return tensor
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """uint8 arrays (as MedMNIST stores them) or floats in [0, 1] (as `decode_image` returns)."""
+    if array.dtype != np.uint8:
+        if array.ndim == 2:
+            return Image.fromarray(np.asarray(array, dtype=np.float32) * np.float32(255.0), mode="F")
+        array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 [..., C, H, W] -> normalised float32 with 3 channels (grey is repeated: any torchvision net fits)."""
+    x = pixels.float().div_(255.0)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    x = (x - mean) / std
+    if x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    return x
+
+
+def preprocess(image: Image.Image | np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    """The preprocessing function: decoded image -> model input tensor (3 x size x size)."""
+    return normalize(to_model_pixels(image, spec), spec)

@@ -1,0 +1,51 @@
+"""Idempotent submissions: the same Idempotency-Key and request return the original ids, never new jobs.
+
+The key's row is inserted in the same transaction as the jobs it created, so of two racing requests
+with one key exactly one commits; the other sees the committed row and answers as a replay (or 409
+when its request differs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from sqlalchemy.orm import Session
+
+from shared.core.errors import XrayqError
+from shared.db.models import IdempotencyKey
+from shared.jobs.lifecycle import Upload
+
+MAX_KEY_LENGTH = 255
+
+
+def check_key(key: str) -> str:
+    if not 0 < len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+        raise XrayqError("invalid_parameter", f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters.")
+    return key
+
+
+def request_fingerprint(kind: str, model_ref: str, client_ref: str | None, uploads: Sequence[Upload]) -> str:
+    digest = hashlib.sha256()
+    for part in (kind, model_ref, client_ref or ""):
+        digest.update(part.encode() + b"\0")
+    for upload in uploads:
+        digest.update(upload.filename.encode() + b"\0" + hashlib.sha256(upload.data).digest())
+    return digest.hexdigest()
+
+
+def find_original(session: Session, key: str, fingerprint: str) -> IdempotencyKey | None:
+    """The earlier submission under `key`, if any; 409 if it was a different request."""
+    row = session.get(IdempotencyKey, key)
+    if row is not None and row.request_sha256 != fingerprint:
+        raise XrayqError("idempotency_key_conflict", "This Idempotency-Key was already used with a different request.")
+    return row
+
+
+def remember(session: Session, key: str, fingerprint: str, resource: str, resource_id: str) -> None:
+    session.add(IdempotencyKey(key=key, request_sha256=fingerprint, resource=resource, resource_id=resource_id))
+
+
+def scoped_key(organisation: str | None, key: str) -> str:
+    """The stored form of a client's key: a digest of organisation and key (fits the column, leaks neither)."""
+    return hashlib.sha256(f"{organisation or ''}\0{key}".encode()).hexdigest()

@@ -1,0 +1,107 @@
+"""Housekeeping run by each gateway: republish jobs whose message was lost, purge old inputs.
+
+A message can vanish between the two systems: the broker was down when the gateway published, or a
+worker was killed after Redis handed it a message but before it was recorded as unacknowledged. The
+database still says `queued` (or `running`, for a worker that died mid-chunk), so it can be sent again:
+- queued jobs older than `requeue_after_s`, while the `predict` queue is empty (a non-empty queue
+  means they are still on their way, not lost);
+- running jobs that started more than `stale_running_after_s` ago (a chunk takes seconds).
+Republishing is safe: workers claim only unfinished jobs, write results only once, and count attempts,
+so a job that keeps dying ends `too_many_attempts`.
+Training runs get the same care (`reconcile_runs`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import and_, func, or_, select, update
+
+from shared.core.queue import PREDICT_QUEUE, TRAIN_QUEUE, queue_depths
+from shared.core.settings import Settings
+from shared.db.models import Job, JobStatus, RunStatus, TrainingRun, utcnow
+from shared.db.session import Database
+from shared.jobs.lifecycle import publish_jobs
+from shared.training.runs import fail_lost_runs, publish_run, queued_runs_older_than
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_once(settings: Settings, database: Database, celery: Celery, limit: int = 2000) -> int:
+    """One pass; returns how many jobs were republished."""
+    now = utcnow()
+    try:
+        queue_empty = queue_depths(settings).get(PREDICT_QUEUE, 0) == 0
+    except Exception:  # broker unreachable: publishing would fail too
+        log.warning("reconciler: broker unreachable, trying later", exc_info=True)
+        return 0
+    lost_queued = and_(
+        Job.status == JobStatus.queued, Job.created_at < now - timedelta(seconds=settings.requeue_after_s)
+    )
+    stale_running = and_(
+        Job.status == JobStatus.running, Job.started_at < now - timedelta(seconds=settings.stale_running_after_s)
+    )
+    condition = or_(lost_queued, stale_running) if queue_empty else stale_running
+    with database.session() as session:
+        job_ids = list(
+            session.scalars(
+                select(Job.id).where(condition, Job.input_key.is_not(None)).order_by(Job.created_at).limit(limit)
+            )
+        )
+    if job_ids and publish_jobs(celery, job_ids, settings.predict_chunk_size):
+        log.warning("reconciler: republished %d jobs whose messages were lost", len(job_ids))
+        return len(job_ids)
+    return 0
+
+
+def reconcile_runs(settings: Settings, database: Database, celery: Celery) -> dict[str, int]:
+    """Fail runs whose trainer died (no heartbeat), and publish again queued runs whose message was lost.
+
+    A queued run is only presumed lost while the `train` queue is empty: one trainer works through
+    runs one at a time, so a run may legitimately wait behind another for hours.
+    """
+    with database.session() as session:
+        lost = fail_lost_runs(session, settings)
+    try:
+        queue_empty = queue_depths(settings).get(TRAIN_QUEUE, 0) == 0
+    except Exception:
+        return {"failed": len(lost), "republished": 0}
+    republished = 0
+    if queue_empty:
+        with database.session() as session:
+            waiting = queued_runs_older_than(session, settings.requeue_after_s)
+            running = session.scalar(select(func.count()).where(TrainingRun.status == RunStatus.running)) or 0
+        # With a run in progress, queued ones may be waiting their turn in the trainer's own hands.
+        if not running:
+            for run_id in waiting:
+                republished += publish_run(celery, run_id)
+    if republished:
+        log.warning("reconciler: republished %d training runs whose messages were lost", republished)
+    return {"failed": len(lost), "republished": republished}
+
+
+def purge_old_inputs(settings: Settings, database: Database, limit: int = 1000) -> int:
+    """Delete stored inputs of jobs finished more than `input_retention_days` ago; the results stay."""
+    if settings.input_retention_days <= 0:
+        return 0
+    from shared.core.storage import make_object_store
+
+    cutoff = utcnow() - timedelta(days=settings.input_retention_days)
+    with database.session() as session:
+        rows = session.execute(
+            select(Job.id, Job.input_key).where(Job.finished_at < cutoff, Job.input_key.is_not(None)).limit(limit)
+        ).all()
+    store = make_object_store(settings)
+    for _, key in rows:
+        if key:
+            store.delete(key)
+    if rows:
+        with database.session() as session:
+            session.execute(update(Job).where(Job.id.in_([job_id for job_id, _ in rows])).values(input_key=None))
+        log.info("purged the inputs of %d jobs finished before %s", len(rows), cutoff.isoformat())
+    return len(rows)

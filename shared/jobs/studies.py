@@ -1,0 +1,254 @@
+"""Study batches: the instances of one study become one batch, however and whenever they arrive.
+
+A study is keyed by the submitting organisation, its StudyInstanceUID and its AccessionNumber. The
+first instance opens a batch; later ones -- from the same request, another request, another DICOM
+association -- join it while it is open. Once no instance has arrived for `study_stable_after_s` the
+batch is sealed (Orthanc's "stable study", MONAI Deploy's grouping timeout), and when its jobs are all
+finished its result is built and sent (see `shared.jobs.deliveries`). An instance arriving after the seal
+opens a new batch for the same study: its result follows separately, as a PACS expects of late images.
+
+The same functions serve DIMSE C-STORE, STOW-RS and REST; each only translates its protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
+from shared.db.models import Batch, Job, utcnow
+from shared.imaging import dicom
+from shared.imaging.decode import ImageLimits, check_image, sniff_media_type
+from shared.jobs.lifecycle import Upload, check_model_available, new_jobs, publish_jobs, put_all
+from shared.models.registry import resolve_version
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+# Storage SOP classes of projection radiographs: what the receiver negotiates and study intake takes.
+RADIOGRAPH_STORAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3": "Digital Intra-Oral X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
+}
+
+
+@dataclass
+class Refused:
+    """An instance that joined no study, and why (STOW-RS and DIMSE report it per instance)."""
+
+    filename: str
+    error: XrayqError
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+@dataclass
+class StudyIntake:
+    """What one request or association's instances became."""
+
+    batches: list[Batch] = field(default_factory=list)
+    jobs: dict[str, list[Job]] = field(default_factory=dict)  # batch id -> its jobs added now
+    duplicates: list[Upload] = field(default_factory=list)  # already in their open study batch
+    refused: list[Refused] = field(default_factory=list)
+
+
+def read_instance(filename: str, data: bytes, settings: Settings) -> Upload:
+    """A DICOM radiograph checked as far as the submit path checks (header, decoder, size), with its
+    identifying tags; anything else raises its own XrayqError."""
+    if len(data) > settings.max_file_bytes:
+        raise XrayqError("file_too_large", f"{filename!r} is larger than {settings.max_file_bytes} bytes.")
+    if not data:
+        raise XrayqError("empty_file", "The file is empty.")
+    if sniff_media_type(data) != "application/dicom":
+        raise XrayqError("dicom_required", "Study intake takes DICOM Part-10 instances only.")
+    header = dicom.read_header(data)
+    sop_class = str(header.get("SOPClassUID", ""))
+    if sop_class not in RADIOGRAPH_STORAGE_CLASSES:
+        name = getattr(header.get("SOPClassUID"), "name", sop_class) or "(none)"
+        raise XrayqError(
+            "dicom_sop_class_not_supported", f"SOP class {name} is not a projection radiograph (CR, DX, MG, IO)."
+        )
+    if not str(header.get("StudyInstanceUID", "")).strip():
+        raise XrayqError("dicom_missing_study_uid", "The instance has no StudyInstanceUID to group it by.")
+    check_image(data, ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side))
+    return Upload(filename, data, "application/dicom", dicom=dicom.identifying_tags(header))
+
+
+def refusal(filename: str, data: bytes, error: XrayqError) -> Refused:
+    """A refusal with whatever UIDs can still be read, so the sender can tell which instance it was."""
+    sop_class = sop_instance = None
+    if sniff_media_type(data) == "application/dicom":
+        try:
+            header = dicom.read_header(data)
+        except XrayqError:
+            header = None
+        if header is not None:
+            sop_class = str(header.get("SOPClassUID", "")) or None
+            sop_instance = str(header.get("SOPInstanceUID", "")) or None
+    return Refused(filename, error, sop_class, sop_instance)
+
+
+def _study_version(session: Session, batch_id: str, name: str) -> int:
+    earlier = session.scalars(
+        select(Job.model_version_requested).where(Job.batch_id == batch_id, Job.model_version_requested.is_not(None))
+    ).first()
+    return earlier if earlier is not None else resolve_version(session, name).version
+
+
+def study_key(organisation: str | None, study_uid: str, accession: str) -> str:
+    return f"{organisation or ''}|{study_uid}|{accession}"
+
+
+def add_instances(
+    session: Session,
+    store: ObjectStore,
+    celery: Celery,
+    settings: Settings,
+    uploads: Sequence[Upload],
+    *,
+    organisation: str | None,
+    source: str,
+    model_ref: str,
+    callback_url: str | None = None,
+    callback_secret: str | None = None,
+) -> StudyIntake:
+    """Add checked instances (from `read_instance`) to their open study batches, commit, publish.
+
+    Bytes are stored before any row is written, so the open batch is locked only briefly. An instance
+    whose SOPInstanceUID is already in its open batch (a sender's retry) is not classified twice.
+    """
+    name, version = check_model_available(session, model_ref)
+    intake = StudyIntake()
+    groups: dict[tuple[str, str], list[Upload]] = {}
+    for upload in uploads:
+        tags = upload.dicom or {}
+        groups.setdefault((tags["StudyInstanceUID"], tags.get("AccessionNumber", "")), []).append(upload)
+    for (study_uid, accession), members in groups.items():
+        jobs, to_store = new_jobs(
+            members,
+            model_name=name,
+            model_version=version,
+            batch_id=None,
+            client_ref=accession or None,
+            organisation=organisation,
+        )
+        put_all(store, to_store)
+        batch, first = _reserve(session, organisation, study_uid, accession, len(jobs), name, source)
+        # One version answers a whole study, even when a promotion lands between its instances: the
+        # one active when its first instance arrived.
+        pinned = version if version is not None else _study_version(session, batch.id, name)
+        for job in jobs:
+            job.model_version_requested = pinned
+        present = _instances_in(session, batch.id)
+        fresh = []
+        for job, upload in zip(jobs, members, strict=True):
+            sop = (upload.dicom or {}).get("SOPInstanceUID")
+            if sop in present:
+                intake.duplicates.append(upload)
+                if job.input_key:
+                    store.delete(job.input_key)
+                continue
+            present.add(sop)
+            fresh.append(job)
+        for offset, job in enumerate(fresh):
+            job.batch_id, job.position = batch.id, first + offset
+        if len(fresh) < len(jobs):
+            batch.total -= len(jobs) - len(fresh)
+        if callback_url:
+            batch.callback_url, batch.callback_secret = callback_url, callback_secret
+        session.add_all(fresh)
+        session.flush()
+        intake.batches.append(batch)
+        intake.jobs[batch.id] = fresh
+    session.commit()  # rows first, then messages
+    queued = [job.id for jobs in intake.jobs.values() for job in jobs if job.input_key]
+    publish_jobs(celery, queued, settings.predict_chunk_size)
+    return intake
+
+
+def _reserve(
+    session: Session,
+    organisation: str | None,
+    study_uid: str,
+    accession: str,
+    count: int,
+    model_name: str,
+    source: str,
+) -> tuple[Batch, int]:
+    """The study's open batch with `count` more places (and its first new position), opened if need be.
+
+    One UPDATE finds, extends and locks the open batch; the unique `open_study_key` makes two
+    concurrent first arrivals agree on one batch.
+    """
+    key = study_key(organisation, study_uid, accession)
+    for _ in range(5):
+        now = utcnow()
+        row = session.execute(
+            update(Batch)
+            .where(Batch.open_study_key == key)
+            .values(total=Batch.total + count, last_instance_at=now)
+            .returning(Batch.id, Batch.total)
+        ).first()
+        if row is not None:
+            batch = session.get(Batch, row.id, populate_existing=True)
+            assert batch is not None
+            return batch, row.total - count
+        batch = Batch(
+            model_name=model_name,
+            total=count,
+            client_ref=accession or None,
+            organisation=organisation,
+            study_instance_uid=study_uid,
+            accession_number=accession or None,
+            source=source,
+            open_study_key=key,
+            last_instance_at=now,
+            result_pending=True,
+        )
+        try:
+            with session.begin_nested():
+                session.add(batch)
+                session.flush()
+        except IntegrityError:
+            continue  # another arrival opened it first: join that one
+        return batch, 0
+    raise XrayqError("internal_error", "Could not open or join the study batch.")
+
+
+def _instances_in(session: Session, batch_id: str) -> set[str | None]:
+    return {
+        (tags or {}).get("SOPInstanceUID")
+        for tags in session.scalars(select(Job.dicom).where(Job.batch_id == batch_id))
+    }
+
+
+def seal_stable_studies(session: Session, settings: Settings) -> int:
+    """Close the study batches that took no instance for `study_stable_after_s`; returns how many."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.study_stable_after_s)
+    result = session.execute(
+        update(Batch)
+        .where(Batch.open_study_key.is_not(None), Batch.last_instance_at <= cutoff)
+        .values(open_study_key=None, stable_at=now)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def study_batch_ids(session: Session, study_uid: str, organisation: str | None = None) -> list[str]:
+    query = select(Batch.id).where(Batch.study_instance_uid == study_uid)
+    if organisation is not None:
+        query = query.where(Batch.organisation == organisation)
+    return list(session.scalars(query.order_by(Batch.created_at)))

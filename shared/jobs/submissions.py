@@ -1,0 +1,86 @@
+"""Submitting images: jobs committed first, then published; idempotent under an Idempotency-Key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
+from shared.db.models import Batch, IdempotencyKey, Job
+from shared.jobs.idempotency import check_key, find_original, remember, request_fingerprint, scoped_key
+from shared.jobs.lifecycle import Upload, create_jobs, publish_jobs
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+@dataclass
+class Submitted:
+    batch: Batch | None
+    jobs: list[Job]
+    replayed: bool = False  # True: an earlier request with the same Idempotency-Key created these
+
+
+def submit_images(
+    session: Session,
+    store: ObjectStore,
+    celery: Celery,
+    settings: Settings,
+    uploads: Sequence[Upload],
+    *,
+    model_ref: str,
+    as_batch: bool,
+    client_ref: str | None = None,
+    idempotency_key: str | None = None,
+    organisation: str | None = None,
+    callback_url: str | None = None,
+    callback_secret: str | None = None,
+) -> Submitted:
+    fingerprint = ""
+    if idempotency_key is not None:
+        # Keys are per organisation: one client's key never finds (or blocks) another's jobs.
+        idempotency_key = scoped_key(organisation, check_key(idempotency_key))
+        kind = "batch" if as_batch else "job"
+        fingerprint = request_fingerprint(kind, model_ref, client_ref, uploads)
+        original = find_original(session, idempotency_key, fingerprint)
+        if original is not None:
+            return _replay(session, original)
+    batch, jobs = create_jobs(
+        session,
+        store,
+        uploads,
+        model_ref=model_ref,
+        as_batch=as_batch,
+        client_ref=client_ref,
+        organisation=organisation,
+        callback_url=callback_url,
+        callback_secret=callback_secret,
+    )
+    if idempotency_key is not None:
+        remember(session, idempotency_key, fingerprint, "batch" if batch else "job", batch.id if batch else jobs[0].id)
+    try:
+        session.commit()  # the rows exist before their messages do
+    except IntegrityError:
+        # A concurrent request with the same key committed first: answer as its replay.
+        session.rollback()
+        original = find_original(session, idempotency_key, fingerprint) if idempotency_key else None
+        if original is None:
+            raise
+        return _replay(session, original)
+    publish_jobs(celery, [job.id for job in jobs if job.input_key], settings.predict_chunk_size)
+    return Submitted(batch, jobs)
+
+
+def _replay(session: Session, original: IdempotencyKey) -> Submitted:
+    if original.resource == "batch":
+        batch = session.get(Batch, original.resource_id)
+        jobs = list(session.scalars(select(Job).where(Job.batch_id == original.resource_id).order_by(Job.position)))
+        return Submitted(batch, jobs, replayed=True)
+    job = session.get(Job, original.resource_id)
+    return Submitted(None, [job] if job else [], replayed=True)

@@ -1,0 +1,1 @@
+"""Machine-learning models: torchvision architectures, building nets, artifacts (safetensors + card), the registry."""

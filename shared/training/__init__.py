@@ -1,0 +1,1 @@
+"""Training data and training runs: datasets, their layout, and the run lifecycle (queue, claim, progress, finish)."""

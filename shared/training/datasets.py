@@ -1,0 +1,353 @@
+"""Datasets: uploads of labelled images become immutable dataset versions with a manifest.
+
+Every file is stored once, by content (`datasets/blobs/<sha256>`); a version's manifest lists its files
+with label, split and sha256. An archive is read twice from its spooled file: once to check every
+entry (nothing is stored if one fails), once to store them, one file in memory at a time. The manifest
+and the row come last, so a crash mid-way leaves no dataset behind (at most blobs nothing refers to),
+and a version that extends another simply lists the other's files too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import secrets
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
+from shared.db.models import Dataset, new_id
+from shared.imaging.decode import ImageLimits, check_image, sniff_media_type
+from shared.imaging.deidentify import deidentify
+from shared.intake.archives import checked_entries
+from shared.training.dataset_layout import SPLITS, check_splits, parse_layout
+
+MANIFEST_FORMAT = "xrayq-dataset/1"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# How many unreadable files a refusal lists by name.
+_LISTED = 50
+
+
+@dataclass
+class ManifestEntry:
+    path: str
+    split: str
+    label: str
+    sha256: str
+    bytes: int
+    media_type: str
+    # DICOM only: what PS3.15 de-identification did to it before it was stored.
+    deidentification: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return blob_key(self.sha256)
+
+
+@dataclass
+class NewDataset:
+    entries: list[ManifestEntry]
+    details: dict[str, Any]
+    # Yields (sha256, bytes) of each distinct file, for storing once the whole upload is accepted.
+    files: Callable[[], Iterator[tuple[str, bytes]]]
+
+
+def blob_key(sha256: str) -> str:
+    return f"datasets/blobs/{sha256}"
+
+
+def check_dataset_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise XrayqError(
+            "invalid_parameter", f"A dataset name is 1-64 lower-case letters, digits, '.', '_' or '-'; not {name!r}."
+        )
+    return name
+
+
+# --- reading uploads ------------------------------------------------------------------------------
+
+
+def read_upload(
+    stream: IO[bytes], settings: Settings, *, skip_unreadable: bool, classes: list[str] | None
+) -> NewDataset:
+    """A ZIP of (split/)class folders or a MedMNIST-style .npz, validated; nothing is stored yet."""
+    head = stream.read(8)
+    stream.seek(0)
+    if sniff_media_type(head + b"\0" * 124) != "application/zip":
+        raise XrayqError("unsupported_media_type", "Upload a ZIP of class folders or a MedMNIST-style .npz.")
+    archive = _open_zip(stream)
+    names = [info.filename for info in archive.infolist()]
+    if names and all(name.endswith(".npy") for name in names):
+        return _read_npz(stream, archive, settings, classes)
+    return _read_class_folders(archive, settings, skip_unreadable=skip_unreadable)
+
+
+def _open_zip(stream: IO[bytes]) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(stream)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+        raise XrayqError("archive_unreadable", f"The archive could not be read: {exc}") from None
+
+
+def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_unreadable: bool) -> NewDataset:
+    entries = _dataset_entries(archive, settings)
+    layout = parse_layout([info.filename for info in entries])
+    by_path = {info.filename: info for info in entries}
+    limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=8)
+    # Keyed pseudonyms: one key per deployment keeps a patient's studies together across uploads.
+    key = settings.deidentification_key or secrets.token_hex(32)
+    sources: dict[str, zipfile.ZipInfo] = {}  # sha256 -> the entry that gives those bytes
+    manifest: list[ManifestEntry] = []
+    unreadable: list[dict[str, str]] = []
+    for labelled in layout.files:
+        info = by_path[labelled.path]
+        try:
+            data, media_type, record = _prepared(archive, info, settings, limits, key)
+        except XrayqError as error:
+            unreadable.append({"path": labelled.path, "code": error.code, "detail": error.detail})
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        sources.setdefault(sha256, info)
+        manifest.append(
+            ManifestEntry(labelled.path, labelled.split, labelled.label, sha256, len(data), media_type, record)
+        )
+    if unreadable and not skip_unreadable:
+        raise XrayqError(
+            "dataset_unreadable_files",
+            f"{len(unreadable)} files are not readable images, e.g. {[u['path'] for u in unreadable[:5]]}; "
+            "fix or remove them, or upload again with skip_unreadable=true to leave them out.",
+            files=unreadable[:_LISTED],
+        )
+    details = {
+        "source": "zip",
+        "deidentified_dicom": sum(entry.deidentification is not None for entry in manifest),
+        "layout": layout.kind,
+        "ignored": layout.ignored[:_LISTED],
+        "skipped_unreadable": unreadable[:_LISTED],
+        "skipped_unreadable_count": len(unreadable),
+    }
+
+    def files() -> Iterator[tuple[str, bytes]]:
+        for sha256, info in sources.items():
+            data, _, _ = _prepared(archive, info, settings, limits, key)
+            if hashlib.sha256(data).hexdigest() != sha256:  # de-identification is deterministic per key
+                raise XrayqError("archive_unreadable", f"{info.filename!r} changed while it was read.")
+            yield sha256, data
+
+    return NewDataset(manifest, details, files)
+
+
+def _prepared(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, settings: Settings, limits: ImageLimits, key: str
+) -> tuple[bytes, str, dict[str, Any] | None]:
+    """An entry's bytes as they will be stored, its media type, and its de-identification record."""
+    data = _read_member(archive, info, settings.max_file_bytes)
+    media_type = check_image(data, limits)
+    if media_type != "application/dicom":
+        return data, media_type, None
+    # Training data keeps no patient identity: only the de-identified copy is stored.
+    data, record = deidentify(data, key)
+    return data, media_type, record.as_manifest()
+
+
+def _dataset_entries(archive: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipInfo]:
+    return checked_entries(
+        archive,
+        max_files=settings.max_dataset_files,
+        max_expanded_bytes=settings.max_dataset_expanded_bytes,
+        empty_code="dataset_empty",
+    )
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    if info.file_size > limit:
+        raise XrayqError("file_too_large", f"{info.filename!r} is larger than {limit} bytes.")
+    try:
+        # zipfile stops at the declared size: a lying header cannot expand past the checks above.
+        with archive.open(info) as member:
+            return member.read(limit + 1)
+    except (zipfile.BadZipFile, NotImplementedError, OSError, RuntimeError, EOFError) as exc:
+        raise XrayqError("archive_unreadable", f"{info.filename!r}: {exc}") from None
+
+
+def _read_npz(stream: IO[bytes], archive: zipfile.ZipFile, settings: Settings, classes: list[str] | None) -> NewDataset:
+    """MedMNIST layout: `{split}_images` (N x H x W [x 3], uint8) and `{split}_labels` (N or N x 1)."""
+    _dataset_entries(archive, settings)  # an .npz is a ZIP: the same bomb checks apply
+    stream.seek(0)
+    try:
+        npz = np.load(stream, allow_pickle=False)
+        arrays = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise XrayqError("archive_unreadable", f"The .npz could not be read: {exc}") from None
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key in arrays:
+        if not key.endswith("_images"):
+            continue
+        prefix = key[: -len("_images")]
+        split = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}.get(prefix)
+        labels_key = f"{prefix}_labels"
+        if split is None or labels_key not in arrays:
+            raise XrayqError("dataset_invalid_layout", f"{key!r}: expected train/val/test _images with _labels.")
+        splits[split] = (arrays[key], arrays[labels_key])
+    if not splits:
+        raise XrayqError("dataset_empty", "The .npz has no '<split>_images' arrays.")
+    all_labels = np.concatenate([labels.reshape(-1) for _, labels in splits.values()])
+    if all_labels.size == 0:
+        raise XrayqError("dataset_empty", "The .npz holds no images.")
+    if not np.issubdtype(all_labels.dtype, np.integer) or all_labels.min() < 0:
+        raise XrayqError("dataset_invalid_layout", "Labels must be non-negative integers (one per image).")
+    n_classes = int(all_labels.max()) + 1
+    if classes is not None and len(classes) < n_classes:
+        raise XrayqError(
+            "dataset_invalid_layout", f"The labels go up to {n_classes - 1} but only {len(classes)} class names came."
+        )
+    names = classes or [str(i) for i in range(n_classes)]
+    entries: list[ManifestEntry] = []
+    blobs: dict[str, bytes] = {}
+    for split, (images, labels) in splits.items():
+        labels = labels.reshape(-1)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
+            raise XrayqError(
+                "dataset_invalid_layout",
+                f"{split}_images must be uint8 N x H x W (x 3) with one label each; got {images.dtype} {images.shape}.",
+            )
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            png = _png_bytes(image)
+            sha256 = hashlib.sha256(png).hexdigest()
+            blobs.setdefault(sha256, png)  # small: MedMNIST-sized arrays are in memory anyway
+            path = f"{split}/{names[int(label)]}/{split}_{index:06d}.png"
+            entries.append(ManifestEntry(path, split, names[int(label)], sha256, len(png), "image/png"))
+    details = {"source": "npz", "layout": "npz", "arrays": sorted(arrays)}
+    return NewDataset(entries, details, lambda: iter(blobs.items()))
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- storing and describing -----------------------------------------------------------------------
+
+
+def create_dataset(
+    session: Session,
+    store: ObjectStore,
+    upload: NewDataset,
+    *,
+    name: str,
+    parent: Dataset | None = None,
+    organisation: str | None = None,
+) -> Dataset:
+    """Store the new files, then the manifest, then the row (flushed; the caller commits)."""
+    check_dataset_name(name)
+    entries = upload.entries
+    details = dict(upload.details)
+    if parent is not None:
+        inherited = load_manifest(store, parent)["files"]
+        entries = _merge(inherited, entries)
+        details["extends"] = {"id": parent.id, "name": parent.name, "version": parent.version}
+    counts = _counts(entries)
+    classes = check_splits(counts)
+    latest = session.scalar(select(func.max(Dataset.version)).where(Dataset.name == name))
+    dataset = Dataset(id=new_id(), name=name, version=(latest or 0) + 1, parent_id=parent.id if parent else None)
+    _put_files(store, upload.files())
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "id": dataset.id,
+        "name": dataset.name,
+        "version": dataset.version,
+        "parent": parent.id if parent else None,
+        "classes": classes,
+        "files": [vars(entry) for entry in entries],
+    }
+    encoded = json.dumps(manifest, separators=(",", ":")).encode()
+    dataset.manifest_key = f"datasets/{dataset.id}/manifest.json"
+    dataset.manifest_sha256 = hashlib.sha256(encoded).hexdigest()
+    store.put(dataset.manifest_key, encoded, "application/json")
+    dataset.classes = classes
+    dataset.counts = counts
+    dataset.files = len(entries)
+    dataset.size_bytes = sum(entry.bytes for entry in entries)
+    dataset.details = details
+    dataset.organisation = organisation
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def _merge(inherited: list[dict[str, Any]], new: list[ManifestEntry]) -> list[ManifestEntry]:
+    """The parent's files plus the new ones; a file already there under another label is a conflict."""
+    merged = [ManifestEntry(**entry) for entry in inherited]
+    known = {entry.sha256: entry for entry in merged}
+    for entry in new:
+        existing = known.get(entry.sha256)
+        if existing is None:
+            merged.append(entry)
+            known[entry.sha256] = entry
+        elif existing.label != entry.label:
+            raise XrayqError(
+                "dataset_label_conflict",
+                f"{entry.path!r} is already in the dataset as {existing.path!r} with label {existing.label!r}.",
+            )
+    return merged
+
+
+def _counts(entries: list[ManifestEntry]) -> dict[str, dict[str, int]]:
+    counter = Counter((entry.split, entry.label) for entry in entries)
+    return {
+        split: dict(sorted((label, n) for (s, label), n in counter.items() if s == split))
+        for split in SPLITS
+        if any(s == split for s, _ in counter)
+    }
+
+
+def _put_files(store: ObjectStore, files: Iterator[tuple[str, bytes]], in_flight: int = 16) -> None:
+    """Store files concurrently (S3 round trips), with a bounded number of them in memory at once."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        pending: set[Future[None]] = set()
+        for sha256, data in files:
+            if len(pending) >= in_flight:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+            pending.add(pool.submit(store.put, blob_key(sha256), data))
+        for future in pending:
+            future.result()
+
+
+def load_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any]:
+    data = store.get(dataset.manifest_key)
+    if hashlib.sha256(data).hexdigest() != dataset.manifest_sha256:
+        raise XrayqError("dataset_corrupt", f"The manifest of dataset {dataset.id} does not match its sha256.")
+    manifest: dict[str, Any] = json.loads(data)
+    return manifest
+
+
+def find_dataset(session: Session, ref: str, organisation: str | None = None) -> Dataset:
+    """By id, `name` (latest version) or `name@version`; other organisations' datasets do not exist."""
+    query = select(Dataset)
+    if organisation is not None:
+        query = query.where(Dataset.organisation == organisation)
+    name, _, version = ref.partition("@")
+    row = session.scalars(query.where(Dataset.id == ref)).first()
+    if row is None and version.isdigit():
+        row = session.scalars(query.where(Dataset.name == name, Dataset.version == int(version))).first()
+    elif row is None and not version:
+        row = session.scalars(query.where(Dataset.name == name).order_by(Dataset.version.desc())).first()
+    if row is None:
+        raise XrayqError("dataset_not_found", f"No dataset {ref!r}.")
+    return row
