@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
-from shared.db.models import ApiKey, utcnow
+from shared.db.models import ApiKey, as_utc, utcnow
+from shared.schemas import ApiKeyView
 
 ROLES = ("submit", "train", "admin")
 BOOTSTRAP_ORGANISATION = "admin"
@@ -97,3 +98,16 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
         raise XrayqError("api_key_not_found", f"No API key with id {key_id!r}.")
     row.revoked_at = row.revoked_at or utcnow()
     return row
+
+
+def key_view(row: ApiKey) -> ApiKeyView:
+    """A key as the API lists it: never the key itself."""
+    return ApiKeyView(
+        id=row.id,
+        name=row.name,
+        organisation=row.organisation,
+        roles=list(row.roles),
+        key_prefix=row.key_prefix,
+        created_at=as_utc(row.created_at),
+        revoked_at=as_utc(row.revoked_at),
+    )

@@ -26,7 +26,11 @@ async def get_settings_dep(request: Request) -> Settings:
 
 
 async def get_db(request: Request) -> AsyncIterator[Session]:
-    """A unit of work per request: committed when the route returns, rolled back if it raised."""
+    """A unit of work per request: committed when the route returns, rolled back if it raised.
+
+    The one place a request commits. `SessionDep` gives it function scope, so the commit happens
+    before the response is sent: a commit that fails is the client's error response, never a 2xx for
+    a change that was not kept."""
     database: Database = request.app.state.database
     session = database.sessions()  # no connection yet: the route's first query opens one
     try:
@@ -35,6 +39,10 @@ async def get_db(request: Request) -> AsyncIterator[Session]:
         await run_in_threadpool(database.finish, session, commit=False)
         raise
     await run_in_threadpool(database.finish, session, commit=True)
+
+
+async def get_database(request: Request) -> Database:
+    return request.app.state.database
 
 
 async def get_store(request: Request) -> ObjectStore:
@@ -72,6 +80,10 @@ class PrincipalCache:
         self._entries.clear()
 
 
+async def get_principal_cache(request: Request) -> PrincipalCache:
+    return request.app.state.principals
+
+
 async def get_principal(
     request: Request,
     authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
@@ -83,7 +95,7 @@ async def get_principal(
     if authorization:
         scheme, _, value = authorization.partition(" ")
         token = value.strip() if scheme.lower() == "bearer" else None
-    cache: PrincipalCache = request.app.state.principals
+    cache = await get_principal_cache(request)
     principal = cache.get(token) if token else None
     if principal is None:
         principal = await run_in_threadpool(_authenticate, request.app.state.database, settings, token)
@@ -110,9 +122,11 @@ PrincipalDep = Annotated[Principal, Depends(get_principal)]
 SubmitterDep = Annotated[Principal, Depends(requires("submit"))]
 TrainerDep = Annotated[Principal, Depends(requires("train"))]
 AdminDep = Annotated[Principal, Depends(requires("admin"))]
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
+DatabaseDep = Annotated[Database, Depends(get_database)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+PrincipalCacheDep = Annotated[PrincipalCache, Depends(get_principal_cache)]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(

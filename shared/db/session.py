@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -72,6 +72,12 @@ class Database:
                 session.rollback()
         finally:
             session.close()
+
+
+def after_commit(session: Session, action: Callable[[], object]) -> None:
+    """Run `action` once this unit of work has committed (never if it rolls back): for effects outside
+    the database that must not run ahead of the rows they announce (forgetting a revoked key, a message)."""
+    event.listen(session, "after_commit", lambda _session: action(), once=True)
 
 
 @lru_cache(maxsize=8)

@@ -6,12 +6,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from celery import Celery
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from services.gateway.deps import CeleryDep, DatabaseDep, SettingsDep, StoreDep
 from services.gateway.metrics import REGISTRY
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
+from shared.db.session import Database
 from shared.models.registry import any_active_version
 from shared.schemas import ReadinessView
 
@@ -25,37 +30,35 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=ReadinessView, responses={503: {"model": ReadinessView}})
-async def readyz(request: Request, response: Response) -> ReadinessView:
+async def readyz(
+    response: Response, settings: SettingsDep, database: DatabaseDep, store: StoreDep, celery: CeleryDep
+) -> ReadinessView:
     """Everything a submission needs answers: database, broker, object storage, an active model."""
-    state = request.app.state
-    checks = await run_in_threadpool(_run_checks, state)
+    checks = await run_in_threadpool(_run_checks, settings, database, store, celery)
     ready = all(check["ok"] for check in checks.values())
     if not ready:
         response.status_code = 503
     return ReadinessView(ready=ready, checks=checks)
 
 
-def _run_checks(state: Any) -> dict[str, dict[str, Any]]:
-    def database() -> None:
-        with state.database.session() as session:
+def _run_checks(
+    settings: Settings, database: Database, store: ObjectStore, celery: Celery
+) -> dict[str, dict[str, Any]]:
+    def database_answers() -> None:
+        with database.session() as session:
             session.execute(text("SELECT 1"))
 
-    def broker() -> None:
-        with state.celery.connection_for_write() as connection:
+    def broker_answers() -> None:
+        with celery.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=2)
 
-    def storage() -> None:
-        state.store.ping()
-
     def active_model() -> None:
-        with state.database.session() as session:
-            if not any_active_version(session, state.settings.default_model):
-                raise RuntimeError(f"no active version of {state.settings.default_model!r}")
+        with database.session() as session:
+            if not any_active_version(session, settings.default_model):
+                raise RuntimeError(f"no active version of {settings.default_model!r}")
 
-    return {
-        name: _timed(check)
-        for name, check in {"database": database, "broker": broker, "storage": storage, "model": active_model}.items()
-    }
+    checks = {"database": database_answers, "broker": broker_answers, "storage": store.ping, "model": active_model}
+    return {name: _timed(check) for name, check in checks.items()}
 
 
 def _timed(check: Callable[[], None]) -> dict[str, Any]:
