@@ -29,7 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -38,26 +38,13 @@ from loadtest.harness.images import load_images, zip_bytes
 from loadtest.harness.processes import free_port, peak_rss_mb, start_process, stop_process, wait_ready
 from shared.core.settings import Settings, get_settings
 
+if TYPE_CHECKING:  # torch is imported only when a measurement needs it: `--help` stays instant
+    from shared.models.artifacts import LoadedModel
+
 # --- model only ----------------------------------------------------------------------------------
 
 
-def load_served_model(settings: Settings, model_ref: str) -> tuple[Any, Any]:
-    """The registry row and the loaded model of `model_ref`, on the device the worker uses."""
-    from shared.core.storage import make_object_store
-    from shared.db.session import database_for
-    from shared.models.artifacts import load_model
-    from shared.models.nets import pick_device
-    from shared.models.registry import parse_model_ref, resolve_version
-
-    name, version = parse_model_ref(model_ref)
-    with database_for(settings).session() as session:
-        row = resolve_version(session, name, version)
-        session.expunge(row)
-    # The device the worker uses (XRAYQ_DEVICE): on a GPU host the ceiling is the GPU's, not the CPU's.
-    return row, load_model(row, make_object_store(settings), pick_device(settings.device))
-
-
-def classify_batch(model: Any, batch: list[bytes]) -> None:
+def classify_batch(model: LoadedModel, batch: list[bytes]) -> None:
     """Decode, preprocess and forward one batch, the probabilities back on the host, as the worker has them."""
     import torch
 
@@ -73,7 +60,7 @@ def classify_batch(model: Any, batch: list[bytes]) -> None:
 # on a small machine does not lower the bar the pipeline is compared with.
 
 
-def best_decode_and_forward_ips(model: Any, payloads: list[bytes], size: int) -> float:
+def best_decode_and_forward_ips(model: LoadedModel, payloads: list[bytes], size: int) -> float:
     batches = [payloads[i : i + size] for i in range(0, min(len(payloads), max(size * 6, 48)), size)]
     classify_batch(model, batches[0])  # warm-up
     rates = []
@@ -85,7 +72,7 @@ def best_decode_and_forward_ips(model: Any, payloads: list[bytes], size: int) ->
     return round(max(rates), 1)
 
 
-def best_forward_only_ips(model: Any, size: int) -> float:
+def best_forward_only_ips(model: LoadedModel, size: int) -> float:
     """The network alone, on random input already on the device."""
     import torch
 
@@ -112,6 +99,8 @@ def best_forward_only_ips(model: Any, size: int) -> float:
 
 def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
     import torch
+
+    from loadtest.harness.served_model import load_served_model
 
     row, model = load_served_model(settings, model_ref)
     payloads = [data for _, data in images]

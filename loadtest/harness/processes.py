@@ -27,14 +27,10 @@ def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess
     """`args` run from the repository root with `env` over this environment, output appended to `log`.
 
     The process leads a session of its own, so `stop_process` reaches everything it starts."""
-    return subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with log.open("ab") as output:  # the child writes to its own copy of the descriptor
+        return subprocess.Popen(
+            args, cwd=ROOT, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
