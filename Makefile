@@ -42,7 +42,7 @@ format: install
 
 # Benchmark the stack at XRAYQ_PUBLIC_URL (starting `xrayq up` with the same settings if none answers).
 bench: install
-	$(BIN)/python loadtest/bench.py --start --output bench-$$(date +%Y%m%d-%H%M%S).json
+	$(BIN)/python -m loadtest.bench --start --output bench-$$(date +%Y%m%d-%H%M%S).json
 
 # Interactive load test: open http://localhost:8089 (or add --headless -u 40 -r 10 -t 60s).
 locust: install

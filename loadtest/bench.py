@@ -11,7 +11,7 @@ What it measures, all in one run, against the model version the stack serves:
 - baseline: a synchronous endpoint running the same model inside the request, at concurrency 32;
 - peak RSS of the stack's gateway and worker processes (when they run on this machine).
 
-Usage: python loadtest/bench.py [--url URL] [--start] [--images N] [--output FILE]
+Usage: python -m loadtest.bench [--url URL] [--start] [--images N] [--output FILE]
 The stack's XRAYQ_* settings must be in the environment (the benchmark reads the model from the same
 registry and storage). With --start, it starts `xrayq up` itself when nothing answers at URL.
 """
@@ -19,127 +19,100 @@ registry and storage). With --start, it starts `xrayq up` itself when nothing an
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from loadtest.harness.clients import TERMINAL_JOB_STATUSES, auth_headers, run_clients, summarise
+from loadtest.harness.images import load_images, zip_bytes
+from loadtest.harness.processes import free_port, peak_rss_mb, start_process, stop_process, wait_ready
 from shared.core.settings import Settings, get_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def auth_headers() -> dict[str, str]:
-    """XRAYQ_API_KEY (a key with the `submit` role), else the bootstrap admin key, when auth is on."""
-    key = os.environ.get("XRAYQ_API_KEY") or get_settings().admin_key
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return round(ordered[index], 2)
-
-
-def wait_ready(url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
-
-
-def load_images(settings: Settings, count: int) -> list[tuple[str, bytes]]:
-    root = Path(settings.data_dir) / "chest-xray-224" / "train"
-    paths = sorted(root.glob("*/*.jpeg"))
-    if not paths:
-        raise SystemExit(f"no images under {root}; set XRAYQ_DATA_DIR")
-    step = max(1, len(paths) // count)
-    return [(p.name, p.read_bytes()) for p in paths[::step][:count]]
-
+if TYPE_CHECKING:  # torch is imported only when a measurement needs it: `--help` stays instant
+    from shared.models.artifacts import LoadedModel
 
 # --- model only ----------------------------------------------------------------------------------
 
 
-def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+def classify_batch(model: LoadedModel, batch: list[bytes]) -> None:
+    """Decode, preprocess and forward one batch, the probabilities back on the host, as the worker has them."""
     import torch
 
-    from shared.core.storage import make_object_store
-    from shared.db.session import database_for
     from shared.imaging.decode import open_image
     from shared.imaging.preprocess import preprocess
-    from shared.models.artifacts import load_model
-    from shared.models.nets import pick_device
-    from shared.models.registry import parse_model_ref, resolve_version
 
-    name, version = parse_model_ref(model_ref)
-    with database_for(settings).session() as session:
-        row = resolve_version(session, name, version)
-        session.expunge(row)
-    # The device the worker uses (XRAYQ_DEVICE): on a GPU host the ceiling is the GPU's, not the CPU's.
-    device = pick_device(settings.device)
-    model = load_model(row, make_object_store(settings), device)
+    tensors = torch.stack([preprocess(open_image(data), model.spec) for data in batch]).to(model.device)
+    with torch.inference_mode():
+        model.module(tensors).cpu()
+
+
+# A ceiling is a best case: each figure is the best of three timed repeats, so a moment of contention
+# on a small machine does not lower the bar the pipeline is compared with.
+
+
+def best_decode_and_forward_ips(model: LoadedModel, payloads: list[bytes], size: int) -> float:
+    batches = [payloads[i : i + size] for i in range(0, min(len(payloads), max(size * 6, 48)), size)]
+    classify_batch(model, batches[0])  # warm-up
+    rates = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for batch in batches:
+            classify_batch(model, batch)
+        rates.append(sum(map(len, batches)) / (time.perf_counter() - started))
+    return round(max(rates), 1)
+
+
+def best_forward_only_ips(model: LoadedModel, size: int) -> float:
+    """The network alone, on random input already on the device."""
+    import torch
+
+    device = model.device
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def run(batch: list[bytes]) -> None:
-        tensors = torch.stack([preprocess(open_image(data), model.spec) for data in batch]).to(device)
-        with torch.inference_mode():
-            model.module(tensors).cpu()  # the probabilities back on the host, as the worker has them
+    x = torch.randn(size, 3, model.spec.size, model.spec.size, device=device)
+    passes = max(3, 64 // size)
+    with torch.inference_mode():
+        model.module(x)
+        rates = []
+        for _ in range(3):
+            sync()
+            started = time.perf_counter()
+            for _ in range(passes):
+                model.module(x)
+            sync()  # CUDA runs asynchronously: without this the clock stops before the work does
+            rates.append(size * passes / (time.perf_counter() - started))
+    return round(max(rates), 1)
 
+
+def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+    import torch
+
+    from loadtest.harness.served_model import load_served_model
+
+    row, model = load_served_model(settings, model_ref)
     payloads = [data for _, data in images]
     per_batch: dict[int, float] = {}
     forward_only: dict[int, float] = {}
-    # A ceiling is a best case: each figure is the best of three timed repeats, so a moment of
-    # contention on a small machine does not lower the bar the pipeline is compared with.
     for size in (1, 8, 16, 32, 64):
-        batches = [payloads[i : i + size] for i in range(0, min(len(payloads), max(size * 6, 48)), size)]
-        run(batches[0])  # warm-up
-        rates = []
-        for _ in range(3):
-            started = time.perf_counter()
-            for batch in batches:
-                run(batch)
-            rates.append(sum(map(len, batches)) / (time.perf_counter() - started))
-        per_batch[size] = round(max(rates), 1)
-        x = torch.randn(size, 3, model.spec.size, model.spec.size, device=device)
-        passes = max(3, 64 // size)
-        with torch.inference_mode():
-            model.module(x)
-            rates = []
-            for _ in range(3):
-                sync()
-                started = time.perf_counter()
-                for _ in range(passes):
-                    model.module(x)
-                sync()  # CUDA runs asynchronously: without this the clock stops before the work does
-                rates.append(size * passes / (time.perf_counter() - started))
-            forward_only[size] = round(max(rates), 1)
+        per_batch[size] = best_decode_and_forward_ips(model, payloads, size)
+        forward_only[size] = best_forward_only_ips(model, size)
     one = []
     for data in payloads[:20]:
         started = time.perf_counter()
-        run([data])
+        classify_batch(model, [data])
         one.append((time.perf_counter() - started) * 1000)
     best = max(per_batch, key=per_batch.__getitem__)
     return {
@@ -151,7 +124,7 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
         "ips_by_batch": per_batch,
         "forward_only_ips_by_batch": forward_only,
         "one_image_ms_p50": round(statistics.median(one), 2),
-        "device": str(device),
+        "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -162,13 +135,13 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
 def measure_pipeline(url: str, images: list[tuple[str, bytes]], batch_size: int, clients: int) -> dict[str, Any]:
     """N images as ZIP batches of `batch_size`, sent by `clients` concurrent senders (as PACS nodes
     send studies), timed from the first byte sent until the last job finished."""
-    bodies = []
-    for start in range(0, len(images), batch_size):
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as archive:
-            for index, (name, data) in enumerate(images[start : start + batch_size], start):
-                archive.writestr(f"{index:05d}-{name}", data)
-        bodies.append(buffer.getvalue())
+    bodies = [
+        zip_bytes(
+            (f"{index:05d}-{name}", data)
+            for index, (name, data) in enumerate(images[start : start + batch_size], start)
+        )
+        for start in range(0, len(images), batch_size)
+    ]
     client = httpx.Client(
         base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients * 2), headers=auth_headers()
     )
@@ -203,45 +176,6 @@ def measure_pipeline(url: str, images: list[tuple[str, bytes]], batch_size: int,
     }
 
 
-def run_clients(concurrency: int, total: int, one_request) -> tuple[list[float], float, int]:  # type: ignore[no-untyped-def]
-    """`total` requests spread over `concurrency` threads; returns latencies (ms), wall seconds, failures."""
-    latencies: list[float] = []
-    failures = 0
-    lock = threading.Lock()
-    counter = iter(range(total))
-
-    def client_loop() -> None:
-        nonlocal failures
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            started = time.perf_counter()
-            ok = one_request(index)
-            elapsed = (time.perf_counter() - started) * 1000
-            with lock:
-                latencies.append(elapsed)
-                failures += 0 if ok else 1
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for _ in range(concurrency):
-            pool.submit(client_loop)
-    return latencies, time.perf_counter() - started, failures
-
-
-def summarise(latencies: list[float], seconds: float, failures: int) -> dict[str, Any]:
-    return {
-        "requests": len(latencies),
-        "failures": failures,
-        "ips": round(len(latencies) / seconds, 1),
-        "p50_ms": percentile(latencies, 50),
-        "p90_ms": percentile(latencies, 90),
-        "p99_ms": percentile(latencies, 99),
-    }
-
-
 def measure_single(url: str, images: list[tuple[str, bytes]], concurrency: int, total: int) -> dict[str, Any]:
     client = httpx.Client(
         base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency * 2), headers=auth_headers()
@@ -255,7 +189,7 @@ def measure_single(url: str, images: list[tuple[str, bytes]], concurrency: int, 
         job_id = response.json()["id"]
         while True:
             view = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
-            if view["status"] in TERMINAL:
+            if view["status"] in TERMINAL_JOB_STATUSES:
                 return view["status"] == "succeeded"
 
     try:
@@ -265,33 +199,7 @@ def measure_single(url: str, images: list[tuple[str, bytes]], concurrency: int, 
     return {"concurrency": concurrency, **result}
 
 
-# --- helpers that run processes of their own -----------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("wb")
-    return subprocess.Popen(
-        args, cwd=ROOT, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    import signal
-
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+# --- measurements that run processes of their own ----------------------------------------------
 
 
 def measure_submit_rps(settings: Settings, images: list[tuple[str, bytes]], total: int, workdir: Path) -> dict:
@@ -355,13 +263,7 @@ def measure_baseline(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/docs", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_ready(url, 60, path="/docs", process=process)
         client = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency * 2))
 
         def one(index: int) -> bool:
@@ -376,30 +278,10 @@ def measure_baseline(
         stop_process(process)
 
 
-def peak_rss_mb() -> dict[str, float | None]:
-    """Peak resident memory (VmHWM) of the local gateway and worker processes, the largest of each role."""
-    peaks: dict[str, float | None] = {"gateway": None, "worker": None}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        for role in peaks:
-            if f"services.cli {role}" in cmdline or f"xrayq {role}" in cmdline:
-                hwm = next((line for line in status.splitlines() if line.startswith("VmHWM:")), None)
-                if hwm:
-                    mb = round(int(hwm.split()[1]) / 1024, 1)
-                    peaks[role] = max(peaks[role] or 0.0, mb)
-    return peaks
-
-
 # --- main ----------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="the stack's gateway (default: XRAYQ_PUBLIC_URL)")
     parser.add_argument("--start", action="store_true", help="start `xrayq up` if nothing answers at URL")
@@ -410,62 +292,84 @@ def main() -> int:
     parser.add_argument("--single-total", type=int, default=160, help="jobs per single-job concurrency level")
     parser.add_argument("--submit-total", type=int, default=1000, help="submissions for submit_rps")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON here")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def start_stack_unless_ready(url: str, start: bool, workdir: Path) -> subprocess.Popen[bytes] | None:
+    """None when a stack already answers at `url`; else (with --start) the `xrayq up` started here."""
+    if wait_ready(url, 2):
+        return None
+    if not start:
+        raise SystemExit(f"no ready stack at {url} (start one with `make run`, or pass --start)")
+    stack = start_process([sys.executable, "-m", "services.cli", "up"], {}, workdir / "stack.log")
+    if not wait_ready(url, 900, process=stack):
+        stop_process(stack)
+        raise SystemExit(f"the stack did not become ready; see {workdir / 'stack.log'}")
+    return stack
+
+
+def served_model_ref(url: str, settings: Settings) -> str:
+    """name@version of the default model's active version, as the stack reports it."""
+    models = httpx.get(f"{url}/v1/models", timeout=10, headers=auth_headers()).json()
+    active = next(m for m in models if m["name"] == settings.default_model)
+    return f"{active['name']}@{active['active_version']}"
+
+
+def measure_pipeline_rounds(args: argparse.Namespace, url: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """The median round (each on images of its own), with every round kept for the record."""
+    rounds = [
+        measure_pipeline(url, images[i * args.images : (i + 1) * args.images], args.batch_size, args.senders)
+        for i in range(args.pipeline_rounds)
+    ]
+    return {**sorted(rounds, key=lambda r: r["ips"])[len(rounds) // 2], "rounds_ips": [r["ips"] for r in rounds]}
+
+
+def ratios(report: dict[str, Any]) -> dict[str, float]:
+    model_ips = report["model_only"]["ips"]
+    return {
+        "pipeline_ips/model_only_ips": round(report["pipeline"]["ips"] / model_ips, 3),
+        "single_ips_c32/model_only_ips": round(report["single"]["c32"]["ips"] / model_ips, 3),
+        "single_ips_c32/baseline_ips_c32": round(
+            report["single"]["c32"]["ips"] / max(report["baseline_sync"]["ips"], 1e-9), 2
+        ),
+    }
+
+
+def measure_everything(args: argparse.Namespace, settings: Settings, url: str, workdir: Path) -> dict[str, Any]:
+    images = load_images(settings.data_dir, args.images * args.pipeline_rounds)
+    model_ref = served_model_ref(url, settings)
+    time.sleep(2)  # let the worker finish starting if the stack just came up
+
+    report: dict[str, Any] = {
+        "mode": "embedded" if settings.embedded else "services",
+        "url": url,
+        "cpu_count": os.cpu_count(),
+    }
+    report["model_only"] = measure_model_only(settings, model_ref, images)
+    measure_single(url, images, 1, 5)  # warm the worker's model cache
+    report["pipeline"] = measure_pipeline_rounds(args, url, images)
+    report["single"] = {
+        f"c{c}": measure_single(url, images, c, max(args.single_total // (4 if c == 1 else 1), 4 * c))
+        for c in (1, 8, 32)
+    }
+    report["overhead_ms_p50"] = round(report["single"]["c1"]["p50_ms"] - report["model_only"]["one_image_ms_p50"], 2)
+    report["submit"] = measure_submit_rps(settings, images, args.submit_total, workdir)
+    report["baseline_sync"] = measure_baseline(model_ref, images, 32, args.single_total, workdir)
+    report["peak_rss_mb"] = peak_rss_mb(("gateway", "worker"))
+    report["ratios"] = ratios(report)
+    return report
+
+
+def main() -> int:
+    args = parse_arguments()
     settings = get_settings()
     url = args.url or settings.public_url
     workdir = Path(tempfile.mkdtemp(prefix="xrayq-bench-"))
-    stack = None
-    if not wait_ready(url, 2):
-        if not args.start:
-            raise SystemExit(f"no ready stack at {url} (start one with `make run`, or pass --start)")
-        stack = start_process([sys.executable, "-m", "services.cli", "up"], {}, workdir / "stack.log")
-        if not wait_ready(url, 900):
-            raise SystemExit(f"the stack did not become ready; see {workdir / 'stack.log'}")
+    stack = start_stack_unless_ready(url, args.start, workdir)
     try:
-        images = load_images(settings, args.images * args.pipeline_rounds)
-        models = httpx.get(f"{url}/v1/models", timeout=10, headers=auth_headers()).json()
-        active = next(m for m in models if m["name"] == settings.default_model)
-        model_ref = f"{active['name']}@{active['active_version']}"
-        time.sleep(2)  # let the worker finish starting if the stack just came up
-
-        report: dict[str, Any] = {
-            "mode": "embedded" if settings.embedded else "services",
-            "url": url,
-            "cpu_count": os.cpu_count(),
-        }
-        report["model_only"] = measure_model_only(settings, model_ref, images)
-        measure_single(url, images, 1, 5)  # warm the worker's model cache
-        rounds = [
-            measure_pipeline(url, images[i * args.images : (i + 1) * args.images], args.batch_size, args.senders)
-            for i in range(args.pipeline_rounds)
-        ]
-        # The median round (each on images of its own), with every round kept for the record.
-        report["pipeline"] = {
-            **sorted(rounds, key=lambda r: r["ips"])[len(rounds) // 2],
-            "rounds_ips": [r["ips"] for r in rounds],
-        }
-        report["single"] = {
-            f"c{c}": measure_single(url, images, c, max(args.single_total // (4 if c == 1 else 1), 4 * c))
-            for c in (1, 8, 32)
-        }
-        report["overhead_ms_p50"] = round(
-            report["single"]["c1"]["p50_ms"] - report["model_only"]["one_image_ms_p50"], 2
-        )
-        report["submit"] = measure_submit_rps(settings, images, args.submit_total, workdir)
-        report["baseline_sync"] = measure_baseline(model_ref, images, 32, args.single_total, workdir)
-        report["peak_rss_mb"] = peak_rss_mb()
-        model_ips = report["model_only"]["ips"]
-        report["ratios"] = {
-            "pipeline_ips/model_only_ips": round(report["pipeline"]["ips"] / model_ips, 3),
-            "single_ips_c32/model_only_ips": round(report["single"]["c32"]["ips"] / model_ips, 3),
-            "single_ips_c32/baseline_ips_c32": round(
-                report["single"]["c32"]["ips"] / max(report["baseline_sync"]["ips"], 1e-9), 2
-            ),
-        }
+        report = measure_everything(args, settings, url, workdir)
     finally:
-        if stack is not None:
-            stop_process(stack)
+        stop_process(stack)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

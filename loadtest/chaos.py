@@ -9,8 +9,8 @@ schedule kill -9s workers, restarts Redis, crash-restarts Postgres (`pg_ctl -m i
 kill -9s the gateway. Then it waits for every job to finish and checks, from the database: no accepted
 job lost, none created twice, each with exactly one outcome, and batch counts that add up.
 
-    python loadtest/chaos.py            # the full run (thousands of images)
-    python loadtest/chaos.py --quick    # the small run `make test` does
+    python -m loadtest.chaos            # the full run (thousands of images)
+    python -m loadtest.chaos --quick    # the small run `make test` does
 
 Prints one JSON document; exits 1 if anything was lost or doubled.
 """
@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,113 +37,20 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, text
 
-ROOT = Path(__file__).resolve().parents[1]
+from loadtest.harness.images import CHEST_TRAIN, load_images, zip_bytes
+from loadtest.harness.postgres import PrivatePostgres
+from loadtest.harness.processes import (
+    ROOT,
+    child_pids,
+    free_port,
+    start_process,
+    stop_process,
+    wait_for_port,
+    wait_ready,
+)
+
 SHARED_POSTGRES_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 ADMIN_KEY = f"xq_chaos_{uuid.uuid4().hex}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    if process is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def children_of(pid: int, role: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and role.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-class PrivatePostgres:
-    """A throw-away Postgres cluster of our own, so it can really be restarted (crash-style)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.bindir = self.find_bindir()
-        self.dir = workdir / "postgres"
-        self.port = free_port()
-        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-
-    @staticmethod
-    def find_bindir() -> Path | None:
-        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
-        return candidates[0].parent if candidates and shutil.which("runuser") else None
-
-    def _as_postgres(self, *args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, timeout=60)
-
-    def _options(self) -> str:
-        return f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-
-    def start(self) -> None:
-        assert self.bindir is not None
-        self.dir.parent.chmod(0o755)  # mkdtemp's 0700 would keep the postgres user out
-        self.dir.mkdir(parents=True)
-        shutil.chown(self.dir, "postgres")
-        self._as_postgres(str(self.bindir / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
-        self._as_postgres(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.dir / "data"),
-            "-o",
-            self._options(),
-            "-l",
-            str(self.dir / "log"),
-            "-w",
-            "start",
-        )
-
-    def restart(self) -> None:
-        # "immediate": like a crash (no clean shutdown, WAL recovery on start).
-        self._as_postgres(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.dir / "data"),
-            "-m",
-            "immediate",
-            "-o",
-            self._options(),
-            "-l",
-            str(self.dir / "log"),
-            "-w",
-            "restart",
-        )
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop")
 
 
 class Chaos:
@@ -164,12 +67,23 @@ class Chaos:
         self.redis_port, self.s3_port, self.port = free_port(), free_port(), free_port()
         self.database = f"xrayq_chaos_{uuid.uuid4().hex[:10]}"
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            "XRAYQ_HOME": str(workdir / "home"),
+        self.env = self.stack_env(data_dir, database_url=admin_url.rsplit("/", 1)[0] + f"/{self.database}")
+        self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.s3: subprocess.Popen[bytes] | None = None
+        self.stack: subprocess.Popen[bytes] | None = None
+        self.extra_worker: subprocess.Popen[bytes] | None = None
+        self.events: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+
+    def stack_env(self, data_dir: Path, database_url: str) -> dict[str, str]:
+        """The services mode on our own ports, with a quick reconciler so lost work is found in seconds."""
+        return {
+            "XRAYQ_HOME": str(self.workdir / "home"),
             "XRAYQ_DATA_DIR": str(data_dir),
             "XRAYQ_PORT": str(self.port),
             "XRAYQ_DICOM_PORT": "0",  # no DICOM receiver: this run is about the HTTP path
-            "XRAYQ_DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{self.database}",
+            "XRAYQ_DATABASE_URL": database_url,
             "XRAYQ_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "XRAYQ_S3_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
             "XRAYQ_S3_BUCKET": "xrayq-chaos",
@@ -184,76 +98,51 @@ class Chaos:
             "XRAYQ_LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }
-        self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        self.redis: subprocess.Popen[bytes] | None = None
-        self.s3: subprocess.Popen[bytes] | None = None
-        self.stack: subprocess.Popen[bytes] | None = None
-        self.extra_worker: subprocess.Popen[bytes] | None = None
-        self.events: list[dict[str, Any]] = []
 
     # --- lifecycle ---
 
     def start_redis(self) -> None:
-        self.redis = spawn(
-            [
-                "redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            {},
-            self.workdir / "redis.log",
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.redis_port), 0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("redis did not start")
+        # No snapshots, no append-only file: a restart loses every queued message, the worst case.
+        args = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        self.redis = start_process(args, {}, self.workdir / "redis.log")
+        if not wait_for_port(self.redis_port, 10):
+            raise RuntimeError("redis did not start")
+
+    def start_s3(self) -> None:
+        moto = str(Path(sys.executable).with_name("moto_server"))
+        self.s3 = start_process([moto, "-H", "127.0.0.1", "-p", str(self.s3_port)], {}, self.workdir / "s3.log")
+        if not wait_for_port(self.s3_port, 30):
+            raise RuntimeError(f"the S3 server did not start; see {self.workdir / 's3.log'}")
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        """A worker outside the supervisor, so that two workers share the queue."""
+        return start_process([sys.executable, "-m", "services.cli", "worker"], self.env, self.workdir / "worker2.log")
 
     def setup(self, train_args: list[str]) -> None:
         with self.admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{self.database}"'))
         self.start_redis()
-        self.s3 = spawn(
-            [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.s3_port)],
-            {},
-            self.workdir / "s3.log",
-        )
-        time.sleep(1.5)
-        data = Path(self.env["XRAYQ_DATA_DIR"]) / "chest-xray-224" / "train"
+        self.start_s3()
         subprocess.run(
-            [sys.executable, "-m", "services.cli", "train", str(data), *train_args],
+            [sys.executable, "-m", "services.cli", "train", str(Path(self.env["XRAYQ_DATA_DIR"]) / CHEST_TRAIN)]
+            + train_args,
             cwd=ROOT,
             env={**os.environ, **self.env},
             check=True,
             capture_output=True,
             timeout=600,
         )
-        self.stack = spawn(
+        self.stack = start_process(
             [sys.executable, "-m", "services.cli", "up", "--no-starter"], self.env, self.workdir / "stack.log"
         )
-        self.extra_worker = spawn(
-            [sys.executable, "-m", "services.cli", "worker"], self.env, self.workdir / "worker2.log"
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"stack not ready; see {self.workdir / 'stack.log'}")
+        self.extra_worker = self.start_worker()
+        if not wait_ready(self.url, 120, process=self.stack):
+            raise RuntimeError(f"stack not ready; see {self.workdir / 'stack.log'}")
 
     def teardown(self) -> None:
         for process in (self.extra_worker, self.stack, self.s3, self.redis):
-            stop(process)
+            stop_process(process)
         with contextlib.suppress(Exception), self.admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
         self.admin.dispose()
@@ -264,13 +153,11 @@ class Chaos:
 
     def kill_worker(self) -> None:
         assert self.stack is not None
-        victims = children_of(self.stack.pid, "worker")
+        victims = child_pids(self.stack.pid, "worker")
         if random.random() < 0.5 and self.extra_worker is not None:
             os.killpg(self.extra_worker.pid, signal.SIGKILL)  # the unsupervised one: start it again by hand
             self.extra_worker.wait()
-            self.extra_worker = spawn(
-                [sys.executable, "-m", "services.cli", "worker"], self.env, self.workdir / "worker2.log"
-            )
+            self.extra_worker = self.start_worker()
             self.record("kill -9 worker (standalone), restarted")
             return
         for pid in victims:
@@ -279,7 +166,7 @@ class Chaos:
         self.record("kill -9 worker (supervised)")
 
     def restart_redis(self) -> None:
-        stop(self.redis, signal.SIGKILL)
+        stop_process(self.redis, signal.SIGKILL)
         time.sleep(1.0)
         self.start_redis()
         self.record("restart redis (queued messages lost)")
@@ -298,7 +185,7 @@ class Chaos:
 
     def kill_gateway(self) -> None:
         assert self.stack is not None
-        for pid in children_of(self.stack.pid, "gateway"):
+        for pid in child_pids(self.stack.pid, "gateway"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.record("kill -9 gateway (supervised)")
@@ -350,12 +237,53 @@ class Client:
         return None
 
 
-def load_images(data_dir: Path, count: int) -> list[tuple[str, bytes]]:
-    paths = sorted((data_dir / "chest-xray-224" / "train").glob("*/*.jpeg"))
-    return [(p.name, p.read_bytes()) for p in paths[:: max(1, len(paths) // count)][:count]]
+class Workload:
+    """Single images and ZIP batches sent by PACS-like clients while faults land, and what was accepted."""
+
+    def __init__(self, client: Client, images: list[tuple[str, bytes]], batch_size: int) -> None:
+        self.client = client
+        self.images = images
+        self.batch_size = batch_size
+        self.accepted_singles: dict[str, str] = {}  # Idempotency-Key -> job id
+        self.accepted_batches: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> the batch as answered
+        self.lock = threading.Lock()
+
+    def send_single(self, index: int) -> None:
+        name, data = self.images[index % len(self.images)]
+        key = f"single-{index}"
+        body = self.client.submit("/v1/jobs", {"file": (f"{index:05d}-{name}", data)}, key)
+        if body:
+            with self.lock:
+                self.accepted_singles[key] = body["id"]
+
+    def send_batch(self, index: int) -> None:
+        entries = []
+        for j in range(self.batch_size):
+            name, data = self.images[(index * self.batch_size + j) % len(self.images)]
+            entries.append((f"{j:03d}-{name}", data))
+        key = f"batch-{index}"
+        body = self.client.submit("/v1/batches", {"files": ("study.zip", zip_bytes(entries))}, key)
+        if body:
+            with self.lock:
+                self.accepted_batches[key] = body
+
+    def send_all(self, singles: int, batches: int, started: float, duration: float) -> None:
+        """Every single and batch in a fixed shuffled order, by 8 senders, spread over `duration` seconds
+        from `started`, so faults land while work arrives and while it runs."""
+        work = [(self.send_single, i) for i in range(singles)] + [(self.send_batch, i) for i in range(batches)]
+        random.Random(7).shuffle(work)
+        pace = duration / max(1, len(work))
+
+        def paced(position: int) -> None:
+            time.sleep(max(0.0, started + position * pace - time.monotonic()))
+            send, index = work[position]
+            send(index)
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(paced, range(len(work))))
 
 
-def main() -> int:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small run of `make test`")
     parser.add_argument("--singles", type=int, default=1500)
@@ -368,7 +296,31 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.singles, args.batches, args.batch_size, args.fault_period, args.duration = 150, 8, 20, 2.0, 20.0
+    return args
 
+
+def run_under_faults(chaos: Chaos, args: argparse.Namespace, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """Send the workload while the fault schedule runs, then check what became of every accepted job."""
+    chaos.started = time.monotonic()
+    client = Client(chaos.url, deadline_s=120)
+    workload = Workload(client, images, args.batch_size)
+    stop_faults = threading.Event()
+    faults = threading.Thread(target=chaos.run_schedule, args=(stop_faults, args.fault_period), daemon=True)
+    faults.start()
+    workload.send_all(args.singles, args.batches, chaos.started, args.duration)
+    stop_faults.set()
+    faults.join()
+    submitted_s = time.monotonic() - chaos.started
+    return {
+        **verify(chaos, workload.accepted_singles, workload.accepted_batches, args),
+        "submit_seconds": round(submitted_s, 1),
+        "client_retries": client.retries,
+        "faults": chaos.events,
+    }
+
+
+def main() -> int:
+    args = parse_arguments()
     workdir = Path(tempfile.mkdtemp(prefix="xrayq-chaos-"))
     chaos = Chaos(workdir, args.data_dir.resolve())
     images = load_images(args.data_dir, 200)
@@ -380,55 +332,7 @@ def main() -> int:
     }
     try:
         chaos.setup(["--max-per-class", "48", "--epochs", "1", "--image-size", "64"])
-        chaos.started = time.monotonic()
-        client = Client(chaos.url, deadline_s=120)
-        accepted_singles: dict[str, str] = {}
-        accepted_batches: dict[str, dict[str, Any]] = {}
-        lock = threading.Lock()
-
-        def send_single(index: int) -> None:
-            name, data = images[index % len(images)]
-            key = f"single-{index}"
-            body = client.submit("/v1/jobs", {"file": (f"{index:05d}-{name}", data)}, key)
-            if body:
-                with lock:
-                    accepted_singles[key] = body["id"]
-
-        def send_batch(index: int) -> None:
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w") as archive:
-                for j in range(args.batch_size):
-                    name, data = images[(index * args.batch_size + j) % len(images)]
-                    archive.writestr(f"{j:03d}-{name}", data)
-            key = f"batch-{index}"
-            body = client.submit("/v1/batches", {"files": ("study.zip", buffer.getvalue())}, key)
-            if body:
-                with lock:
-                    accepted_batches[key] = body
-
-        stop_faults = threading.Event()
-        faults = threading.Thread(target=chaos.run_schedule, args=(stop_faults, args.fault_period), daemon=True)
-        faults.start()
-        work = [(send_single, i) for i in range(args.singles)] + [(send_batch, i) for i in range(args.batches)]
-        random.Random(7).shuffle(work)
-
-        pace = args.duration / max(1, len(work))
-
-        def paced(position: int) -> None:
-            # Spread over --duration, so faults land while work arrives and while it runs.
-            time.sleep(max(0.0, chaos.started + position * pace - time.monotonic()))
-            send, index = work[position]
-            send(index)
-
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(paced, range(len(work))))
-        stop_faults.set()
-        faults.join()
-        submitted_s = time.monotonic() - chaos.started
-        report.update(verify(chaos, accepted_singles, accepted_batches, args))
-        report["submit_seconds"] = round(submitted_s, 1)
-        report["client_retries"] = client.retries
-        report["faults"] = chaos.events
+        report.update(run_under_faults(chaos, args, images))
     finally:
         chaos.teardown()
     print(json.dumps(report, indent=2))

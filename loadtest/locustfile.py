@@ -9,25 +9,18 @@ A non-2xx answer, or a job or batch that ends in failure, counts as a failure.
 
 from __future__ import annotations
 
-import io
-import os
 import random
 import time
-import zipfile
-from pathlib import Path
 
 from locust import HttpUser, between, task
 
+from loadtest.harness.clients import TERMINAL_JOB_STATUSES, auth_headers
+from loadtest.harness.images import chest_image_paths, read_images, zip_bytes
 from shared.core.settings import get_settings
 
 # Services mode needs a key: XRAYQ_API_KEY (role `submit`), else the bootstrap admin key.
-_KEY = os.environ.get("XRAYQ_API_KEY") or get_settings().admin_key
-AUTH = {"Authorization": f"Bearer {_KEY}"} if _KEY else {}
-
-_root = Path(get_settings().data_dir) / "chest-xray-224" / "train"
-IMAGES = [(p.name, p.read_bytes()) for p in sorted(_root.glob("*/*.jpeg"))[::20]]
-if not IMAGES:
-    raise SystemExit(f"no images under {_root}; set XRAYQ_DATA_DIR")
+AUTH = auth_headers()
+IMAGES = read_images(chest_image_paths(get_settings().data_dir)[::20])
 
 
 class PacsIntegration(HttpUser):
@@ -40,13 +33,8 @@ class PacsIntegration(HttpUser):
     @task
     def send_study(self) -> None:
         chosen = random.sample(IMAGES, random.randint(20, 50))
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as archive:
-            for index, (name, data) in enumerate(chosen):
-                archive.writestr(f"{index:03d}-{name}", data)
-        with self.client.post(
-            "/v1/batches", files={"files": ("study.zip", buffer.getvalue())}, catch_response=True
-        ) as response:
+        study = zip_bytes((f"{index:03d}-{name}", data) for index, (name, data) in enumerate(chosen))
+        with self.client.post("/v1/batches", files={"files": ("study.zip", study)}, catch_response=True) as response:
             if response.status_code != 202:
                 response.failure(f"submit answered {response.status_code}")
                 return
@@ -90,7 +78,7 @@ class SingleImageClient(HttpUser):
             for _ in range(10):
                 with self.client.get(f"/v1/jobs/{job_id}", params={"wait": 10}, catch_response=True) as response:
                     status = response.json()["status"]
-                    if status in ("succeeded", "failed", "cancelled"):
+                    if status in TERMINAL_JOB_STATUSES:
                         if status != "succeeded":
                             response.failure(f"job ended {status}: {response.json()['error']}")
                         return

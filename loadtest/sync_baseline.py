@@ -12,21 +12,13 @@ import os
 import torch
 from fastapi import FastAPI, File, UploadFile
 
+from loadtest.harness.served_model import load_served_model
 from shared.core.settings import get_settings
-from shared.core.storage import make_object_store
-from shared.db.session import database_for
 from shared.imaging.decode import open_image
 from shared.imaging.preprocess import preprocess
-from shared.models.artifacts import load_model
-from shared.models.nets import pick_device
-from shared.models.registry import parse_model_ref, resolve_version
 
 settings = get_settings()
-name, version = parse_model_ref(os.environ.get("XRAYQ_BASELINE_MODEL", settings.default_model))
-with database_for(settings).session() as session:
-    row = resolve_version(session, name, version)
-    session.expunge(row)
-model = load_model(row, make_object_store(settings), pick_device(settings.device))  # as the worker
+_, model = load_served_model(settings, os.environ.get("XRAYQ_BASELINE_MODEL", settings.default_model))  # as the worker
 app = FastAPI(title="synchronous baseline")
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The data layout and free ports, as the load tests find them (one definition each).
+from loadtest.harness.images import CHEST_TRAIN
+from loadtest.harness.processes import free_port
 from shared.core.settings import Settings
-
-CHEST_TRAIN = Path("chest-xray-224") / "train"
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +51,6 @@ ADMIN_KEY = "xq_test_admin_key_for_this_session_only"  # services-mode tests aut
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 POSTGRES_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

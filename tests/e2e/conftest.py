@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from loadtest.harness.processes import child_pids, start_process, wait_ready
 from tests.conftest import (
     ADMIN_HEADERS,
     CHEST_TRAIN,
@@ -63,42 +63,22 @@ class Stack:
         self.http = httpx.Client(base_url=self.url, headers=ADMIN_HEADERS, timeout=60)
 
     def start(self, timeout: float = 120) -> None:
-        self.log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--no-starter"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # its own group: nothing outlives the test
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        # Its own process group (session): nothing outlives the test.
+        self.process = start_process(
+            [sys.executable, "-m", "services.cli", "up", "--no-starter"], self.env, self.log_path
+        )
+        if not wait_ready(self.url, timeout, process=self.process, interval=0.3):
             if self.process.poll() is not None:
                 pytest.fail(f"xrayq up exited early:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        pytest.fail(f"stack not ready within {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+            pytest.fail(f"stack not ready within {timeout}s:\n{self.log_path.read_text()[-3000:]}")
 
     def child_pid(self, role: str) -> int:
         """The pid of the supervised `xrayq <role>` child."""
         assert self.process is not None
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.process.pid and role.encode() in cmdline:
-                return int(entry.name)
-        raise LookupError(role)
+        pids = child_pids(self.process.pid, role)
+        if not pids:
+            raise LookupError(role)
+        return pids[0]
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -109,7 +89,6 @@ class Stack:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)  # stragglers of the whole tree
         self.http.close()
-        self.log.close()
 
 
 @pytest.fixture(scope="session")

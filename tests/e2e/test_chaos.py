@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_quick_chaos_run_loses_and_doubles_nothing(data_dir) -> None:
     result = subprocess.run(
-        [sys.executable, "loadtest/chaos.py", "--quick", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "loadtest.chaos", "--quick", "--data-dir", str(data_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
