@@ -1,4 +1,4 @@
-"""Submitting images: jobs committed first, then published; idempotent under an Idempotency-Key."""
+"""Submitting images as one job or one batch, idempotent under an Idempotency-Key (see `shared.jobs.creation`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
-from shared.db.models import Batch, IdempotencyKey, Job
+from shared.db.models import Batch, IdempotencyKey, Job, new_id
+from shared.jobs.creation import Created, JobRequest, Upload, create_jobs
 from shared.jobs.idempotency import check_key, find_original, remember, request_fingerprint, scoped_key
-from shared.jobs.lifecycle import Upload, create_jobs, publish_jobs
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -51,21 +51,34 @@ def submit_images(
         original = find_original(session, idempotency_key, fingerprint)
         if original is not None:
             return _replay(session, original)
-    batch, jobs = create_jobs(
-        session,
-        store,
-        uploads,
-        model_ref=model_ref,
-        as_batch=as_batch,
-        client_ref=client_ref,
-        organisation=organisation,
-        callback_url=callback_url,
-        callback_secret=callback_secret,
-    )
-    if idempotency_key is not None:
-        remember(session, idempotency_key, fingerprint, "batch" if batch else "job", batch.id if batch else jobs[0].id)
+    request = JobRequest(uploads, model_ref, client_ref, organisation, pin_active_version=as_batch)
+    batches: list[Batch] = []
+
+    def arrange(session: Session, created: list[Created]) -> None:
+        jobs = created[0].jobs
+        if as_batch:
+            batch = Batch(
+                id=new_id(),
+                model_name=created[0].model_name,
+                total=len(jobs),
+                client_ref=client_ref,
+                organisation=organisation,
+                callback_url=callback_url,
+                callback_secret=callback_secret,
+                result_pending=True if callback_url else None,  # the callback is sent once all jobs finish
+            )
+            session.add(batch)
+            batches.append(batch)
+            for job in jobs:
+                job.batch_id = batch.id
+        if idempotency_key is not None:
+            kind, resource_id = ("batch", batches[0].id) if batches else ("job", jobs[0].id)
+            remember(session, idempotency_key, fingerprint, kind, resource_id)
+
     try:
-        session.commit()  # the rows exist before their messages do
+        created = create_jobs(
+            session, store, celery, [request], chunk_size=settings.predict_chunk_size, arrange=arrange
+        )[0]
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as its replay.
         session.rollback()
@@ -73,8 +86,9 @@ def submit_images(
         if original is None:
             raise
         return _replay(session, original)
-    publish_jobs(celery, [job.id for job in jobs if job.input_key], settings.predict_chunk_size)
-    return Submitted(batch, jobs)
+    if created.error is not None:
+        raise created.error
+    return Submitted(batches[0] if batches else None, created.jobs)
 
 
 def _replay(session: Session, original: IdempotencyKey) -> Submitted:

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from services.worker.inference import ModelCache, Predictor
+from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
-from shared.jobs.lifecycle import Upload, create_jobs, get_job
+from shared.jobs.creation import Upload
+from shared.jobs.submissions import submit_images
+from shared.jobs.views import get_job
 
 
 def make_predictor(settings) -> Predictor:
@@ -24,10 +27,18 @@ def predictor(services_settings, services_model) -> Predictor:
 
 
 def submit(settings, uploads: list[Upload], as_batch: bool = True) -> list[str]:
-    db = database_for(settings)
-    with db.session() as session:
-        _, jobs = create_jobs(session, make_object_store(settings), uploads, model_ref="chest-xray", as_batch=as_batch)
-        return [job.id for job in jobs]
+    """Jobs made as the gateway makes them (stored, committed, published); no worker consumes the messages."""
+    with database_for(settings).session() as session:
+        submitted = submit_images(
+            session,
+            make_object_store(settings),
+            make_celery(settings),
+            settings,
+            uploads,
+            model_ref="chest-xray",
+            as_batch=as_batch,
+        )
+        return [job.id for job in submitted.jobs]
 
 
 def test_one_forward_pass_serves_the_chunk_and_results_are_complete(
