@@ -16,7 +16,7 @@ from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import database_for
 from shared.jobs.creation import JobRequest, Upload, create_jobs
 from shared.jobs.lifecycle import Prediction, cancel_job, claim_jobs, jobs_to_republish, record_outcomes
-from shared.jobs.submissions import submit_images
+from tests.integration.conftest import submit
 
 pytestmark = pytest.mark.integration
 
@@ -158,17 +158,8 @@ def test_two_workers_coalescing_at_once_never_claim_the_same_job(settings, image
     """Postgres: the second claim skips the rows the first holds (SKIP LOCKED) instead of waiting for them."""
     coalescing = settings.model_copy(update={"coalesce_singles": True, "predict_chunk_size": 4})
     singles = make_jobs(coalescing, image, 6)
-    with database_for(coalescing).session() as session:  # a batch's job is never coalesced by another message
-        batch = submit_images(
-            session,
-            make_object_store(coalescing),
-            make_celery(coalescing),
-            coalescing,
-            [Upload("b.jpeg", image, "image/jpeg")],
-            model_ref="chest-xray",
-            as_batch=True,
-        )
-    batch_job = batch.jobs[0].id
+    # A batch's job is never coalesced into another message.
+    batch_job = submit(coalescing, [Upload("b.jpeg", image, "image/jpeg")], as_batch=True)[0].id
     database = database_for(coalescing)
     first, second = database.sessions(), database.sessions()
     try:

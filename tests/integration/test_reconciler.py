@@ -10,23 +10,15 @@ from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import database_for
 from shared.jobs.creation import Upload
 from shared.jobs.reconciler import reconcile_once
-from shared.jobs.submissions import submit_images
+from tests.integration.conftest import submit
 from tests.integration.test_gateway_api import queued_message_ids
 
 
 def old_job(settings, image: bytes, status: JobStatus, age_s: float) -> str:
     """A job submitted as the gateway does it (and published), then aged and moved to `status`."""
+    job_id = submit(settings, [Upload("x.jpeg", image, "image/jpeg")])[0].id
     with database_for(settings).session() as session:
-        submitted = submit_images(
-            session,
-            make_object_store(settings),
-            make_celery(settings),
-            settings,
-            [Upload("x.jpeg", image, "image/jpeg")],
-            model_ref="chest-xray",
-            as_batch=False,
-        )
-        job = submitted.jobs[0]
+        job = session.get(Job, job_id)
         job.status = status
         job.created_at = utcnow() - timedelta(seconds=age_s)
         job.started_at = job.created_at if status == JobStatus.running else None

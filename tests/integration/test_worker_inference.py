@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from services.worker.inference import ModelCache, Predictor
-from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
 from shared.jobs.creation import Upload
-from shared.jobs.submissions import submit_images
 from shared.jobs.views import get_job
+from tests.integration.conftest import submit as submit_jobs
 
 
 def make_predictor(settings) -> Predictor:
@@ -27,18 +26,8 @@ def predictor(services_settings, services_model) -> Predictor:
 
 
 def submit(settings, uploads: list[Upload], as_batch: bool = True) -> list[str]:
-    """Jobs made as the gateway makes them (stored, committed, published); no worker consumes the messages."""
-    with database_for(settings).session() as session:
-        submitted = submit_images(
-            session,
-            make_object_store(settings),
-            make_celery(settings),
-            settings,
-            uploads,
-            model_ref="chest-xray",
-            as_batch=as_batch,
-        )
-        return [job.id for job in submitted.jobs]
+    """No worker consumes the messages: the tests run the predictor on them themselves."""
+    return [job.id for job in submit_jobs(settings, uploads, as_batch=as_batch)]
 
 
 def test_one_forward_pass_serves_the_chunk_and_results_are_complete(
