@@ -55,24 +55,11 @@ def submit_images(
     batches: list[Batch] = []
 
     def arrange(session: Session, created: list[Created]) -> None:
-        jobs = created[0].jobs
+        (made,) = created
         if as_batch:
-            batch = Batch(
-                id=new_id(),
-                model_name=created[0].model_name,
-                total=len(jobs),
-                client_ref=client_ref,
-                organisation=organisation,
-                callback_url=callback_url,
-                callback_secret=callback_secret,
-                result_pending=True if callback_url else None,  # the callback is sent once all jobs finish
-            )
-            session.add(batch)
-            batches.append(batch)
-            for job in jobs:
-                job.batch_id = batch.id
+            batches.append(_open_batch(session, made, callback_url, callback_secret))
         if idempotency_key is not None:
-            kind, resource_id = ("batch", batches[0].id) if batches else ("job", jobs[0].id)
+            kind, resource_id = ("batch", batches[0].id) if batches else ("job", made.jobs[0].id)
             remember(session, idempotency_key, fingerprint, kind, resource_id)
 
     try:
@@ -89,6 +76,24 @@ def submit_images(
     if created.error is not None:
         raise created.error
     return Submitted(batches[0] if batches else None, created.jobs)
+
+
+def _open_batch(session: Session, made: Created, callback_url: str | None, callback_secret: str | None) -> Batch:
+    """The batch holding the request's jobs, in their order."""
+    batch = Batch(
+        id=new_id(),
+        model_name=made.model_name,
+        total=len(made.jobs),
+        client_ref=made.request.client_ref,
+        organisation=made.request.organisation,
+        callback_url=callback_url,
+        callback_secret=callback_secret,
+        result_pending=True if callback_url else None,  # the callback is sent once all jobs finish
+    )
+    session.add(batch)
+    for job in made.jobs:
+        job.batch_id = batch.id
+    return batch
 
 
 def _replay(session: Session, original: IdempotencyKey) -> Submitted:
