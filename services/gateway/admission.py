@@ -3,9 +3,10 @@
 Each accepted image needs its input stored, a row committed and a message published. Done per
 request, concurrent submissions contend for the database (SQLite has one writer; Postgres pays a
 commit each) and each becomes a message of its own. Here request handlers hand their validated
-upload to one admission thread per gateway process, which takes everything waiting, stores the
-inputs concurrently, inserts all rows in one transaction and publishes their ids together (in
-chunks of `predict_chunk_size`), then answers every waiting request. Under load a group holds many
+upload to one admission thread per gateway process, which takes everything waiting and makes it
+one call of `shared.jobs.creation.create_jobs` (inputs stored concurrently, all rows inserted in one
+transaction, their ids published together in chunks of `predict_chunk_size`), then answers every
+waiting request. Under load a group holds many
 submissions; at idle it holds one and costs a thread hand-off. Nothing waits for a timer.
 
 The order of a request's own steps is unchanged: input stored, row committed, message published,
@@ -21,12 +22,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Job
 from shared.db.session import Database
-from shared.jobs.lifecycle import Upload, check_model_available, new_jobs, publish_jobs, put_all
+from shared.jobs.creation import JobRequest, Upload, create_jobs
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -95,35 +95,16 @@ class AdmissionQueue:
                         pending.done.set_exception(exc)
 
     def _admit(self, group: list[_Pending]) -> None:
+        requests = [
+            JobRequest([pending.upload], pending.model_ref, pending.client_ref, pending.organisation)
+            for pending in group
+        ]
         with self.database.session() as session:
-            models: dict[str, tuple[str, int | None] | XrayqError] = {}
-            for ref in {pending.model_ref for pending in group}:
-                try:
-                    models[ref] = check_model_available(session, ref)
-                except XrayqError as error:
-                    models[ref] = error
-            admitted: list[tuple[_Pending, Job]] = []
-            to_store: list[tuple[str, bytes, str]] = []
-            for pending in group:
-                model = models[pending.model_ref]
-                if isinstance(model, XrayqError):
-                    pending.done.set_exception(model)
-                    continue
-                jobs, stored = new_jobs(
-                    [pending.upload],
-                    model_name=model[0],
-                    model_version=model[1],
-                    batch_id=None,
-                    client_ref=pending.client_ref,
-                    organisation=pending.organisation,
-                )
-                admitted.append((pending, jobs[0]))
-                to_store += stored
-            if not admitted:
-                return
-            # Inputs first: a committed row always finds its bytes.
-            put_all(self.store, to_store)
-            session.add_all([job for _, job in admitted])
-        publish_jobs(self.celery, [job.id for _, job in admitted], self.settings.predict_chunk_size)
-        for pending, job in admitted:
-            pending.done.set_result(job)
+            created = create_jobs(
+                session, self.store, self.celery, requests, chunk_size=self.settings.predict_chunk_size
+            )
+        for pending, outcome in zip(group, created, strict=True):
+            if outcome.error is not None:
+                pending.done.set_exception(outcome.error)
+            else:
+                pending.done.set_result(outcome.jobs[0])

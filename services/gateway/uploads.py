@@ -13,7 +13,7 @@ from shared.core.settings import Settings
 from shared.imaging import dicom
 from shared.imaging.decode import ImageLimits, check_image, sniff_media_type
 from shared.intake.archives import checked_entries
-from shared.jobs.lifecycle import Upload
+from shared.jobs.creation import Upload
 
 
 def too_large(filename: str, limit: int) -> XrayqError:

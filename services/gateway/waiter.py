@@ -21,7 +21,7 @@ from sqlalchemy.orm import selectinload
 
 from shared.db.models import TERMINAL_STATUSES, Batch, Job
 from shared.db.session import Database
-from shared.jobs.lifecycle import job_view
+from shared.jobs.views import job_view
 from shared.schemas import JobView
 
 log = logging.getLogger(__name__)

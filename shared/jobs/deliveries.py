@@ -27,8 +27,8 @@ from shared.db.session import Database
 from shared.imaging.dimse import parse_remote_ae, send_c_store
 from shared.imaging.reports import ClassifiedInstance, build_report
 from shared.jobs.callbacks import post_callback
-from shared.jobs.lifecycle import batch_view
 from shared.jobs.studies import seal_stable_studies
+from shared.jobs.views import batch_view
 
 log = logging.getLogger(__name__)
 SR_MEDIA_TYPE = "application/dicom"

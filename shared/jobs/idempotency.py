@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
 from shared.db.models import IdempotencyKey
-from shared.jobs.lifecycle import Upload
+from shared.jobs.creation import Upload
 
 MAX_KEY_LENGTH = 255
 

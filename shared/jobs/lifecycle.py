@@ -1,171 +1,56 @@
-"""The job service: submit images as jobs, publish them, and describe jobs and batches.
+"""The life of a prediction job, every transition in one place.
 
-Callable without HTTP; the gateway is a thin shell over these functions.
+    queued --claim--> running --result--> succeeded
+       |                 |   --failure--> failed (with its code; `too_many_attempts` past the limit)
+       |                 '--stale--> published again (the claim counts the attempt)
+       '--cancel--> cancelled         queued and lost: published again
+
+Creation (`shared.jobs.creation`) commits rows, then publishes their ids (`commit_then_publish`); a
+worker claims them (`claim_jobs`) and records what became of them (`record_outcomes`); the reconciler
+finds the jobs whose message was lost (`jobs_to_republish`) and publishes them again.
+
+Delivery is at-least-once, so every step is safe to repeat: a claim takes only unfinished jobs, an
+outcome is written only to a job not yet terminal (a result is written once), and attempts are counted
+so a job that keeps killing its worker ends `too_many_attempts`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
 from shared.core.queue import PREDICT_QUEUE, PREDICT_TASK
-from shared.core.storage import ObjectStore
-from shared.db.models import Batch, Job, JobStatus, ModelVersion, as_utc, new_id, utcnow
-from shared.models.registry import parse_model_ref, resolve_version
-from shared.schemas import (
-    BatchCounts,
-    BatchStatusName,
-    BatchView,
-    DeliveryView,
-    JobError,
-    JobResult,
-    JobView,
-    ModelRef,
-    ReportView,
-    StudyView,
-)
+from shared.core.settings import Settings
+from shared.db.models import Job, JobStatus, ModelVersion, as_utc, utcnow
+from shared.jobs.views import get_job
+from shared.models.registry import resolve_version
 
 if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Upload:
-    """One submitted file: its bytes and name, its sniffed type, or why it was refused."""
-
-    filename: str
-    data: bytes
-    media_type: str | None = None
-    error: XrayqError | None = None
-    dicom: dict[str, str] | None = None  # identifying tags of a DICOM input
-
-
-def check_model_available(session: Session, model_ref: str) -> tuple[str, int | None]:
-    """Refuse submissions no model could answer (unknown name, no active version)."""
-    name, version = parse_model_ref(model_ref)
-    resolve_version(session, name, version)
-    return name, version
+# "Not yet finished", spelled as equalities rather than NOT IN: executemany refuses expanding lists.
+_NOT_TERMINAL = or_(*(Job.status == status for status in JobStatus if not status.terminal))
+_CLAIMED_COLUMNS = (
+    Job.id,
+    Job.input_key,
+    Job.model_name,
+    Job.model_version_requested,
+    Job.created_at,
+    Job.dicom,
+    Job.attempts,
+)
 
 
-def create_jobs(
-    session: Session,
-    store: ObjectStore,
-    uploads: Sequence[Upload],
-    *,
-    model_ref: str,
-    as_batch: bool,
-    client_ref: str | None = None,
-    organisation: str | None = None,
-    callback_url: str | None = None,
-    callback_secret: str | None = None,
-) -> tuple[Batch | None, list[Job]]:
-    """Store the inputs, then add the rows (flushed, not committed: the caller's unit of work commits).
-
-    Inputs go to storage first, so a committed row always finds its bytes. Uploads that were refused
-    (`error` set) become failed jobs at once: they keep their place and name in the batch, and never
-    reach a worker.
-    """
-    name, version = check_model_available(session, model_ref)
-    if as_batch and version is None:
-        # A batch is answered by one version: the one active now. A promotion while it is in flight
-        # applies to the next batch, never to half of this one.
-        version = resolve_version(session, name).version
-    batch = None
-    if as_batch:
-        batch = Batch(
-            id=new_id(),
-            model_name=name,
-            total=len(uploads),
-            client_ref=client_ref,
-            organisation=organisation,
-            callback_url=callback_url,
-            callback_secret=callback_secret,
-            result_pending=True if callback_url else None,  # the callback is sent once all jobs finish
-        )
-        session.add(batch)
-    jobs, to_store = new_jobs(
-        uploads,
-        model_name=name,
-        model_version=version,
-        batch_id=batch.id if batch else None,
-        client_ref=client_ref,
-        organisation=organisation,
-    )
-    put_all(store, to_store)
-    session.add_all(jobs)
-    session.flush()
-    return batch, jobs
-
-
-def new_jobs(
-    uploads: Sequence[Upload],
-    *,
-    model_name: str,
-    model_version: int | None,
-    batch_id: str | None,
-    client_ref: str | None,
-    organisation: str | None,
-    first_position: int = 0,
-) -> tuple[list[Job], list[tuple[str, bytes, str]]]:
-    """Job rows for the uploads (not yet added to a session), and the inputs they need stored."""
-    now = utcnow()
-    jobs = [
-        Job(
-            id=new_id(),
-            batch_id=batch_id,
-            position=first_position + offset,
-            filename=upload.filename,
-            media_type=upload.media_type or "application/octet-stream",
-            input_bytes=len(upload.data),
-            input_sha256=hashlib.sha256(upload.data).hexdigest(),
-            client_ref=client_ref,
-            organisation=organisation,
-            model_name=model_name,
-            model_version_requested=model_version,
-            dicom=upload.dicom,
-            attempts=0,
-            created_at=now,
-        )
-        for offset, upload in enumerate(uploads)
-    ]
-    to_store = []
-    for job, upload in zip(jobs, uploads, strict=True):
-        if upload.error is not None:
-            job.status = JobStatus.failed
-            job.error_code = upload.error.code
-            job.error_detail = upload.error.detail
-            job.finished_at = now
-        else:
-            job.status = JobStatus.queued
-            job.input_key = f"inputs/{now:%Y/%m/%d}/{job.id}"
-            to_store.append((job.input_key, upload.data, job.media_type))
-    return jobs, to_store
-
-
-def put_all(store: ObjectStore, items: list[tuple[str, bytes, str]]) -> None:
-    """Store many inputs; in parallel, since an S3 put is a network round trip."""
-    if len(items) <= 1:
-        for key, data, media_type in items:
-            store.put(key, data, media_type)
-        return
-    list(_put_pool().map(lambda item: store.put(*item), items))
-
-
-@lru_cache(maxsize=1)
-def _put_pool() -> ThreadPoolExecutor:
-    # One pool per process, made once: starting threads per request cost more than local puts.
-    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="put")
+# --- queued: on the queue -------------------------------------------------------------------------
 
 
 def publish_jobs(celery: Celery, job_ids: Sequence[str], chunk_size: int) -> bool:
@@ -189,108 +74,35 @@ def publish_jobs(celery: Celery, job_ids: Sequence[str], chunk_size: int) -> boo
     return True
 
 
-def job_view(job: Job) -> JobView:
-    result = None
-    if job.status == JobStatus.succeeded and job.label is not None:
-        answered: ModelVersion | None = job.model_version
-        result = JobResult(
-            label=job.label,
-            probabilities=job.probabilities or {},
-            model=ModelRef(
-                name=answered.name if answered else job.model_name, version=answered.version if answered else None
-            ),
+def commit_then_publish(session: Session, celery: Celery, job_ids: Sequence[str], chunk_size: int) -> bool:
+    """Commit the unit of work, then publish the jobs: a worker never gets an id whose row it cannot see.
+
+    A commit that fails raises and publishes nothing; a publish that fails leaves the committed jobs
+    queued for the reconciler. Returns whether everything was published.
+    """
+    session.commit()
+    return publish_jobs(celery, job_ids, chunk_size) if job_ids else True
+
+
+def jobs_to_republish(session: Session, settings: Settings, *, queue_empty: bool, limit: int) -> list[str]:
+    """Jobs whose message is presumed lost, oldest first.
+
+    Running jobs started more than `stale_running_after_s` ago (a chunk takes seconds: their worker
+    died); and, only while the `predict` queue is empty (else they are still on their way), queued jobs
+    older than `requeue_after_s`.
+    """
+    now = utcnow()
+    stale_running = and_(
+        Job.status == JobStatus.running, Job.started_at < now - timedelta(seconds=settings.stale_running_after_s)
+    )
+    lost_queued = and_(
+        Job.status == JobStatus.queued, Job.created_at < now - timedelta(seconds=settings.requeue_after_s)
+    )
+    condition = or_(lost_queued, stale_running) if queue_empty else stale_running
+    return list(
+        session.scalars(
+            select(Job.id).where(condition, Job.input_key.is_not(None)).order_by(Job.created_at).limit(limit)
         )
-    return JobView(
-        id=job.id,
-        status=job.status.value,
-        filename=job.filename,
-        batch_id=job.batch_id,
-        position=job.position,
-        media_type=job.media_type,
-        input_sha256=job.input_sha256,
-        client_ref=job.client_ref,
-        model=ModelRef(name=job.model_name, version=job.model_version_requested),
-        result=result,
-        error=JobError(code=job.error_code, detail=job.error_detail) if job.error_code else None,
-        warnings=job.warnings or [],
-        dicom=job.dicom,
-        attempts=job.attempts,
-        created_at=as_utc(job.created_at),
-        started_at=as_utc(job.started_at),
-        finished_at=as_utc(job.finished_at),
-        timings=job.timings,
-    )
-
-
-def get_job(session: Session, job_id: str, organisation: str | None = None) -> Job:
-    """The job, if it exists and (when `organisation` is given) that organisation submitted it."""
-    job = session.get(Job, job_id)
-    if job is None or (organisation is not None and job.organisation != organisation):
-        raise XrayqError("job_not_found", f"No job with id {job_id!r}.")
-    return job
-
-
-def batch_status(counts: BatchCounts, total: int) -> BatchStatusName:
-    finished = counts.succeeded + counts.failed + counts.cancelled
-    if finished < total:
-        return "queued" if counts.running == 0 and finished == 0 else "running"
-    if counts.succeeded == total:
-        return "succeeded"
-    if counts.succeeded == 0:
-        return "cancelled" if counts.cancelled == total else "failed"
-    return "partially_failed"
-
-
-def batch_view(
-    session: Session, batch_id: str, cursor: int = 0, limit: int = 100, organisation: str | None = None
-) -> BatchView:
-    batch = session.get(Batch, batch_id)
-    if batch is None or (organisation is not None and batch.organisation != organisation):
-        raise XrayqError("batch_not_found", f"No batch with id {batch_id!r}.")
-    rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)).all()
-    counts = BatchCounts(**{status.value: count for status, count in rows})
-    finished = counts.succeeded + counts.failed + counts.cancelled
-    page = session.scalars(
-        select(Job)
-        .options(selectinload(Job.model_version))
-        .where(Job.batch_id == batch_id, Job.position >= cursor)
-        .order_by(Job.position)
-        .limit(limit + 1)
-    ).all()
-    next_cursor = str(page[limit].position) if len(page) > limit else None
-    status = batch_status(counts, batch.total)
-    if batch.study_instance_uid is not None and batch.stable_at is None:
-        status = "collecting"
-    return BatchView(
-        id=batch.id,
-        status=status,
-        model=ModelRef(name=batch.model_name),
-        client_ref=batch.client_ref,
-        created_at=as_utc(batch.created_at),
-        total=batch.total,
-        counts=counts,
-        progress=round(finished / batch.total, 4) if batch.total else 1.0,
-        jobs=[job_view(job) for job in page[:limit]],
-        next_cursor=next_cursor,
-        study=_study_view(batch),
-        completed_at=as_utc(batch.completed_at),
-        report=ReportView(location=f"/v1/batches/{batch.id}/report", sop_instance_uid=batch.report_sop_instance_uid)
-        if batch.report_key and batch.report_sop_instance_uid
-        else None,
-        deliveries={name: DeliveryView(**state) for name, state in (batch.deliveries or {}).items()},
-    )
-
-
-def _study_view(batch: Batch) -> StudyView | None:
-    if batch.study_instance_uid is None:
-        return None
-    return StudyView(
-        study_instance_uid=batch.study_instance_uid,
-        accession_number=batch.accession_number,
-        source=batch.source,
-        stable=batch.stable_at is not None,
-        last_instance_at=as_utc(batch.last_instance_at),
-        stable_at=as_utc(batch.stable_at),
     )
 
 
@@ -316,17 +128,180 @@ def cancel_job(session: Session, job_id: str, organisation: str | None = None) -
     return job
 
 
-def study_report(session: Session, store: ObjectStore, batch_id: str, organisation: str | None = None) -> bytes:
-    """The stored SR of a study batch, or why there is none (yet)."""
-    batch = session.get(Batch, batch_id)
-    if batch is None or (organisation is not None and batch.organisation != organisation):
-        raise XrayqError("batch_not_found", f"No batch with id {batch_id!r}.")
-    if batch.study_instance_uid is None:
-        raise XrayqError("report_not_available", "Only study batches (DIMSE, STOW-RS, /v1/studies) have a report.")
-    if batch.completed_at is None:
-        raise XrayqError(
-            "report_not_ready", "The study is still collecting instances or being classified; try again later."
+# --- running: claimed by a worker -----------------------------------------------------------------
+
+
+@dataclass
+class ClaimedJob:
+    """What a worker needs of a job it claimed."""
+
+    id: str
+    input_key: str | None
+    model_name: str
+    model_version_requested: int | None
+    created_at: datetime
+    dicom: dict[str, str] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Claim:
+    jobs: list[ClaimedJob]
+    # Per (model name, requested version) of the claimed jobs: the version that answers them, or why none can.
+    versions: dict[tuple[str, int | None], ModelVersion | XrayqError]
+
+
+def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings) -> Claim:
+    """Mark the message's unfinished jobs running and count the attempt; fail those out of attempts.
+
+    A message shorter than a chunk also takes single jobs that are still waiting (dynamic batching,
+    `coalesce_singles`): under load one forward pass then serves many single-image clients, and their
+    own messages, arriving later, find them finished and do nothing.
+
+    Each claim is one UPDATE ... RETURNING, so the write lock is taken by the statement that reads:
+    two worker processes never claim the same waiting job (Postgres: SKIP LOCKED; SQLite: one writer
+    at a time, with no read-then-write window in between).
+    """
+    now = utcnow()
+    table = cast(Table, Job.__table__)
+    claim = (
+        update(table)
+        .values(
+            attempts=table.c.attempts + 1,
+            status=JobStatus.running,
+            started_at=func.coalesce(table.c.started_at, now),
         )
-    if batch.report_key is None:
-        raise XrayqError("report_not_available", "No instance of this study could be classified, so no report.")
-    return store.get(batch.report_key)
+        .returning(*_CLAIMED_COLUMNS)
+    )
+    connection = session.connection()
+    rows = list(connection.execute(claim.where(table.c.id.in_(job_ids), _NOT_TERMINAL)))
+    room = settings.predict_chunk_size - len(rows)
+    if settings.coalesce_singles and room > 0:
+        waiting = (
+            select(table.c.id)
+            .where(table.c.status == JobStatus.queued, table.c.batch_id.is_(None), table.c.id.not_in(job_ids))
+            .order_by(table.c.created_at)
+            .limit(room)
+        )
+        if connection.dialect.name == "postgresql":
+            waiting = waiting.with_for_update(skip_locked=True)
+        rows += connection.execute(claim.where(table.c.id.in_(waiting.scalar_subquery())))
+    # A message that keeps killing its worker must not loop forever.
+    exhausted = [row.id for row in rows if row.attempts > settings.max_attempts]
+    if exhausted:
+        connection.execute(
+            update(table)
+            .where(table.c.id.in_(exhausted))
+            .values(
+                status=JobStatus.failed,
+                error_code="too_many_attempts",
+                error_detail=f"Gave up after {settings.max_attempts} attempts.",
+                finished_at=now,
+            )
+        )
+    # Resolved per message, in the claim's transaction, never cached: a newly activated version
+    # serves from the next message on.
+    versions: dict[tuple[str, int | None], ModelVersion | XrayqError] = {}
+    for row in rows:
+        key = (row.model_name, row.model_version_requested)
+        if key not in versions:
+            try:
+                versions[key] = resolve_version(session, *key)
+                session.expunge(versions[key])
+            except XrayqError as error:
+                versions[key] = error
+    jobs = []
+    for row in rows:
+        if row.attempts > settings.max_attempts:
+            continue
+        created = as_utc(row.created_at)
+        jobs.append(
+            ClaimedJob(
+                row.id,
+                row.input_key,
+                row.model_name,
+                row.model_version_requested,
+                created,
+                row.dicom,
+                {"queue_ms": ms_since(created, now)},
+            )
+        )
+    return Claim(jobs, versions)
+
+
+# --- finished: succeeded or failed ----------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """A claimed job's answer."""
+
+    job: ClaimedJob
+    label: str
+    probabilities: dict[str, float]
+    model_version_id: str
+    warnings: list[dict[str, str]] | None = None  # suitability flags (see shared.imaging.dicom)
+
+
+def record_outcomes(
+    session: Session,
+    *,
+    predictions: Sequence[Prediction] = (),
+    failures: Sequence[tuple[ClaimedJob, XrayqError]] = (),
+) -> None:
+    """All outcomes of a chunk in one statement (one executemany round trip), each written only to a
+    job not yet finished: a redelivered message never rewrites a result."""
+    finished = utcnow()
+    rows: list[dict[str, Any]] = []
+    for prediction in predictions:
+        job = prediction.job
+        rows.append(
+            {
+                "job_id": job.id,
+                "new_status": JobStatus.succeeded,
+                "new_label": prediction.label,
+                "new_probabilities": prediction.probabilities,
+                "new_model_version_id": prediction.model_version_id,
+                "new_warnings": prediction.warnings or None,
+                "new_error_code": None,
+                "new_error_detail": None,
+                "new_timings": {**job.timings, "total_ms": ms_since(job.created_at, finished)},
+            }
+        )
+    for job, error in failures:
+        rows.append(
+            {
+                "job_id": job.id,
+                "new_status": JobStatus.failed,
+                "new_label": None,
+                "new_probabilities": None,
+                "new_model_version_id": None,
+                "new_warnings": None,
+                "new_error_code": error.code,
+                "new_error_detail": error.detail,
+                "new_timings": {**job.timings, "total_ms": ms_since(job.created_at, finished)},
+            }
+        )
+    if not rows:
+        return
+    table = cast(Table, Job.__table__)
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("job_id"), _NOT_TERMINAL)
+        .values(
+            status=bindparam("new_status"),
+            label=bindparam("new_label"),
+            probabilities=bindparam("new_probabilities"),
+            model_version_id=bindparam("new_model_version_id"),
+            error_code=bindparam("new_error_code"),
+            error_detail=bindparam("new_error_detail"),
+            timings=bindparam("new_timings"),
+            warnings=bindparam("new_warnings"),
+            finished_at=finished,
+        )
+    )
+    session.connection().execute(statement, rows)
+
+
+def ms_since(start: datetime, end: datetime) -> float:
+    return round((end - start).total_seconds() * 1000, 2)

@@ -17,13 +17,13 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, update
 
 from shared.core.queue import PREDICT_QUEUE, TRAIN_QUEUE, queue_depths
 from shared.core.settings import Settings
-from shared.db.models import Job, JobStatus, RunStatus, TrainingRun, utcnow
+from shared.db.models import Job, RunStatus, TrainingRun, utcnow
 from shared.db.session import Database
-from shared.jobs.lifecycle import publish_jobs
+from shared.jobs.lifecycle import jobs_to_republish, publish_jobs
 from shared.training.runs import fail_lost_runs, publish_run, queued_runs_older_than
 
 if TYPE_CHECKING:
@@ -34,25 +34,13 @@ log = logging.getLogger(__name__)
 
 def reconcile_once(settings: Settings, database: Database, celery: Celery, limit: int = 2000) -> int:
     """One pass; returns how many jobs were republished."""
-    now = utcnow()
     try:
         queue_empty = queue_depths(settings).get(PREDICT_QUEUE, 0) == 0
     except Exception:  # broker unreachable: publishing would fail too
         log.warning("reconciler: broker unreachable, trying later", exc_info=True)
         return 0
-    lost_queued = and_(
-        Job.status == JobStatus.queued, Job.created_at < now - timedelta(seconds=settings.requeue_after_s)
-    )
-    stale_running = and_(
-        Job.status == JobStatus.running, Job.started_at < now - timedelta(seconds=settings.stale_running_after_s)
-    )
-    condition = or_(lost_queued, stale_running) if queue_empty else stale_running
     with database.session() as session:
-        job_ids = list(
-            session.scalars(
-                select(Job.id).where(condition, Job.input_key.is_not(None)).order_by(Job.created_at).limit(limit)
-            )
-        )
+        job_ids = jobs_to_republish(session, settings, queue_empty=queue_empty, limit=limit)
     if job_ids and publish_jobs(celery, job_ids, settings.predict_chunk_size):
         log.warning("reconciler: republished %d jobs whose messages were lost", len(job_ids))
         return len(job_ids)

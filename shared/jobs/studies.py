@@ -27,7 +27,7 @@ from shared.core.storage import ObjectStore
 from shared.db.models import Batch, Job, utcnow
 from shared.imaging import dicom
 from shared.imaging.decode import ImageLimits, check_image, sniff_media_type
-from shared.jobs.lifecycle import Upload, check_model_available, new_jobs, publish_jobs, put_all
+from shared.jobs.creation import Created, JobRequest, Upload, create_jobs
 from shared.models.registry import resolve_version
 
 if TYPE_CHECKING:
@@ -130,53 +130,59 @@ def add_instances(
     Bytes are stored before any row is written, so the open batch is locked only briefly. An instance
     whose SOPInstanceUID is already in its open batch (a sender's retry) is not classified twice.
     """
-    name, version = check_model_available(session, model_ref)
     intake = StudyIntake()
-    groups: dict[tuple[str, str], list[Upload]] = {}
+    studies: dict[tuple[str, str], list[Upload]] = {}
     for upload in uploads:
         tags = upload.dicom or {}
-        groups.setdefault((tags["StudyInstanceUID"], tags.get("AccessionNumber", "")), []).append(upload)
-    for (study_uid, accession), members in groups.items():
-        jobs, to_store = new_jobs(
-            members,
-            model_name=name,
-            model_version=version,
-            batch_id=None,
-            client_ref=accession or None,
-            organisation=organisation,
-        )
-        put_all(store, to_store)
-        batch, first = _reserve(session, organisation, study_uid, accession, len(jobs), name, source)
-        # One version answers a whole study, even when a promotion lands between its instances: the
-        # one active when its first instance arrived.
-        pinned = version if version is not None else _study_version(session, batch.id, name)
-        for job in jobs:
-            job.model_version_requested = pinned
-        present = _instances_in(session, batch.id)
-        fresh = []
-        for job, upload in zip(jobs, members, strict=True):
-            sop = (upload.dicom or {}).get("SOPInstanceUID")
-            if sop in present:
-                intake.duplicates.append(upload)
-                if job.input_key:
-                    store.delete(job.input_key)
-                continue
-            present.add(sop)
-            fresh.append(job)
-        for offset, job in enumerate(fresh):
-            job.batch_id, job.position = batch.id, first + offset
-        if len(fresh) < len(jobs):
-            batch.total -= len(jobs) - len(fresh)
-        if callback_url:
-            batch.callback_url, batch.callback_secret = callback_url, callback_secret
-        session.add_all(fresh)
-        session.flush()
-        intake.batches.append(batch)
-        intake.jobs[batch.id] = fresh
-    session.commit()  # rows first, then messages
-    queued = [job.id for jobs in intake.jobs.values() for job in jobs if job.input_key]
-    publish_jobs(celery, queued, settings.predict_chunk_size)
+        studies.setdefault((tags["StudyInstanceUID"], tags.get("AccessionNumber", "")), []).append(upload)
+    requests = [
+        JobRequest(members, model_ref, client_ref=accession or None, organisation=organisation)
+        for (_, accession), members in studies.items()
+    ]
+
+    def arrange(session: Session, created: list[Created]) -> None:
+        for study in created:
+            batch = _join_study(session, store, intake, study, source)
+            if callback_url:
+                batch.callback_url, batch.callback_secret = callback_url, callback_secret
+
+    outcomes = create_jobs(session, store, celery, requests, chunk_size=settings.predict_chunk_size, arrange=arrange)
+    if outcomes and outcomes[0].error is not None:  # one model for all: refused for all
+        raise outcomes[0].error
     return intake
+
+
+def _join_study(session: Session, store: ObjectStore, intake: StudyIntake, study: Created, source: str) -> Batch:
+    """Put one study's new jobs into its open batch, leaving out instances the batch already has."""
+    members, jobs = study.request.uploads, study.jobs
+    tags = members[0].dicom or {}
+    study_uid, accession = tags["StudyInstanceUID"], tags.get("AccessionNumber", "")
+    batch, first = _reserve(
+        session, study.request.organisation, study_uid, accession, len(jobs), study.model_name, source
+    )
+    # One version answers a whole study, even when a promotion lands between its instances: the
+    # one active when its first instance arrived.
+    requested = jobs[0].model_version_requested
+    pinned = requested if requested is not None else _study_version(session, batch.id, study.model_name)
+    present = _instances_in(session, batch.id)
+    fresh: list[Job] = []
+    for job, upload in zip(jobs, members, strict=True):
+        sop = (upload.dicom or {}).get("SOPInstanceUID")
+        if sop in present:
+            intake.duplicates.append(upload)
+            if job.input_key:
+                store.delete(job.input_key)
+            continue
+        present.add(sop)
+        job.model_version_requested = pinned
+        job.batch_id, job.position = batch.id, first + len(fresh)
+        fresh.append(job)
+    if len(fresh) < len(jobs):
+        batch.total -= len(jobs) - len(fresh)
+    study.jobs = fresh
+    intake.batches.append(batch)
+    intake.jobs[batch.id] = fresh
+    return batch
 
 
 def _reserve(

@@ -1,4 +1,4 @@
-"""Submitting images: jobs committed first, then published; idempotent under an Idempotency-Key."""
+"""Submitting images as one job or one batch, idempotent under an Idempotency-Key (see `shared.jobs.creation`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
-from shared.db.models import Batch, IdempotencyKey, Job
+from shared.db.models import Batch, IdempotencyKey, Job, new_id
+from shared.jobs.creation import Created, JobRequest, Upload, create_jobs
 from shared.jobs.idempotency import check_key, find_original, remember, request_fingerprint, scoped_key
-from shared.jobs.lifecycle import Upload, create_jobs, publish_jobs
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -51,21 +51,21 @@ def submit_images(
         original = find_original(session, idempotency_key, fingerprint)
         if original is not None:
             return _replay(session, original)
-    batch, jobs = create_jobs(
-        session,
-        store,
-        uploads,
-        model_ref=model_ref,
-        as_batch=as_batch,
-        client_ref=client_ref,
-        organisation=organisation,
-        callback_url=callback_url,
-        callback_secret=callback_secret,
-    )
-    if idempotency_key is not None:
-        remember(session, idempotency_key, fingerprint, "batch" if batch else "job", batch.id if batch else jobs[0].id)
+    request = JobRequest(uploads, model_ref, client_ref, organisation, pin_active_version=as_batch)
+    batches: list[Batch] = []
+
+    def arrange(session: Session, created: list[Created]) -> None:
+        (made,) = created
+        if as_batch:
+            batches.append(_open_batch(session, made, callback_url, callback_secret))
+        if idempotency_key is not None:
+            kind, resource_id = ("batch", batches[0].id) if batches else ("job", made.jobs[0].id)
+            remember(session, idempotency_key, fingerprint, kind, resource_id)
+
     try:
-        session.commit()  # the rows exist before their messages do
+        created = create_jobs(
+            session, store, celery, [request], chunk_size=settings.predict_chunk_size, arrange=arrange
+        )[0]
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as its replay.
         session.rollback()
@@ -73,8 +73,27 @@ def submit_images(
         if original is None:
             raise
         return _replay(session, original)
-    publish_jobs(celery, [job.id for job in jobs if job.input_key], settings.predict_chunk_size)
-    return Submitted(batch, jobs)
+    if created.error is not None:
+        raise created.error
+    return Submitted(batches[0] if batches else None, created.jobs)
+
+
+def _open_batch(session: Session, made: Created, callback_url: str | None, callback_secret: str | None) -> Batch:
+    """The batch holding the request's jobs, in their order."""
+    batch = Batch(
+        id=new_id(),
+        model_name=made.model_name,
+        total=len(made.jobs),
+        client_ref=made.request.client_ref,
+        organisation=made.request.organisation,
+        callback_url=callback_url,
+        callback_secret=callback_secret,
+        result_pending=True if callback_url else None,  # the callback is sent once all jobs finish
+    )
+    session.add(batch)
+    for job in made.jobs:
+        job.batch_id = batch.id
+    return batch
 
 
 def _replay(session: Session, original: IdempotencyKey) -> Submitted:

@@ -25,3 +25,23 @@ def redis_client(redis_prefix):
     client = redis.Redis.from_url(REDIS_URL)
     yield client
     client.close()
+
+
+def submit(settings, uploads, *, as_batch: bool = False) -> list:
+    """Jobs made as the gateway makes them (stored, committed, published to the settings' queue): their rows."""
+    from shared.core.queue import make_celery
+    from shared.core.storage import make_object_store
+    from shared.db.session import database_for
+    from shared.jobs.submissions import submit_images
+
+    with database_for(settings).session() as session:
+        submitted = submit_images(
+            session,
+            make_object_store(settings),
+            make_celery(settings),
+            settings,
+            uploads,
+            model_ref="chest-xray",
+            as_batch=as_batch,
+        )
+        return submitted.jobs

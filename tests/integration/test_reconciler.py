@@ -8,21 +8,17 @@ from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import database_for
-from shared.jobs.lifecycle import Upload, create_jobs
+from shared.jobs.creation import Upload
 from shared.jobs.reconciler import reconcile_once
+from tests.integration.conftest import submit
 from tests.integration.test_gateway_api import queued_message_ids
 
 
 def old_job(settings, image: bytes, status: JobStatus, age_s: float) -> str:
+    """A job submitted as the gateway does it (and published), then aged and moved to `status`."""
+    job_id = submit(settings, [Upload("x.jpeg", image, "image/jpeg")])[0].id
     with database_for(settings).session() as session:
-        _, jobs = create_jobs(
-            session,
-            make_object_store(settings),
-            [Upload("x.jpeg", image, "image/jpeg")],
-            model_ref="chest-xray",
-            as_batch=False,
-        )
-        job = jobs[0]
+        job = session.get(Job, job_id)
         job.status = status
         job.created_at = utcnow() - timedelta(seconds=age_s)
         job.started_at = job.created_at if status == JobStatus.running else None
@@ -32,12 +28,12 @@ def old_job(settings, image: bytes, status: JobStatus, age_s: float) -> str:
 def test_lost_queued_and_stale_running_jobs_are_republished(
     services_settings, services_model, chest_images, redis_client, redis_prefix
 ) -> None:
-    redis_client.delete(f"{redis_prefix}predict")  # the broker lost everything
     image = chest_images["NORMAL"][3].read_bytes()
     lost = old_job(services_settings, image, JobStatus.queued, age_s=services_settings.requeue_after_s + 5)
     fresh = old_job(services_settings, image, JobStatus.queued, age_s=0)
     stale = old_job(services_settings, image, JobStatus.running, age_s=services_settings.stale_running_after_s + 5)
     busy = old_job(services_settings, image, JobStatus.running, age_s=1)
+    redis_client.delete(f"{redis_prefix}predict")  # the broker lost everything
 
     celery = make_celery(services_settings)
     assert reconcile_once(services_settings, database_for(services_settings), celery) >= 2

@@ -15,8 +15,8 @@ from shared.core.storage import make_object_store
 from shared.db.models import Batch
 from shared.db.session import database_for
 from shared.jobs.deliveries import finish_pass
-from shared.jobs.lifecycle import batch_view
 from shared.jobs.studies import add_instances, read_instance, seal_stable_studies
+from shared.jobs.views import batch_view
 from tests.conftest import settings_from_env
 
 pytestmark = pytest.mark.integration

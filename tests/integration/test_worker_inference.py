@@ -9,7 +9,9 @@ from services.worker.inference import ModelCache, Predictor
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
-from shared.jobs.lifecycle import Upload, create_jobs, get_job
+from shared.jobs.creation import Upload
+from shared.jobs.views import get_job
+from tests.integration.conftest import submit as submit_jobs
 
 
 def make_predictor(settings) -> Predictor:
@@ -24,10 +26,8 @@ def predictor(services_settings, services_model) -> Predictor:
 
 
 def submit(settings, uploads: list[Upload], as_batch: bool = True) -> list[str]:
-    db = database_for(settings)
-    with db.session() as session:
-        _, jobs = create_jobs(session, make_object_store(settings), uploads, model_ref="chest-xray", as_batch=as_batch)
-        return [job.id for job in jobs]
+    """No worker consumes the messages: the tests run the predictor on them themselves."""
+    return [job.id for job in submit_jobs(settings, uploads, as_batch=as_batch)]
 
 
 def test_one_forward_pass_serves_the_chunk_and_results_are_complete(

@@ -25,8 +25,9 @@ from shared.core.settings import Settings
 from shared.db.session import Database
 from shared.imaging.decode import sniff_media_type
 from shared.jobs.callbacks import check_callback
-from shared.jobs.lifecycle import Upload, batch_view, study_report
+from shared.jobs.creation import Upload
 from shared.jobs.submissions import submit_images
+from shared.jobs.views import batch_view, study_report
 from shared.schemas import BatchAccepted, BatchView, JobAccepted
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])

@@ -21,7 +21,7 @@ from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.db.session import Database
 from shared.imaging.dicom import read_header
-from shared.jobs.lifecycle import Upload
+from shared.jobs.creation import Upload
 from shared.jobs.studies import Refused, add_instances, read_instance, refusal
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])

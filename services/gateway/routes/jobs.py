@@ -17,8 +17,10 @@ from services.gateway.uploads import clean_filename, read_upload, validate_image
 from shared.auth import Principal
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
-from shared.jobs.lifecycle import Upload, cancel_job, get_job, job_view
+from shared.jobs.creation import Upload
+from shared.jobs.lifecycle import cancel_job
 from shared.jobs.submissions import Submitted, submit_images
+from shared.jobs.views import get_job, job_view
 from shared.schemas import JobAccepted, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -21,8 +21,9 @@ from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import check_file_count, clean_filename
 from shared.core.errors import XrayqError
 from shared.jobs.callbacks import check_callback
-from shared.jobs.lifecycle import Upload, batch_view
+from shared.jobs.creation import Upload
 from shared.jobs.studies import Refused, StudyIntake, add_instances, read_instance, refusal, study_batch_ids
+from shared.jobs.views import batch_view
 from shared.schemas import BatchView, RefusedInstance, StudiesAccepted, StudyAccepted
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])

@@ -1,0 +1,170 @@
+"""Making jobs: the one path every submission takes -- single images (the gateway's group commit),
+batches, and study instances (REST, STOW-RS, C-STORE).
+
+Check the model, make the rows, store the inputs, let the caller place the rows (in a batch, a study,
+under an idempotency key), commit, then publish. Inputs are stored before anything is committed, so a
+committed row always finds its bytes; rows are committed before their ids are published, so a worker
+never gets an id it cannot see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session
+
+from shared.core.errors import XrayqError
+from shared.core.storage import ObjectStore
+from shared.db.models import Job, JobStatus, new_id, utcnow
+from shared.jobs.lifecycle import commit_then_publish
+from shared.models.registry import parse_model_ref, resolve_version
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+@dataclass
+class Upload:
+    """One submitted file: its bytes and name, its sniffed type, or why it was refused."""
+
+    filename: str
+    data: bytes
+    media_type: str | None = None
+    error: XrayqError | None = None
+    dicom: dict[str, str] | None = None  # identifying tags of a DICOM input
+
+
+@dataclass
+class JobRequest:
+    """Uploads to be answered together by one model, on behalf of one client."""
+
+    uploads: Sequence[Upload]
+    model_ref: str
+    client_ref: str | None = None
+    organisation: str | None = None
+    # Answer every job with the version active now, even if another is promoted while they wait (a batch).
+    pin_active_version: bool = False
+
+
+@dataclass
+class Created:
+    """A request's new jobs (positions 0..n-1, no batch yet), or why none were made."""
+
+    request: JobRequest
+    model_name: str = ""
+    jobs: list[Job] = field(default_factory=list)
+    error: XrayqError | None = None
+
+
+# Places the accepted requests' rows before the commit: opens their batch, joins their study, records an
+# idempotency key. It may drop jobs from `Created.jobs` (a study's duplicate instances); those are not kept.
+Arrange = Callable[[Session, list[Created]], None]
+
+
+def create_jobs(
+    session: Session,
+    store: ObjectStore,
+    celery: Celery,
+    requests: Sequence[JobRequest],
+    *,
+    chunk_size: int,
+    arrange: Arrange | None = None,
+) -> list[Created]:
+    """Make, store, commit and publish the jobs of every request; one outcome per request, in order.
+
+    A request whose model cannot answer (unknown name or version, no active version) gets that error
+    and no jobs; the others go on. Uploads that were refused (`error` set) become failed jobs at once:
+    they keep their place and name, and never reach a worker. All inputs are stored in parallel, all
+    rows committed in one transaction, and their ids published together, in chunks of `chunk_size`.
+    """
+    models: dict[str, tuple[str, int | None, int] | XrayqError] = {}
+    outcomes: list[Created] = []
+    to_store: list[tuple[str, bytes, str]] = []
+    for request in requests:
+        if request.model_ref not in models:
+            try:
+                models[request.model_ref] = _answering_model(session, request.model_ref)
+            except XrayqError as error:
+                models[request.model_ref] = error
+        model = models[request.model_ref]
+        if isinstance(model, XrayqError):
+            outcomes.append(Created(request, error=model))
+            continue
+        name, requested, resolved = model
+        jobs, inputs = _new_jobs(request, name, resolved if request.pin_active_version else requested)
+        outcomes.append(Created(request, name, jobs))
+        to_store += inputs
+    accepted = [outcome for outcome in outcomes if outcome.error is None]
+    if not accepted:
+        return outcomes
+    _store_inputs(store, to_store)
+    if arrange is not None:
+        arrange(session, accepted)
+    jobs = [job for outcome in accepted for job in outcome.jobs]
+    session.add_all(jobs)
+    commit_then_publish(session, celery, [job.id for job in jobs if job.input_key], chunk_size)
+    return outcomes
+
+
+def _answering_model(session: Session, model_ref: str) -> tuple[str, int | None, int]:
+    """Refuse submissions no model could answer. The name, the version asked for (None: whichever is
+    active when a worker takes the job), and the version that would answer now."""
+    name, version = parse_model_ref(model_ref)
+    return name, version, resolve_version(session, name, version).version
+
+
+def _new_jobs(
+    request: JobRequest, model_name: str, model_version: int | None
+) -> tuple[list[Job], list[tuple[str, bytes, str]]]:
+    """Job rows for the request's uploads (not yet added to a session), and the inputs they need stored."""
+    now = utcnow()
+    jobs = [
+        Job(
+            id=new_id(),
+            position=position,
+            filename=upload.filename,
+            media_type=upload.media_type or "application/octet-stream",
+            input_bytes=len(upload.data),
+            input_sha256=hashlib.sha256(upload.data).hexdigest(),
+            client_ref=request.client_ref,
+            organisation=request.organisation,
+            model_name=model_name,
+            model_version_requested=model_version,
+            dicom=upload.dicom,
+            attempts=0,
+            created_at=now,
+        )
+        for position, upload in enumerate(request.uploads)
+    ]
+    to_store = []
+    for job, upload in zip(jobs, request.uploads, strict=True):
+        if upload.error is not None:
+            job.status = JobStatus.failed
+            job.error_code = upload.error.code
+            job.error_detail = upload.error.detail
+            job.finished_at = now
+        else:
+            job.status = JobStatus.queued
+            job.input_key = f"inputs/{now:%Y/%m/%d}/{job.id}"
+            to_store.append((job.input_key, upload.data, job.media_type))
+    return jobs, to_store
+
+
+def _store_inputs(store: ObjectStore, items: list[tuple[str, bytes, str]]) -> None:
+    """Store many inputs; in parallel, since an S3 put is a network round trip."""
+    if len(items) <= 1:
+        for key, data, media_type in items:
+            store.put(key, data, media_type)
+        return
+    list(_put_pool().map(lambda item: store.put(*item), items))
+
+
+@lru_cache(maxsize=1)
+def _put_pool() -> ThreadPoolExecutor:
+    # One pool per process, made once: starting threads per request cost more than local puts.
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="put")

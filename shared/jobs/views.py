@@ -1,0 +1,147 @@
+"""What clients see of jobs and batches: the lookups the routes make and the row -> schema views."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from shared.core.errors import XrayqError
+from shared.core.storage import ObjectStore
+from shared.db.models import Batch, Job, JobStatus, ModelVersion, as_utc
+from shared.schemas import (
+    BatchCounts,
+    BatchStatusName,
+    BatchView,
+    DeliveryView,
+    JobError,
+    JobResult,
+    JobView,
+    ModelRef,
+    ReportView,
+    StudyView,
+)
+
+
+def get_job(session: Session, job_id: str, organisation: str | None = None) -> Job:
+    """The job, if it exists and (when `organisation` is given) that organisation submitted it."""
+    job = session.get(Job, job_id)
+    if job is None or (organisation is not None and job.organisation != organisation):
+        raise XrayqError("job_not_found", f"No job with id {job_id!r}.")
+    return job
+
+
+def get_batch(session: Session, batch_id: str, organisation: str | None = None) -> Batch:
+    """The batch, if it exists and (when `organisation` is given) that organisation submitted it."""
+    batch = session.get(Batch, batch_id)
+    if batch is None or (organisation is not None and batch.organisation != organisation):
+        raise XrayqError("batch_not_found", f"No batch with id {batch_id!r}.")
+    return batch
+
+
+def job_view(job: Job) -> JobView:
+    result = None
+    if job.status == JobStatus.succeeded and job.label is not None:
+        answered: ModelVersion | None = job.model_version
+        result = JobResult(
+            label=job.label,
+            probabilities=job.probabilities or {},
+            model=ModelRef(
+                name=answered.name if answered else job.model_name, version=answered.version if answered else None
+            ),
+        )
+    return JobView(
+        id=job.id,
+        status=job.status.value,
+        filename=job.filename,
+        batch_id=job.batch_id,
+        position=job.position,
+        media_type=job.media_type,
+        input_sha256=job.input_sha256,
+        client_ref=job.client_ref,
+        model=ModelRef(name=job.model_name, version=job.model_version_requested),
+        result=result,
+        error=JobError(code=job.error_code, detail=job.error_detail) if job.error_code else None,
+        warnings=job.warnings or [],
+        dicom=job.dicom,
+        attempts=job.attempts,
+        created_at=as_utc(job.created_at),
+        started_at=as_utc(job.started_at),
+        finished_at=as_utc(job.finished_at),
+        timings=job.timings,
+    )
+
+
+def batch_status(counts: BatchCounts, total: int) -> BatchStatusName:
+    finished = counts.succeeded + counts.failed + counts.cancelled
+    if finished < total:
+        return "queued" if counts.running == 0 and finished == 0 else "running"
+    if counts.succeeded == total:
+        return "succeeded"
+    if counts.succeeded == 0:
+        return "cancelled" if counts.cancelled == total else "failed"
+    return "partially_failed"
+
+
+def batch_view(
+    session: Session, batch_id: str, cursor: int = 0, limit: int = 100, organisation: str | None = None
+) -> BatchView:
+    batch = get_batch(session, batch_id, organisation)
+    rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)).all()
+    counts = BatchCounts(**{status.value: count for status, count in rows})
+    finished = counts.succeeded + counts.failed + counts.cancelled
+    page = session.scalars(
+        select(Job)
+        .options(selectinload(Job.model_version))
+        .where(Job.batch_id == batch_id, Job.position >= cursor)
+        .order_by(Job.position)
+        .limit(limit + 1)
+    ).all()
+    next_cursor = str(page[limit].position) if len(page) > limit else None
+    status = batch_status(counts, batch.total)
+    if batch.study_instance_uid is not None and batch.stable_at is None:
+        status = "collecting"
+    return BatchView(
+        id=batch.id,
+        status=status,
+        model=ModelRef(name=batch.model_name),
+        client_ref=batch.client_ref,
+        created_at=as_utc(batch.created_at),
+        total=batch.total,
+        counts=counts,
+        progress=round(finished / batch.total, 4) if batch.total else 1.0,
+        jobs=[job_view(job) for job in page[:limit]],
+        next_cursor=next_cursor,
+        study=_study_view(batch),
+        completed_at=as_utc(batch.completed_at),
+        report=ReportView(location=f"/v1/batches/{batch.id}/report", sop_instance_uid=batch.report_sop_instance_uid)
+        if batch.report_key and batch.report_sop_instance_uid
+        else None,
+        deliveries={name: DeliveryView(**state) for name, state in (batch.deliveries or {}).items()},
+    )
+
+
+def _study_view(batch: Batch) -> StudyView | None:
+    if batch.study_instance_uid is None:
+        return None
+    return StudyView(
+        study_instance_uid=batch.study_instance_uid,
+        accession_number=batch.accession_number,
+        source=batch.source,
+        stable=batch.stable_at is not None,
+        last_instance_at=as_utc(batch.last_instance_at),
+        stable_at=as_utc(batch.stable_at),
+    )
+
+
+def study_report(session: Session, store: ObjectStore, batch_id: str, organisation: str | None = None) -> bytes:
+    """The stored SR of a study batch, or why there is none (yet)."""
+    batch = get_batch(session, batch_id, organisation)
+    if batch.study_instance_uid is None:
+        raise XrayqError("report_not_available", "Only study batches (DIMSE, STOW-RS, /v1/studies) have a report.")
+    if batch.completed_at is None:
+        raise XrayqError(
+            "report_not_ready", "The study is still collecting instances or being classified; try again later."
+        )
+    if batch.report_key is None:
+        raise XrayqError("report_not_available", "No instance of this study could be classified, so no report.")
+    return store.get(batch.report_key)
