@@ -15,6 +15,8 @@ from fastapi import Depends, Form, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from services.gateway.admission import AdmissionQueue
+from services.gateway.waiter import CompletionWaiter
 from shared.auth import OPEN, Principal, authenticate, hash_key, require
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
@@ -51,6 +53,14 @@ async def get_store(request: Request) -> ObjectStore:
 
 async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
+
+
+async def get_admission(request: Request) -> AdmissionQueue:
+    return request.app.state.admission
+
+
+async def get_waiter(request: Request) -> CompletionWaiter:
+    return request.app.state.waiter
 
 
 class PrincipalCache:
@@ -127,6 +137,8 @@ DatabaseDep = Annotated[Database, Depends(get_database)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 PrincipalCacheDep = Annotated[PrincipalCache, Depends(get_principal_cache)]
+AdmissionDep = Annotated[AdmissionQueue, Depends(get_admission)]
+WaiterDep = Annotated[CompletionWaiter, Depends(get_waiter)]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from services.gateway.deps import (
     CallbackSecretForm,
     CallbackUrlForm,
     CeleryDep,
+    DatabaseDep,
     IdempotencyKeyHeader,
     ModelForm,
     SessionDep,
     SettingsDep,
     StoreDep,
     SubmitterDep,
+    WaiterDep,
 )
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
@@ -117,7 +119,8 @@ def _too_large(filename: str, settings: Settings) -> Upload:
 
 @router.get("/{batch_id}", response_model=BatchView, responses=PROBLEMS)
 async def read_batch(
-    request: Request,
+    database: DatabaseDep,
+    waiter: WaiterDep,
     batch_id: str,
     settings: SettingsDep,
     principal: SubmitterDep,
@@ -127,12 +130,11 @@ async def read_batch(
         float, Query(ge=0, description="Long-poll: seconds to wait until every job of the batch has finished.")
     ] = 0,
 ) -> BatchView:
-    database = request.app.state.database
     args = (database, batch_id, int(cursor or 0), limit, principal.scope)
     view = await run_in_threadpool(_load_batch_view, *args)
     timeout = min(wait, settings.max_wait_seconds)
     finished = view.status in FINISHED_BATCH_STATUSES
-    if timeout > 0 and not finished and await request.app.state.waiter.wait_batch(batch_id, timeout):
+    if timeout > 0 and not finished and await waiter.wait_batch(batch_id, timeout):
         view = await run_in_threadpool(_load_batch_view, *args)
     return view
 

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from celery import Celery
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
-from starlette.datastructures import State
 
-from services.gateway.deps import IdempotencyKeyHeader, ModelForm, SessionDep, SettingsDep, SubmitterDep
+from services.gateway.deps import (
+    AdmissionDep,
+    CeleryDep,
+    DatabaseDep,
+    IdempotencyKeyHeader,
+    ModelForm,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    SubmitterDep,
+    WaiterDep,
+)
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import clean_filename, read_upload, validate_image
-from shared.auth import Principal
+from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
 from shared.jobs.creation import Upload
@@ -28,10 +41,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=PROBLEMS)
 async def submit_job(
-    request: Request,
+    admission: AdmissionDep,
     principal: SubmitterDep,
     response: Response,
     settings: SettingsDep,
+    database: DatabaseDep,
+    store: StoreDep,
+    celery: CeleryDep,
     file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
     model: ModelForm = None,
     client_ref: Annotated[str | None, Form(max_length=256)] = None,
@@ -46,12 +62,16 @@ async def submit_job(
     replayed = False
     if idempotency_key is None:
         # The common case goes through the gateway's group commit (see services/gateway/admission.py).
-        job = await request.app.state.admission.submit(
+        job = await admission.submit(
             upload, model_ref=model_ref, client_ref=client_ref, organisation=principal.organisation
         )
     else:
         submitted = await run_in_threadpool(
-            _submit_idempotent, request.app.state, upload, model_ref, client_ref, idempotency_key, principal
+            partial(_submit_idempotent, database, store, celery, settings, upload),
+            model_ref=model_ref,
+            client_ref=client_ref,
+            idempotency_key=idempotency_key,
+            organisation=principal.organisation,
         )
         job, replayed = submitted.jobs[0], submitted.replayed
     if replayed:
@@ -64,42 +84,34 @@ async def submit_job(
 
 
 def _submit_idempotent(
-    state: State,
+    database: Database,
+    store: ObjectStore,
+    celery: Celery,
+    settings: Settings,
     upload: Upload,
-    model_ref: str,
-    client_ref: str | None,
-    idempotency_key: str,
-    principal: Principal,
+    **options: Any,
 ) -> Submitted:
-    with state.database.session() as session:
-        return submit_images(
-            session,
-            state.store,
-            state.celery,
-            state.settings,
-            [upload],
-            model_ref=model_ref,
-            as_batch=False,
-            client_ref=client_ref,
-            idempotency_key=idempotency_key,
-            organisation=principal.organisation,
-        )
+    """Idempotent submissions check and record their key in the transaction that creates the job."""
+    with database.session() as session:
+        return submit_images(session, store, celery, settings, [upload], as_batch=False, **options)
 
 
 @router.get("/{job_id}", response_model=JobView, responses=PROBLEMS)
 async def read_job(
-    request: Request,
+    database: DatabaseDep,
+    waiter: WaiterDep,
     job_id: str,
     settings: SettingsDep,
     principal: SubmitterDep,
     wait: Annotated[float, Query(ge=0, description="Long-poll: seconds to wait for a terminal state.")] = 0,
 ) -> JobView:
-    database = request.app.state.database
     view = await run_in_threadpool(_load_view, database, job_id, principal.scope)
     timeout = min(wait, settings.max_wait_seconds)
     if timeout > 0 and view.status not in TERMINAL_NAMES:
-        finished = await request.app.state.waiter.wait(job_id, timeout)
-        view = finished or await run_in_threadpool(_load_view, database, job_id, principal.scope)
+        finished = await waiter.wait(job_id, timeout)
+        view = (
+            finished if finished is not None else await run_in_threadpool(_load_view, database, job_id, principal.scope)
+        )
     return view
 
 
@@ -114,9 +126,7 @@ def _load_view(database: Database, job_id: str, organisation: str | None) -> Job
 @router.delete("/{job_id}", response_model=JobView, responses=PROBLEMS)
 def cancel(job_id: str, session: SessionDep, principal: SubmitterDep) -> JobView:
     """Cancel a queued job (409 `job_not_cancellable` once a worker has it)."""
-    job = cancel_job(session, job_id, principal.scope)
-    session.commit()
-    return job_view(job)
+    return job_view(cancel_job(session, job_id, principal.scope))
 
 
 @router.get("", response_model=list[JobView], responses=PROBLEMS)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Response
 
 from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, TrainerDep
 from services.gateway.problems import PROBLEMS
+from shared.db.session import after_commit
 from shared.schemas import TrainingRunCreate, TrainingRunView
 from shared.training.runs import cancel_run, create_run, find_run, list_runs, publish_run, run_view
 
@@ -23,8 +26,8 @@ def start_run(
 ) -> TrainingRunView:
     """Queue a run on `train`; one trainer executes one run at a time, in order."""
     run = create_run(session, settings, request, principal.organisation)
-    session.commit()  # the row first: a run whose message is lost is published again by the reconciler
-    publish_run(celery, run.id)
+    # The row first, then the message (a run whose message is lost is published again by the reconciler).
+    after_commit(session, partial(publish_run, celery, run.id))
     response.headers["Location"] = f"/v1/training-runs/{run.id}"
     return run_view(session, run)
 
