@@ -13,10 +13,12 @@ from starlette.datastructures import State
 from services.gateway.deps import IdempotencyKeyHeader, ModelForm, SessionDep, SettingsDep, SubmitterDep
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
-from services.gateway.uploads import clean_filename, read_upload, validate_image
+from services.gateway.uploads import read_upload
 from shared.auth import Principal
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
+from shared.intake.images import check_file
+from shared.intake.uploads import clean_filename
 from shared.jobs.lifecycle import Upload, cancel_job, get_job, job_view
 from shared.jobs.submissions import Submitted, submit_images
 from shared.schemas import JobAccepted, JobView
@@ -37,7 +39,7 @@ async def submit_job(
 ) -> JobAccepted:
     filename = clean_filename(file.filename, "upload")
     data = await read_upload(file, settings.max_file_bytes, filename)
-    upload = validate_image(filename, data, settings)
+    upload = check_file(filename, data, settings)
     if upload.error is not None:
         raise upload.error
     model_ref = model or settings.default_model
