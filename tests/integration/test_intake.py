@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
-
 import pytest
 from fastapi.testclient import TestClient
 
@@ -14,6 +11,7 @@ from services.gateway.routes.dicomweb import CANNOT_UNDERSTAND, FAILURE_REASON
 from tests.conftest import ADMIN_HEADERS
 from tests.dicom_samples import MULTIFRAME_GREY_BYTE_SC, SECONDARY_CAPTURE, part10, secondary_capture
 from tests.unit.intake.test_every_path import BAD_FILES, MAX_FILE_BYTES, bad_file
+from tests.unit.intake.test_uploads import make_zip
 
 pytestmark = pytest.mark.integration
 STOW_BOUNDARY = "xrayq-intake-boundary"
@@ -25,14 +23,6 @@ def limited(services_settings, services_model):
     settings = services_settings.model_copy(update={"max_file_bytes": MAX_FILE_BYTES})
     with TestClient(create_app(settings), headers=ADMIN_HEADERS) as client:
         yield client
-
-
-def zip_of(entries: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def stow(client, *instances: bytes):
@@ -61,10 +51,12 @@ def test_the_same_bad_file_gets_the_same_code_on_every_path(limited, data_dir, c
     assert single.status_code >= 400 and single.json()["code"] == code, single.text
     in_batch = limited.post("/v1/batches", files=[("files", ("good.jpeg", good)), ("files", (name, data))])
     assert batch_job_codes(limited, in_batch) == [None, code]
-    in_zip = limited.post("/v1/batches", files={"files": ("a.zip", zip_of({"good.jpeg": good, name: data}))})
+    in_zip = limited.post("/v1/batches", files={"files": ("a.zip", make_zip([("good.jpeg", good), (name, data)]))})
     assert batch_job_codes(limited, in_zip) == [None, code]
     dataset = limited.post(
-        "/v1/datasets", files={"file": ("d.zip", zip_of({"A/good.jpeg": good, f"B/{name}": data}))}, data={"name": "x"}
+        "/v1/datasets",
+        files={"file": ("d.zip", make_zip([("A/good.jpeg", good), (f"B/{name}", data)]))},
+        data={"name": "x"},
     )
     assert dataset.status_code == 422 and dataset.json()["code"] == "dataset_unreadable_files", dataset.text
     assert [(f["path"], f["code"]) for f in dataset.json()["files"]] == [(f"B/{name}", code)]
@@ -89,7 +81,7 @@ def test_a_film_stored_as_secondary_capture_is_taken_on_every_path(limited, ches
     single = limited.post("/v1/jobs", files={"file": ("film.dcm", film())})
     assert single.status_code == 202, single.text
     assert batch_job_codes(
-        limited, limited.post("/v1/batches", files={"files": ("f.zip", zip_of({"f.dcm": film()}))})
+        limited, limited.post("/v1/batches", files={"files": ("f.zip", make_zip([("f.dcm", film())]))})
     ) == [None]
     study = limited.post("/v1/studies", files={"files": ("film.dcm", film())})
     assert study.status_code == 202 and study.json()["refused"] == [], study.text
@@ -97,7 +89,7 @@ def test_a_film_stored_as_secondary_capture_is_taken_on_every_path(limited, ches
     assert stored.status_code == 200, stored.text
     dataset = limited.post(
         "/v1/datasets",
-        files={"file": ("d.zip", zip_of({"A/1.dcm": film(), "B/2.dcm": film()}))},
+        files={"file": ("d.zip", make_zip([("A/1.dcm", film()), ("B/2.dcm", film())]))},
         data={"name": "films"},
     )
     assert dataset.status_code == 201 and dataset.json()["details"]["deidentified_dicom"] == 2, dataset.text

@@ -4,14 +4,12 @@ study instance (REST, STOW-RS, C-STORE), a dataset member. Real samples from ../
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services.dicom.receiver import make_ae
-from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.intake.images import check_dataset_member, check_file
 from shared.intake.instances import check_instance, check_instances
@@ -27,6 +25,7 @@ from tests.dicom_samples import (
     secondary_capture,
     with_changes,
 )
+from tests.unit.intake.test_uploads import make_zip
 
 MAX_FILE_BYTES = 1_000_000  # the CR samples (6-7 MB) are over it; the chest JPEGs and their SCs are not
 
@@ -41,28 +40,12 @@ def chest_jpeg(chest_images) -> Path:
     return chest_images["NORMAL"][0]
 
 
-def zip_of(entries: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def code_of(action) -> str | None:
-    try:
-        action()
-    except XrayqError as error:
-        return error.code
-    return None
-
-
 def codes_on_every_path(name: str, data: bytes, good: bytes, settings: Settings) -> dict[str, str | None]:
     """path -> the code the file got there (None: accepted)."""
     upload = check_file(name, data, settings)
-    entry = expand_zip(zip_of({"good.jpeg": good, name: data}), settings)[1]
+    entry = expand_zip(make_zip([("good.jpeg", good), (name, data)]), settings)[1]
     dataset = read_upload(
-        io.BytesIO(zip_of({"A/good.jpeg": good, f"B/{name}": data})), settings, skip_unreadable=True, classes=None
+        io.BytesIO(make_zip([("A/good.jpeg", good), (f"B/{name}", data)])), settings, skip_unreadable=True, classes=None
     )
     skipped = {item["path"]: item["code"] for item in dataset.details["skipped_unreadable"]}
     _, refused = check_instances([(name, data)], settings)
