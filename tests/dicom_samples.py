@@ -32,7 +32,11 @@ def secondary_capture(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
     ds.PatientID, ds.PatientName = "SC-TEST", "Test^Secondary^Capture"
     ds.Modality, ds.ConversionType, ds.BodyPartExamined = "OT", "DF", "CHEST"
-    ds.AccessionNumber = ""
+    # The type 2 attributes of the SC IOD's patient, study, series and image modules: present, may be empty.
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        setattr(ds, keyword, "")
+    for keyword in ("StudyID", "AccessionNumber", "SeriesNumber", "InstanceNumber", "PatientOrientation"):
+        setattr(ds, keyword, "")
     pixels = np.stack([grey] * frames) if frames else grey
     ds.set_pixel_data(pixels, "MONOCHROME2", 8)
     if frames:
