@@ -1,8 +1,9 @@
 """`xrayq dicom`: the DICOM receiver, a C-STORE SCP (pynetdicom) in a process of its own.
 
-It answers C-ECHO, and C-STORE for the radiograph storage SOP classes in every transfer syntax this
-installation decodes. Received instances go through the same study intake as STOW-RS and REST
-(`shared.jobs.studies`): stored, turned into jobs of their study's batch, published. Statuses (PS3.4 B.2.3):
+It answers C-ECHO, and C-STORE for the image storage SOP classes xrayq reads (radiographs and secondary
+captures, `shared.intake.sop_classes`) in every transfer syntax this installation decodes. Received
+instances get the same checks (`shared.intake`) and study intake (`shared.jobs.studies`) as STOW-RS and
+REST: stored, turned into jobs of their study's batch, published. Statuses (PS3.4 B.2.3):
 0x0000 once the instance is durably stored and queued; 0xA700 (Refused: Out of Resources) when storage,
 database or broker fail, or no model can answer yet -- the sender should retry; 0xA900 when the data
 set is not of the negotiated SOP class; 0xC000 (Cannot understand) for an instance that cannot be
@@ -28,7 +29,9 @@ from shared.core.settings import Settings
 from shared.core.storage import make_object_store
 from shared.db.session import database_for
 from shared.imaging.dimse import decodable_transfer_syntaxes
-from shared.jobs.studies import RADIOGRAPH_STORAGE_CLASSES, add_instances, read_instance
+from shared.intake.instances import check_instance
+from shared.intake.sop_classes import ACCEPTED_SOP_CLASSES
+from shared.jobs.studies import add_instances
 
 log = logging.getLogger("xrayq.dicom")
 
@@ -56,7 +59,7 @@ class StoreHandler:
         negotiated = str(event.context.abstract_syntax)
         try:
             data = event.encoded_dataset(include_meta=True)
-            upload = read_instance(f"{calling}-{event.request.AffectedSOPInstanceUID}.dcm", data, self.settings)
+            upload = check_instance(f"{calling}-{event.request.AffectedSOPInstanceUID}.dcm", data, self.settings)
         except XrayqError as error:
             status = OUT_OF_RESOURCES if error.code in _OUR_TROUBLE else CANNOT_UNDERSTAND
             return _status(status, error)
@@ -103,7 +106,7 @@ def make_ae(settings: Settings) -> AE:
         ae.require_calling_aet = allowed  # others are rejected: "calling AE title not recognised"
     ae.add_supported_context(VERIFICATION)
     syntaxes = decodable_transfer_syntaxes()
-    for sop_class in RADIOGRAPH_STORAGE_CLASSES:
+    for sop_class in ACCEPTED_SOP_CLASSES:
         ae.add_supported_context(sop_class, syntaxes)
     return ae
 

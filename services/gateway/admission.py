@@ -26,7 +26,8 @@ from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Job
 from shared.db.session import Database
-from shared.jobs.creation import JobRequest, Upload, create_jobs
+from shared.intake.upload import Upload
+from shared.jobs.creation import JobRequest, create_jobs
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pydicom
 from PIL import Image, UnidentifiedImageError
 
 from shared.core.errors import XrayqError
@@ -57,9 +58,7 @@ def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
     limits = limits or ImageLimits()
     media_type = _supported_type(data)
     if media_type == "application/dicom":
-        header = dicom.read_header(data)
-        _check_size(*dicom.size_of(header), limits)
-        dicom.check_complete(data, header)
+        check_dicom(data, dicom.read_header(data), limits)
         return media_type
     _open_header(data, limits)
     tail = data[-4096:]
@@ -67,6 +66,13 @@ def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
     if not complete:
         raise XrayqError("image_unreadable", "The image is truncated (its end marker is missing).")
     return media_type
+
+
+def check_dicom(data: bytes, header: pydicom.Dataset, limits: ImageLimits) -> None:
+    """`check_image` for a DICOM file whose header (`dicom.read_header`) the caller has read already."""
+    _check_size(*dicom.size_of(header), limits)
+    dicom.check_single_frame(header)
+    dicom.check_complete(data, header)
 
 
 def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:

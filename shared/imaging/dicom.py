@@ -73,6 +73,12 @@ def check_complete(data: bytes, header: pydicom.Dataset) -> None:
         raise XrayqError("dicom_truncated", "The DICOM file ends inside its pixel data.")
 
 
+def check_single_frame(header: pydicom.Dataset) -> None:
+    """One picture per instance: a multi-frame object (a clip, a stack) is refused, not half-read."""
+    if int(header.get("NumberOfFrames", 1) or 1) > 1:
+        raise XrayqError("dicom_multiframe", "Multi-frame DICOM is not supported; send single-frame images.")
+
+
 def _has_pixel_data(data: bytes) -> bool:
     # The (7FE0,0010) tag, little or big endian: cheap, and the full decode has the last word.
     return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
@@ -137,8 +143,7 @@ def size_of(ds: pydicom.Dataset) -> tuple[int, int]:
 def decode(data: bytes) -> Image.Image:
     """Full decode of the first frame into a float ('F') image in [0, 1], display-ready."""
     ds = read_header(data)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise XrayqError("dicom_multiframe", "Multi-frame DICOM is not supported; send single-frame radiographs.")
+    check_single_frame(ds)
     try:
         full = pydicom.dcmread(io.BytesIO(data))
         array: Any = full.pixel_array  # colour models (YBR...) come back as RGB

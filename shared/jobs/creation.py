@@ -21,22 +21,12 @@ from sqlalchemy.orm import Session
 from shared.core.errors import XrayqError
 from shared.core.storage import ObjectStore
 from shared.db.models import Job, JobStatus, new_id, utcnow
+from shared.intake.upload import Upload
 from shared.jobs.lifecycle import commit_then_publish
 from shared.models.registry import parse_model_ref, resolve_version
 
 if TYPE_CHECKING:
     from celery import Celery
-
-
-@dataclass
-class Upload:
-    """One submitted file: its bytes and name, its sniffed type, or why it was refused."""
-
-    filename: str
-    data: bytes
-    media_type: str | None = None
-    error: XrayqError | None = None
-    dicom: dict[str, str] | None = None  # identifying tags of a DICOM input
 
 
 @dataclass

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
 from shared.db.models import IdempotencyKey
-from shared.jobs.creation import Upload
+from shared.intake.upload import Upload
 
 MAX_KEY_LENGTH = 255
 

@@ -25,34 +25,12 @@ from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Batch, Job, utcnow
-from shared.imaging import dicom
-from shared.imaging.decode import ImageLimits, check_image, sniff_media_type
-from shared.jobs.creation import Created, JobRequest, Upload, create_jobs
+from shared.intake.upload import Upload
+from shared.jobs.creation import Created, JobRequest, create_jobs
 from shared.models.registry import resolve_version
 
 if TYPE_CHECKING:
     from celery import Celery
-
-# Storage SOP classes of projection radiographs: what the receiver negotiates and study intake takes.
-RADIOGRAPH_STORAGE_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.1.3": "Digital Intra-Oral X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
-}
-
-
-@dataclass
-class Refused:
-    """An instance that joined no study, and why (STOW-RS and DIMSE report it per instance)."""
-
-    filename: str
-    error: XrayqError
-    sop_class_uid: str | None = None
-    sop_instance_uid: str | None = None
 
 
 @dataclass
@@ -62,43 +40,6 @@ class StudyIntake:
     batches: list[Batch] = field(default_factory=list)
     jobs: dict[str, list[Job]] = field(default_factory=dict)  # batch id -> its jobs added now
     duplicates: list[Upload] = field(default_factory=list)  # already in their open study batch
-    refused: list[Refused] = field(default_factory=list)
-
-
-def read_instance(filename: str, data: bytes, settings: Settings) -> Upload:
-    """A DICOM radiograph checked as far as the submit path checks (header, decoder, size), with its
-    identifying tags; anything else raises its own XrayqError."""
-    if len(data) > settings.max_file_bytes:
-        raise XrayqError("file_too_large", f"{filename!r} is larger than {settings.max_file_bytes} bytes.")
-    if not data:
-        raise XrayqError("empty_file", "The file is empty.")
-    if sniff_media_type(data) != "application/dicom":
-        raise XrayqError("dicom_required", "Study intake takes DICOM Part-10 instances only.")
-    header = dicom.read_header(data)
-    sop_class = str(header.get("SOPClassUID", ""))
-    if sop_class not in RADIOGRAPH_STORAGE_CLASSES:
-        name = getattr(header.get("SOPClassUID"), "name", sop_class) or "(none)"
-        raise XrayqError(
-            "dicom_sop_class_not_supported", f"SOP class {name} is not a projection radiograph (CR, DX, MG, IO)."
-        )
-    if not str(header.get("StudyInstanceUID", "")).strip():
-        raise XrayqError("dicom_missing_study_uid", "The instance has no StudyInstanceUID to group it by.")
-    check_image(data, ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side))
-    return Upload(filename, data, "application/dicom", dicom=dicom.identifying_tags(header))
-
-
-def refusal(filename: str, data: bytes, error: XrayqError) -> Refused:
-    """A refusal with whatever UIDs can still be read, so the sender can tell which instance it was."""
-    sop_class = sop_instance = None
-    if sniff_media_type(data) == "application/dicom":
-        try:
-            header = dicom.read_header(data)
-        except XrayqError:
-            header = None
-        if header is not None:
-            sop_class = str(header.get("SOPClassUID", "")) or None
-            sop_instance = str(header.get("SOPInstanceUID", "")) or None
-    return Refused(filename, error, sop_class, sop_instance)
 
 
 def _study_version(session: Session, batch_id: str, name: str) -> int:
@@ -125,7 +66,8 @@ def add_instances(
     callback_url: str | None = None,
     callback_secret: str | None = None,
 ) -> StudyIntake:
-    """Add checked instances (from `read_instance`) to their open study batches, commit, publish.
+    """Add checked instances (`shared.intake.instances.check_instance`) to their open study batches,
+    commit, publish.
 
     Bytes are stored before any row is written, so the open batch is locked only briefly. An instance
     whose SOPInstanceUID is already in its open batch (a sender's retry) is not classified twice.

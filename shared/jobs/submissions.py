@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Batch, IdempotencyKey, Job, new_id
-from shared.jobs.creation import Created, JobRequest, Upload, create_jobs
+from shared.intake.upload import Upload
+from shared.jobs.creation import Created, JobRequest, create_jobs
 from shared.jobs.idempotency import check_key, find_original, remember, request_fingerprint, scoped_key
 
 if TYPE_CHECKING:

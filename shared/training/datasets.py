@@ -30,9 +30,11 @@ from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Dataset, new_id
-from shared.imaging.decode import ImageLimits, check_image, sniff_media_type
+from shared.imaging.decode import sniff_media_type
 from shared.imaging.deidentify import deidentify
-from shared.intake.archives import checked_entries
+from shared.intake import refusals
+from shared.intake.archives import checked_entries, open_zip, read_entry
+from shared.intake.images import check_dataset_member
 from shared.training.dataset_layout import SPLITS, check_splits, parse_layout
 
 MANIFEST_FORMAT = "xrayq-dataset/1"
@@ -88,25 +90,17 @@ def read_upload(
     stream.seek(0)
     if sniff_media_type(head + b"\0" * 124) != "application/zip":
         raise XrayqError("unsupported_media_type", "Upload a ZIP of class folders or a MedMNIST-style .npz.")
-    archive = _open_zip(stream)
+    archive = open_zip(stream)
     names = [info.filename for info in archive.infolist()]
     if names and all(name.endswith(".npy") for name in names):
         return _read_npz(stream, archive, settings, classes)
     return _read_class_folders(archive, settings, skip_unreadable=skip_unreadable)
 
 
-def _open_zip(stream: IO[bytes]) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(stream)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
-        raise XrayqError("archive_unreadable", f"The archive could not be read: {exc}") from None
-
-
 def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_unreadable: bool) -> NewDataset:
     entries = _dataset_entries(archive, settings)
     layout = parse_layout([info.filename for info in entries])
     by_path = {info.filename: info for info in entries}
-    limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=8)
     # Keyed pseudonyms: one key per deployment keeps a patient's studies together across uploads.
     key = settings.deidentification_key or secrets.token_hex(32)
     sources: dict[str, zipfile.ZipInfo] = {}  # sha256 -> the entry that gives those bytes
@@ -115,7 +109,7 @@ def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_un
     for labelled in layout.files:
         info = by_path[labelled.path]
         try:
-            data, media_type, record = _prepared(archive, info, settings, limits, key)
+            data, media_type, record = _prepared(archive, info, settings, key)
         except XrayqError as error:
             unreadable.append({"path": labelled.path, "code": error.code, "detail": error.detail})
             continue
@@ -142,20 +136,20 @@ def _read_class_folders(archive: zipfile.ZipFile, settings: Settings, *, skip_un
 
     def files() -> Iterator[tuple[str, bytes]]:
         for sha256, info in sources.items():
-            data, _, _ = _prepared(archive, info, settings, limits, key)
+            data, _, _ = _prepared(archive, info, settings, key)
             if hashlib.sha256(data).hexdigest() != sha256:  # de-identification is deterministic per key
-                raise XrayqError("archive_unreadable", f"{info.filename!r} changed while it was read.")
+                raise refusals.archive_unreadable(f"{info.filename!r} changed while it was read.")
             yield sha256, data
 
     return NewDataset(manifest, details, files)
 
 
 def _prepared(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, settings: Settings, limits: ImageLimits, key: str
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, settings: Settings, key: str
 ) -> tuple[bytes, str, dict[str, Any] | None]:
     """An entry's bytes as they will be stored, its media type, and its de-identification record."""
-    data = _read_member(archive, info, settings.max_file_bytes)
-    media_type = check_image(data, limits)
+    data = read_entry(archive, info, settings.max_file_bytes)
+    media_type = check_dataset_member(info.filename, data, settings)
     if media_type != "application/dicom":
         return data, media_type, None
     # Training data keeps no patient identity: only the de-identified copy is stored.
@@ -172,17 +166,6 @@ def _dataset_entries(archive: zipfile.ZipFile, settings: Settings) -> list[zipfi
     )
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
-    if info.file_size > limit:
-        raise XrayqError("file_too_large", f"{info.filename!r} is larger than {limit} bytes.")
-    try:
-        # zipfile stops at the declared size: a lying header cannot expand past the checks above.
-        with archive.open(info) as member:
-            return member.read(limit + 1)
-    except (zipfile.BadZipFile, NotImplementedError, OSError, RuntimeError, EOFError) as exc:
-        raise XrayqError("archive_unreadable", f"{info.filename!r}: {exc}") from None
-
-
 def _read_npz(stream: IO[bytes], archive: zipfile.ZipFile, settings: Settings, classes: list[str] | None) -> NewDataset:
     """MedMNIST layout: `{split}_images` (N x H x W [x 3], uint8) and `{split}_labels` (N or N x 1)."""
     _dataset_entries(archive, settings)  # an .npz is a ZIP: the same bomb checks apply
@@ -191,7 +174,7 @@ def _read_npz(stream: IO[bytes], archive: zipfile.ZipFile, settings: Settings, c
         npz = np.load(stream, allow_pickle=False)
         arrays = {key: npz[key] for key in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise XrayqError("archive_unreadable", f"The .npz could not be read: {exc}") from None
+        raise refusals.archive_unreadable(f"The .npz could not be read: {exc}") from None
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key in arrays:
         if not key.endswith("_images"):

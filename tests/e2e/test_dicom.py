@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from tests.dicom_samples import secondary_capture
 from tests.e2e.conftest import OTHER_SCU_AE_TITLE, SCU_AE_TITLE
 from tests.e2e.test_stack import wait_for_batch
 
@@ -241,3 +242,38 @@ def test_stow_rs_with_nothing_storable_is_a_conflict(stack, data_dir) -> None:
     assert answer["00081198"]["Value"][0]["00081197"]["Value"] == [0x0122]
     wrong_type = stack.http.post("/dicomweb/studies", content=b"x", headers={"Content-Type": "application/json"})
     assert wrong_type.status_code == 415 and wrong_type.json()["code"] == "unsupported_media_type"
+
+
+def finished_job(stack, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = stack.http.get(f"/v1/jobs/{job_id}", params={"wait": 10}, timeout=20).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+    raise AssertionError(f"job {job_id} not finished within {timeout}s")
+
+
+def test_a_film_stored_as_secondary_capture_is_classified_alike_on_every_path(stack, chest_images) -> None:
+    """A digitised chest film (SC Image Storage, Modality OT) is taken by C-STORE, STOW-RS, /v1/studies
+    and /v1/jobs, classified the same, and flagged the same: the model was made for CR and DX."""
+    if stack.mode != "embedded":
+        return  # one mode is enough: the intake is the same code (services mode runs the STOW/REST test)
+    film = chest_images["PNEUMONIA"][1]
+    via_dimse, via_stow, via_rest, via_jobs = (secondary_capture(film) for _ in range(4))
+
+    assert c_store(stack, [via_dimse]) == [0x0000]  # the SC presentation context was accepted
+    status, answer, _ = stow(stack, [part10(via_stow)])
+    assert status == 200, answer
+    rest = stack.http.post("/v1/studies", files=[("files", ("film.dcm", part10(via_rest), "application/dicom"))])
+    assert rest.status_code == 202, rest.text
+    single = stack.http.post("/v1/jobs", files={"file": ("film.dcm", part10(via_jobs))})
+    assert single.status_code == 202, single.text
+
+    jobs = [study_batch(stack, ds.StudyInstanceUID)["jobs"][0] for ds in (via_dimse, via_stow, via_rest)]
+    jobs.append(finished_job(stack, single.json()["id"]))
+    assert [job["status"] for job in jobs] == ["succeeded"] * 4, [job["error"] for job in jobs]
+    assert {job["result"]["label"] for job in jobs} == {jobs[0]["result"]["label"]}
+    for job in jobs[1:]:
+        assert job["result"]["probabilities"] == pytest.approx(jobs[0]["result"]["probabilities"], abs=1e-6)
+    assert [[w["code"] for w in job["warnings"]] for job in jobs] == [["modality_mismatch"]] * 4
+    assert {job["dicom"]["Modality"] for job in jobs} == {"OT"}

@@ -16,7 +16,7 @@ from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
-from shared.jobs.creation import Upload
+from shared.intake.upload import Upload
 from tests.integration.test_gateway_api import queued_message_ids
 
 

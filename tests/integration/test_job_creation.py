@@ -13,7 +13,8 @@ from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Batch, Job, JobStatus
 from shared.db.session import database_for
-from shared.jobs.creation import Created, JobRequest, Upload, create_jobs
+from shared.intake.upload import Upload
+from shared.jobs.creation import Created, JobRequest, create_jobs
 from tests.integration.test_gateway_api import queued_message_ids
 
 pytestmark = pytest.mark.integration

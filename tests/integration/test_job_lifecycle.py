@@ -14,7 +14,8 @@ from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import database_for
-from shared.jobs.creation import JobRequest, Upload, create_jobs
+from shared.intake.upload import Upload
+from shared.jobs.creation import JobRequest, create_jobs
 from shared.jobs.lifecycle import Prediction, cancel_job, claim_jobs, jobs_to_republish, record_outcomes
 from tests.integration.conftest import submit
 

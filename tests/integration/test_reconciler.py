@@ -8,7 +8,7 @@ from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus, utcnow
 from shared.db.session import database_for
-from shared.jobs.creation import Upload
+from shared.intake.upload import Upload
 from shared.jobs.reconciler import reconcile_once
 from tests.integration.conftest import submit
 from tests.integration.test_gateway_api import queued_message_ids

@@ -14,8 +14,9 @@ from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Batch
 from shared.db.session import database_for
+from shared.intake.instances import check_instance
 from shared.jobs.deliveries import finish_pass
-from shared.jobs.studies import add_instances, read_instance, seal_stable_studies
+from shared.jobs.studies import add_instances, seal_stable_studies
 from shared.jobs.views import batch_view
 from tests.conftest import settings_from_env
 
@@ -38,7 +39,7 @@ def instance(data_dir, name: str = "RG3_UNCR.dcm", study_uid: str | None = None,
 
 def arrive(settings, data: bytes, organisation: str) -> str:
     """One instance through study intake, as the DICOM receiver does it; its batch id."""
-    upload = read_instance("x.dcm", data, settings)
+    upload = check_instance("x.dcm", data, settings)
     with database_for(settings).session() as session:
         intake = add_instances(
             session,

@@ -10,7 +10,7 @@ from services.worker.inference import ModelCache, Predictor
 from shared.core.storage import make_object_store
 from shared.db.models import Job, JobStatus
 from shared.db.session import database_for
-from shared.jobs.creation import Upload
+from shared.intake.upload import Upload
 from shared.jobs.views import get_job
 from tests.integration.conftest import submit as submit_jobs
 

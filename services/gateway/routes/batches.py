@@ -22,12 +22,9 @@ from services.gateway.deps import (
 )
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
-from services.gateway.uploads import check_file_count, clean_filename, expand_zip, too_large, validate_image
-from shared.core.settings import Settings
 from shared.db.session import Database
-from shared.imaging.decode import sniff_media_type
+from shared.intake.uploads import batch_uploads
 from shared.jobs.callbacks import check_callback
-from shared.jobs.creation import Upload
 from shared.jobs.submissions import submit_images
 from shared.jobs.views import batch_view, study_report
 from shared.schemas import BatchAccepted, BatchView, JobAccepted
@@ -51,7 +48,7 @@ def submit_batch(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchAccepted:
     callback_url, callback_secret = check_callback(callback_url, callback_secret, settings)
-    uploads = collect_uploads(files, settings)
+    uploads = batch_uploads(files, settings)
     submitted = submit_images(
         session,
         store,
@@ -83,37 +80,6 @@ def submit_batch(
             JobAccepted(id=job.id, status=job.status.value, filename=job.filename, location=f"/v1/jobs/{job.id}")
             for job in jobs
         ],
-    )
-
-
-def collect_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
-    """Files in request order; a lone ZIP is expanded in archive order. Bad images are kept as refusals."""
-    check_file_count(len(files), settings)
-    uploads: list[Upload] = []
-    lone = len(files) == 1
-    for index, file in enumerate(files):
-        filename = clean_filename(file.filename, f"file-{index}")
-        # A lone file may be a ZIP as large as a whole request; images have the per-file limit.
-        limit = settings.max_request_bytes if lone else settings.max_file_bytes
-        if file.size is not None and file.size > limit:
-            uploads.append(_too_large(filename, settings))
-            continue
-        data = file.file.read(limit + 1)
-        if lone and sniff_media_type(data) == "application/zip":
-            return expand_zip(data, settings)
-        if len(data) > settings.max_file_bytes:
-            uploads.append(_too_large(filename, settings))
-            continue
-        uploads.append(validate_image(filename, data, settings))
-    return uploads
-
-
-def _too_large(filename: str, settings: Settings) -> Upload:
-    return Upload(
-        filename,
-        b"",
-        None,
-        too_large(filename, settings.max_file_bytes),
     )
 
 

@@ -21,8 +21,11 @@ from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.db.session import Database
 from shared.imaging.dicom import read_header
-from shared.jobs.creation import Upload
-from shared.jobs.studies import Refused, add_instances, read_instance, refusal
+from shared.intake import refusals
+from shared.intake.instances import Refused, check_instance, refusal
+from shared.intake.upload import Upload
+from shared.intake.uploads import check_file_count
+from shared.jobs.studies import add_instances
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 DICOM_JSON = "application/dicom+json"
@@ -53,8 +56,7 @@ async def store_instances(request: Request, principal: SubmitterDep) -> Response
     settings: Settings = request.app.state.settings
     boundary = _boundary(request.headers.get("content-type", ""))
     parts = split_multipart(await request.body(), boundary)
-    if len(parts) > settings.max_batch_files:
-        raise XrayqError("too_many_files", f"{len(parts)} instances; the limit is {settings.max_batch_files}.")
+    check_file_count(len(parts), settings)
     return await run_in_threadpool(_store, request, parts, principal.organisation)
 
 
@@ -68,8 +70,8 @@ def _store(request: Request, parts: list[tuple[str, bytes]], organisation: str |
         try:
             # A part without a Content-Type takes the request's type="application/dicom".
             if content_type and content_type.split(";")[0].strip().lower() != "application/dicom":
-                raise XrayqError("dicom_required", f"Part {index + 1} is {content_type}, not application/dicom.")
-            accepted.append(read_instance(filename, data, settings))
+                raise refusals.dicom_required(f"Part {index + 1} is {content_type}, not application/dicom.")
+            accepted.append(check_instance(filename, data, settings))
         except XrayqError as error:
             refused.append(refusal(filename, data, error))
     intake = None

@@ -25,12 +25,14 @@ from services.gateway.deps import (
 )
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
-from services.gateway.uploads import clean_filename, read_upload, validate_image
+from services.gateway.uploads import read_upload
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import TERMINAL_STATUSES, Job
 from shared.db.session import Database
-from shared.jobs.creation import Upload
+from shared.intake.images import check_file
+from shared.intake.upload import Upload
+from shared.intake.uploads import clean_filename
 from shared.jobs.lifecycle import cancel_job
 from shared.jobs.submissions import Submitted, submit_images
 from shared.jobs.views import get_job, job_view
@@ -55,7 +57,7 @@ async def submit_job(
 ) -> JobAccepted:
     filename = clean_filename(file.filename, "upload")
     data = await read_upload(file, settings.max_file_bytes, filename)
-    upload = validate_image(filename, data, settings)
+    upload = check_file(filename, data, settings)
     if upload.error is not None:
         raise upload.error
     model_ref = model or settings.default_model

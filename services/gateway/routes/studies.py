@@ -18,11 +18,10 @@ from services.gateway.deps import (
 )
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
-from services.gateway.uploads import check_file_count, clean_filename
 from shared.core.errors import XrayqError
+from shared.intake.instances import Refused, check_instances, study_files
 from shared.jobs.callbacks import check_callback
-from shared.jobs.creation import Upload
-from shared.jobs.studies import Refused, StudyIntake, add_instances, read_instance, refusal, study_batch_ids
+from shared.jobs.studies import StudyIntake, add_instances, study_batch_ids
 from shared.jobs.views import batch_view
 from shared.schemas import BatchView, RefusedInstance, StudiesAccepted, StudyAccepted
 
@@ -37,7 +36,9 @@ def submit_study_instances(
     session: SessionDep,
     store: StoreDep,
     celery: CeleryDep,
-    files: Annotated[list[UploadFile], File(description="DICOM Part-10 radiographs (CR, DX, MG, IO).")],
+    files: Annotated[
+        list[UploadFile], File(description="DICOM Part-10 radiographs (CR, DX, MG, IO) or secondary captures.")
+    ],
     model: ModelForm = None,
     callback_url: CallbackUrlForm = None,
     callback_secret: CallbackSecretForm = None,
@@ -46,16 +47,7 @@ def submit_study_instances(
     requests; the batch closes once no instance arrived for the stability timeout, then its SR is made.
     If no file is accepted, the first refusal is the answer (its own 4xx code)."""
     callback_url, callback_secret = check_callback(callback_url, callback_secret, settings)
-    check_file_count(len(files), settings)
-    accepted: list[Upload] = []
-    refused: list[Refused] = []
-    for index, file in enumerate(files):
-        filename = clean_filename(file.filename, f"file-{index}")
-        data = file.file.read(settings.max_file_bytes + 1)
-        try:
-            accepted.append(read_instance(filename, data, settings))
-        except XrayqError as error:
-            refused.append(refusal(filename, data, error))
+    accepted, refused = check_instances(study_files(files, settings), settings)
     if not accepted:
         raise refused[0].error
     intake = add_instances(

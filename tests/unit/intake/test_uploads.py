@@ -1,4 +1,4 @@
-"""Uploads and ZIP archives become validated `Upload`s, within hard limits."""
+"""Submitted files and ZIP archives become checked `Upload`s, within hard limits."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.gateway.uploads import clean_filename, expand_zip, read_bounded, validate_image
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
+from shared.intake.images import check_file
+from shared.intake.uploads import clean_filename, expand_zip, read_bounded
 from tests.conftest import jpeg_bytes, png_bytes
 
 
@@ -243,18 +244,18 @@ def test_entry_over_the_file_limit_fails_alone(tmp_path: Path) -> None:
     assert uploads[1].data == b""
 
 
-# --- validate_image ----------------------------------------------------------------------------------
+# --- check_file ----------------------------------------------------------------------------------
 
 
-def test_validate_image_accepts_png_and_jpeg(settings: Settings) -> None:
+def test_check_file_accepts_png_and_jpeg(settings: Settings) -> None:
     png, jpeg = png_bytes(grey(24)), jpeg_bytes(colour(25))
-    assert validate_image("a.png", png, settings).media_type == "image/png"
-    upload = validate_image("b.jpg", jpeg, settings)
+    assert check_file("a.png", png, settings).media_type == "image/png"
+    upload = check_file("b.jpg", jpeg, settings)
     assert (upload.filename, upload.data, upload.media_type, upload.error) == ("b.jpg", jpeg, "image/jpeg", None)
 
 
-def test_validate_image_trusts_content_not_name(settings: Settings) -> None:
-    upload = validate_image("scan.png", jpeg_bytes(grey(26)), settings)
+def test_check_file_trusts_content_not_name(settings: Settings) -> None:
+    upload = check_file("scan.png", jpeg_bytes(grey(26)), settings)
     assert upload.media_type == "image/jpeg" and upload.error is None
 
 
@@ -267,20 +268,20 @@ def test_validate_image_trusts_content_not_name(settings: Settings) -> None:
         (png_bytes(grey(28))[:60], "image_unreadable"),
     ],
 )
-def test_validate_image_refusals_carry_their_code(settings: Settings, data: bytes, code: str) -> None:
-    upload = validate_image("x", data, settings)
+def test_check_file_refusals_carry_their_code(settings: Settings, data: bytes, code: str) -> None:
+    upload = check_file("x", data, settings)
     assert upload.error is not None and upload.error.code == code
     assert upload.filename == "x" and upload.data == data
 
 
-def test_validate_image_honours_the_pixel_limit(tmp_path: Path) -> None:
+def test_check_file_honours_the_pixel_limit(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, max_image_pixels=64 * 64 - 1)
-    upload = validate_image("x.png", png_bytes(grey(29)), settings)
+    upload = check_file("x.png", png_bytes(grey(29)), settings)
     assert upload.error is not None and upload.error.code == "image_too_large"
 
 
-def test_validate_image_refuses_zip(settings: Settings) -> None:
-    upload = validate_image("x.zip", make_zip([("a.png", png_bytes(grey(30)))]), settings)
+def test_check_file_refuses_zip(settings: Settings) -> None:
+    upload = check_file("x.zip", make_zip([("a.png", png_bytes(grey(30)))]), settings)
     assert upload.error is not None and upload.error.code == "nested_archive"
 
 

@@ -1,0 +1,73 @@
+"""DICOM instances for study intake (REST `/v1/studies`, STOW-RS, C-STORE): the checks every file gets,
+plus what grouping by study needs -- DICOM only, and a StudyInstanceUID."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.imaging import dicom
+from shared.imaging.decode import sniff_media_type
+from shared.intake import refusals
+from shared.intake.images import inspect
+from shared.intake.sop_classes import sop_class_of
+from shared.intake.upload import Upload
+from shared.intake.uploads import SubmittedFile, check_file_count, clean_filename, within_limit
+
+
+@dataclass
+class Refused:
+    """An instance that joined no study, and why (STOW-RS and DIMSE report it per instance)."""
+
+    filename: str
+    error: XrayqError
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+def check_instance(filename: str, data: bytes, settings: Settings) -> Upload:
+    """A usable DICOM image with a study to join, with its identifying tags; else its XrayqError."""
+    within_limit(data, settings.max_file_bytes, filename)
+    if data and sniff_media_type(data) != "application/dicom":  # an empty file is `empty_file`, as anywhere
+        raise refusals.dicom_required()
+    tags = inspect(filename, data, settings).dicom or {}
+    if not tags.get("StudyInstanceUID"):
+        raise refusals.missing_study_uid()
+    return Upload(filename, data, "application/dicom", dicom=tags)
+
+
+def refusal(filename: str, data: bytes, error: XrayqError) -> Refused:
+    """A refusal with whatever UIDs can still be read, so the sender can tell which instance it was."""
+    sop_class = sop_instance = None
+    if sniff_media_type(data) == "application/dicom":
+        try:
+            header = dicom.read_header(data)
+        except XrayqError:
+            header = None
+        if header is not None:
+            sop_class = sop_class_of(header) or None
+            sop_instance = str(header.get("SOPInstanceUID", "")) or None
+    return Refused(filename, error, sop_class, sop_instance)
+
+
+def check_instances(named: Sequence[tuple[str, bytes]], settings: Settings) -> tuple[list[Upload], list[Refused]]:
+    """(filename, bytes) pairs sorted into instances to add and refusals to report, in order."""
+    accepted: list[Upload] = []
+    refused: list[Refused] = []
+    for filename, data in named:
+        try:
+            accepted.append(check_instance(filename, data, settings))
+        except XrayqError as error:
+            refused.append(refusal(filename, data, error))
+    return accepted, refused
+
+
+def study_files(files: Sequence[SubmittedFile], settings: Settings) -> list[tuple[str, bytes]]:
+    """A `/v1/studies` request's files, named and read up to one byte past the file limit."""
+    check_file_count(len(files), settings)
+    return [
+        (clean_filename(file.filename, f"file-{index}"), file.file.read(settings.max_file_bytes + 1))
+        for index, file in enumerate(files)
+    ]

@@ -1,0 +1,99 @@
+"""Submitted files as they arrive: read within their limit, named, counted; a batch's files or ZIP.
+
+No web framework here: a submitted file is anything with a name, a binary stream and perhaps a known
+size (Starlette's `UploadFile` is one); the gateway only adapts its async reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import BinaryIO, Protocol
+
+from shared.core.errors import XrayqError
+from shared.core.settings import Settings
+from shared.imaging.decode import sniff_media_type
+from shared.intake import refusals
+from shared.intake.archives import checked_entries, open_zip, read_entry
+from shared.intake.images import check_file
+from shared.intake.upload import Upload
+
+
+class SubmittedFile(Protocol):
+    @property
+    def filename(self) -> str | None: ...
+
+    @property
+    def file(self) -> BinaryIO: ...
+
+    @property
+    def size(self) -> int | None: ...  # None when the sender did not say
+
+
+def read_bounded(stream: BinaryIO, limit: int, filename: str) -> bytes:
+    """The stream's bytes, refused as `file_too_large` past `limit` (at most limit + 1 are read)."""
+    return within_limit(stream.read(limit + 1), limit, filename)
+
+
+def within_limit(data: bytes, limit: int, filename: str) -> bytes:
+    if len(data) > limit:
+        raise refusals.file_too_large(filename, limit)
+    return data
+
+
+def check_file_count(count: int, settings: Settings) -> None:
+    if not count:
+        raise refusals.missing_file()
+    if count > settings.max_batch_files:
+        raise refusals.too_many_files(count, settings.max_batch_files)
+
+
+def clean_filename(name: str | None, fallback: str) -> str:
+    """Keep the client's name for the job (it is how they match results), minus control characters."""
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1] if name else ""
+    name = "".join(ch for ch in name if ch.isprintable())[:255]
+    return name or fallback
+
+
+def batch_uploads(files: Sequence[SubmittedFile], settings: Settings) -> list[Upload]:
+    """A batch's files in request order, or a lone ZIP expanded in archive order; bad files are kept as
+    refusals (each becomes a failed job in its place)."""
+    check_file_count(len(files), settings)
+    uploads: list[Upload] = []
+    lone = len(files) == 1
+    for index, file in enumerate(files):
+        filename = clean_filename(file.filename, f"file-{index}")
+        # A lone file may be a ZIP as large as a whole request; images have the per-file limit.
+        limit = settings.max_request_bytes if lone else settings.max_file_bytes
+        if file.size is not None and file.size > limit:
+            uploads.append(_too_large(filename, settings))
+            continue
+        data = file.file.read(limit + 1)
+        if lone and sniff_media_type(data) == "application/zip":
+            return expand_zip(data, settings)
+        uploads.append(check_file(filename, data, settings))
+    return uploads
+
+
+def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
+    """The images of a ZIP, in archive order, refusing path escapes, bombs and too many entries.
+
+    The whole archive is refused if any entry is unsafe, so nothing of it is half-submitted; an entry
+    that is not a usable image fails its own job, with the code it would get sent alone.
+    """
+    archive = open_zip(data)
+    entries = checked_entries(
+        archive, max_files=settings.max_batch_files, max_expanded_bytes=settings.max_zip_expanded_bytes
+    )
+    uploads = []
+    for info in entries:
+        try:
+            content = read_entry(archive, info, settings.max_file_bytes)
+        except XrayqError as error:
+            uploads.append(Upload(info.filename, b"", None, error))
+            continue
+        uploads.append(check_file(info.filename, content, settings))
+    return uploads
+
+
+def _too_large(filename: str, settings: Settings) -> Upload:
+    return Upload(filename, b"", None, refusals.file_too_large(filename, settings.max_file_bytes))
