@@ -250,7 +250,7 @@ def test_models_list_show_promote_rollback(stack) -> None:
         "ROC-AUC",
         "CREATED",
     ]
-    rows = [line.split()[:4] for line in table if line.startswith(f"{name} ")]
+    rows = sorted(line.split()[:4] for line in table if line.startswith(f"{name} "))
     assert rows == [[name, "1", "*", "mobilenet_v3_small"], [name, "2", "mobilenet_v3_small", "NORMAL,PNEUMONIA"]]
     listed = {m["name"]: m for m in json.loads(api_cli(stack, "models", "list", "--json").stdout)}
     assert listed[name]["active_version"] == 1 and listed["chest-xray"]["classes"] == ["NORMAL", "PNEUMONIA"]
