@@ -1,109 +1,49 @@
-"""The `xrayq` command line: run the stack or one of its services, migrate, train."""
+"""The `xrayq` command line: run the stack or one of its services, migrate, train, manage keys, and
+talk to a gateway's API. Each command is the function that runs it (Typer), so none can be parsed
+and then forgotten."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from dataclasses import fields, replace
-from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from services.cli.api_commands import datasets, models, runs
+from services.cli.keys import keys
+from services.cli.train import train
 from shared.core.settings import get_settings
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xrayq", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    up = commands.add_parser("up", help="run gateway, worker and trainer as supervised child processes")
-    up.add_argument("--no-starter", action="store_true", help="do not train a starter model when none is active")
-    commands.add_parser("gateway", help="run the HTTP gateway (uvicorn)")
-    worker = commands.add_parser("worker", help="run an inference worker (Celery, queue 'predict')")
-    worker.add_argument("--concurrency", type=int, default=None)
-    commands.add_parser("trainer", help="run the trainer (Celery, queue 'train')")
-    commands.add_parser("dicom", help="run the DICOM receiver (C-STORE SCP on XRAYQ_DICOM_PORT)")
-    commands.add_parser("migrate", help="create or upgrade the database schema")
-    commands.add_parser("ensure-model", help="train and activate the starter model if none is active")
-
-    train = commands.add_parser(
-        "train",
-        help="train a model on a folder of class subfolders or a .npz (here, or through the API with --server)",
-        description="Without --server: train in this process; options left out take the starter recipe's values. "
-        "With --server: DATA (a local folder/ZIP/.npz, uploaded first, or a dataset id/name) is trained by the "
-        "server's trainer as a training run, followed with a progress bar; options left out take the API's "
-        "recommended recipe.",
-    )
-    train.add_argument("data", type=Path, help="folder, ZIP or .npz; with --server also a dataset id or name")
-    train.add_argument("--server", default=None, help="train through this gateway's API (e.g. http://127.0.0.1:8000)")
-    train.add_argument("--api-key", default=None, help="API key for --server (default: XRAYQ_API_KEY)")
-    train.add_argument("--dataset-name", default=None, help="--server: name of the uploaded dataset")
-    train.add_argument("--base-model", default=None, help="--server: fine-tune from name@version")
-    train.add_argument("--promotion", choices=["manual", "if_better", "always"], default=None, help="--server only")
-    train.add_argument("--no-class-weighting", action="store_true")
-    train.add_argument("--no-wait", action="store_true", help="--server: print the run and return at once")
-    train.add_argument("--name", default=None, help="model name (default: XRAYQ_DEFAULT_MODEL)")
-    train.add_argument("--architecture", "--arch", default=None)
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--image-size", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--learning-rate", "--lr", type=float, default=None)
-    train.add_argument("--color", choices=["auto", "grayscale", "rgb"], default=None)
-    train.add_argument("--seed", type=int, default=None)
-    train.add_argument("--val-fraction", type=float, default=None)
-    train.add_argument("--max-per-class", type=int, default=None, help="use at most N images per class")
-    train.add_argument("--no-augment", action="store_true")
-    train.add_argument("--activate", choices=["if_none_active", "always", "never"], default="if_none_active")
-    train.add_argument(
-        "--body-part",
-        action="append",
-        default=[],
-        help="intended DICOM BodyPartExamined (repeatable); others are flagged, e.g. CHEST",
-    )
-    train.add_argument("--modality", action="append", default=[], help="intended DICOM Modality (repeatable)")
-
-    keys = commands.add_parser("keys", help="manage API keys (services mode requires them)")
-    key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = key_commands.add_parser("create", help="create a key and print it (shown once)")
-    create.add_argument("name")
-    create.add_argument("--organisation", "--org", required=True)
-    create.add_argument("--roles", default="submit", help="comma-separated: submit, train, admin")
-    key_commands.add_parser("list", help="list keys (never the keys themselves)")
-    revoke = key_commands.add_parser("revoke", help="revoke a key by id")
-    revoke.add_argument("key_id")
-
-    from services.cli.api_client import add_commands
-
-    api_handlers = add_commands(commands)
-
-    args = parser.parse_args(argv)
-    handler = {
-        **api_handlers,
-        "up": _up,
-        "gateway": _gateway,
-        "worker": _worker,
-        "trainer": _trainer,
-        "dicom": _dicom,
-        "migrate": _migrate,
-        "ensure-model": _ensure_model,
-        "train": _train,
-    }[args.command]
-    from services.cli.api_client import ApiError
-
-    try:
-        return handler(args) or 0
-    except ApiError as error:
-        print(error, file=sys.stderr)
-        return 1
+app = typer.Typer(
+    name="xrayq",
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # a plain traceback, as in every other log line
+)
+app.command("train")(train)
+app.add_typer(keys, name="keys")
+app.add_typer(datasets, name="datasets")
+app.add_typer(runs, name="runs")
+app.add_typer(models, name="models")
 
 
-def _up(args: argparse.Namespace) -> int:
+@app.command()
+def up(
+    no_starter: Annotated[
+        bool, typer.Option("--no-starter", help="do not train a starter model when none is active")
+    ] = False,
+) -> None:
+    """Run gateway, worker, trainer and the DICOM receiver as supervised child processes."""
     from services.cli.supervisor import run_stack
 
-    return run_stack(get_settings(), train_starter=not args.no_starter)
+    raise typer.Exit(run_stack(get_settings(), train_starter=not no_starter))
 
 
-def _gateway(_: argparse.Namespace) -> int:
+@app.command()
+def gateway() -> None:
+    """Run the HTTP gateway (uvicorn)."""
     import uvicorn
 
     settings = get_settings()
@@ -116,10 +56,56 @@ def _gateway(_: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
-    return 0
 
 
-def _celery_worker(app_module: str, queue: str, concurrency: int) -> int:
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option(help="inference processes (default: XRAYQ_WORKER_CONCURRENCY)")
+    ] = None,
+) -> None:
+    """Run an inference worker (Celery, queue 'predict')."""
+    settings = get_settings()
+    if settings.worker_metrics_port:
+        serve_worker_metrics(settings.worker_metrics_port)
+    from services.worker.app import pool_size
+
+    run_celery_worker("services.worker.app", "predict", pool_size(concurrency or settings.worker_concurrency))
+
+
+@app.command()
+def trainer() -> None:
+    """Run the trainer (Celery, queue 'train')."""
+    run_celery_worker("services.trainer.app", "train", 1)  # one run at a time per trainer
+
+
+@app.command()
+def dicom() -> None:
+    """Run the DICOM receiver (C-STORE SCP on XRAYQ_DICOM_PORT)."""
+    from services.dicom.receiver import run_scp
+
+    raise typer.Exit(run_scp(get_settings()))
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (and the storage bucket)."""
+    from shared.core.bootstrap import prepare_backends
+
+    prepare_backends(get_settings())
+    typer.echo("database is at the latest schema")
+
+
+@app.command("ensure-model")
+def ensure_model() -> None:
+    """Train and activate the starter model if none is active (exit status 1 if it cannot)."""
+    from services.cli.supervisor import ensure_starter_model
+
+    if not ensure_starter_model(get_settings()):
+        raise typer.Exit(1)
+
+
+def run_celery_worker(app_module: str, queue: str, concurrency: int) -> None:
     module = __import__(app_module, fromlist=["app"])
     settings = get_settings()
     module.app.worker_main(
@@ -139,27 +125,16 @@ def _celery_worker(app_module: str, queue: str, concurrency: int) -> int:
             "--without-gossip",
         ]
     )
-    return 0
 
 
-def _worker(args: argparse.Namespace) -> int:
-    settings = get_settings()
-    if settings.worker_metrics_port:
-        _serve_worker_metrics(settings.worker_metrics_port)
-    from services.worker.app import pool_size
-
-    return _celery_worker("services.worker.app", "predict", pool_size(args.concurrency or settings.worker_concurrency))
-
-
-def _serve_worker_metrics(port: int) -> None:
+def serve_worker_metrics(port: int) -> None:
     """Pool processes write samples to a folder of their own; this process serves their sum."""
+    import atexit
     import shutil
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="xrayq-worker-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # before anything imports prometheus_client
-    import atexit
-
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -168,109 +143,17 @@ def _serve_worker_metrics(port: int) -> None:
     try:
         start_http_server(port, addr="0.0.0.0", registry=registry)
     except OSError as exc:  # e.g. a second worker on one host: it still works, without its own endpoint
-        print(f"worker metrics not served on port {port}: {exc}", file=sys.stderr)
+        typer.echo(f"worker metrics not served on port {port}: {exc}", err=True)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
-def _trainer(_: argparse.Namespace) -> int:
-    return _celery_worker("services.trainer.app", "train", 1)  # one run at a time per trainer
-
-
-def _dicom(_: argparse.Namespace) -> int:
-    from services.dicom.receiver import run_scp
-
-    return run_scp(get_settings())
-
-
-def _migrate(_: argparse.Namespace) -> int:
-    from shared.core.bootstrap import prepare_backends
-
-    prepare_backends(get_settings())
-    print("database is at the latest schema")
+def main(argv: list[str] | None = None) -> int:
+    """The `xrayq` console script and `python -m services.cli`; returns the exit status."""
+    try:
+        app(args=argv, prog_name="xrayq")
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
     return 0
-
-
-def _ensure_model(_: argparse.Namespace) -> int:
-    from services.cli.supervisor import ensure_starter_model
-
-    return 0 if ensure_starter_model(get_settings()) else 1
-
-
-def _train(args: argparse.Namespace) -> int:
-    if args.server:
-        from services.cli.api_client import train_remote
-
-        return train_remote(args)
-    from services.trainer.pipeline import STARTER_CONFIG, train_and_register
-    from services.trainer.training import TrainConfig
-    from shared.core.bootstrap import prepare_backends
-    from shared.core.logs import configure_logging
-
-    settings = get_settings()
-    configure_logging(settings)
-    prepare_backends(settings)
-    known = {f.name for f in fields(TrainConfig)}
-    options = {k: v for k, v in vars(args).items() if k in known and v is not None}
-    config = replace(STARTER_CONFIG, **options, augment=not args.no_augment, device=settings.device)
-    summary = train_and_register(
-        settings,
-        args.data,
-        name=args.name or settings.default_model,
-        config=config,
-        activate=args.activate,
-        progress=print_progress,
-        intended_use={k: v for k, v in (("body_parts", args.body_part), ("modalities", args.modality)) if v},
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _keys(args: argparse.Namespace) -> int:
-    from shared.auth import create_key, list_keys, revoke_key
-    from shared.core.bootstrap import prepare_backends
-    from shared.db.session import database_for
-
-    settings = get_settings()
-    prepare_backends(settings)
-    with database_for(settings).session() as session:
-        if args.keys_command == "create":
-            row, token = create_key(session, args.name, args.organisation, args.roles.split(","))
-            print(f"created key {row.id} ({row.name}, {row.organisation}, roles {','.join(row.roles)}):")
-            print(token)
-            print("Store it now: only its hash is kept.", file=sys.stderr)
-        elif args.keys_command == "list":
-            for row in list_keys(session):
-                state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
-                print(
-                    f"{row.id}  {row.key_prefix}…  {row.organisation:20}  {','.join(row.roles):18}  {row.name}  {state}"
-                )
-        else:
-            row = revoke_key(session, args.key_id)
-            print(f"revoked {row.id} ({row.name})")
-    return 0
-
-
-def print_progress(event: dict) -> None:
-    if event["event"] == "data":
-        print(
-            f"data: {event['train']} train / {event['val']} validation images, classes {event['counts']}"
-            f" (loaded in {event['load_seconds']} s)",
-            flush=True,
-        )
-    elif event["event"] == "epoch":
-        auc = event["val_roc_auc"]
-        print(
-            f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f}, "
-            f"val loss {event['val_loss']:.4f}, val accuracy {event['val_accuracy']:.4f}, "
-            f"val ROC-AUC {auc if auc is None else round(auc, 4)} ({event['seconds']:.0f} s)",
-            flush=True,
-        )
-    elif event["event"] == "step" and sys.stdout.isatty():
-        print(
-            f"\r  epoch {event['epoch']}: step {event['step']}/{event['steps']} loss {event['loss']:.4f}",
-            end="" if event["step"] < event["steps"] else "\n",
-            flush=True,
-        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def _die_with_parent() -> None:
 
 def ensure_starter_model(settings: Settings) -> bool:
     """Train and activate the starter chest X-ray model unless one is active. False if it cannot."""
-    from services.cli.main import print_progress
+    from services.cli.progress import TrainingProgress
     from services.trainer.pipeline import (
         STARTER_CONFIG,
         STARTER_INTENDED_USE,
@@ -87,7 +87,7 @@ def ensure_starter_model(settings: Settings) -> bool:
         name=STARTER_MODEL_NAME,
         # XRAYQ_DEVICE and XRAYQ_TORCH_THREADS apply to the starter too (STARTER_CONFIG says "auto").
         config=replace(STARTER_CONFIG, device=settings.device, torch_threads=settings.torch_threads),
-        progress=print_progress,
+        progress=TrainingProgress(),
         intended_use=STARTER_INTENDED_USE,
     )
     v = summary["validation"]

@@ -15,6 +15,7 @@ import pytest
 from loadtest.harness.processes import child_pids, start_process, wait_ready
 from tests.conftest import (
     ADMIN_HEADERS,
+    ADMIN_KEY,
     CHEST_TRAIN,
     TINY_TRAIN_ARGS,
     free_port,
@@ -25,6 +26,27 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def xrayq(
+    *args: str, env: dict[str, str] | None = None, expect: int = 0, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """The real command line in a process of its own, as a user runs it; asserts its exit status."""
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == expect, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def api_cli(stack: Stack, *args: str, expect: int = 0, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """An `xrayq` command that talks to `stack`'s gateway, as its admin."""
+    return xrayq(*args, "--server", stack.url, "--api-key", ADMIN_KEY, expect=expect, timeout=timeout)
 
 
 class Stack:
@@ -92,20 +114,16 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def embedded_env(tmp_path_factory, data_dir) -> dict[str, str]:
+def embedded_training(tmp_path_factory, data_dir) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
+    """The newcomer's path: the real CLI trains a (tiny, quick) model into an empty embedded store."""
     home = tmp_path_factory.mktemp("embedded-home")
     env = {"XRAYQ_HOME": str(home), "XRAYQ_DATA_DIR": str(data_dir)}
-    # The newcomer's path: the real CLI trains a (tiny, quick) model into the embedded store.
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "train", str(data_dir / CHEST_TRAIN), *TINY_TRAIN_ARGS],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return env
+    return env, xrayq("train", str(data_dir / CHEST_TRAIN), *TINY_TRAIN_ARGS, env=env)
+
+
+@pytest.fixture(scope="session")
+def embedded_env(embedded_training) -> dict[str, str]:
+    return embedded_training[0]
 
 
 SCU_AE_TITLE = "TESTSCU"

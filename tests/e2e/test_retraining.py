@@ -11,29 +11,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ADMIN_KEY
-from tests.e2e.conftest import ROOT
+from tests.e2e.conftest import api_cli as cli
 from tests.e2e.test_stack import wait_for_job
 
 TINY_RUN = {"architecture": "mobilenet_v3_small", "image_size": 64, "batch_size": 16}
-
-
-def cli(stack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args, "--server", stack.url, "--api-key", ADMIN_KEY],
-        cwd=ROOT,
-        env=os.environ.copy(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
 
 
 def predict(stack, image: Path, model: str | None = None) -> dict:
@@ -51,7 +35,7 @@ def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path)
             (folder / split / label).mkdir(parents=True, exist_ok=True)
             for path in chosen:
                 shutil.copy(path, folder / split / label / path.name)
-    dataset = json.loads(cli(stack, "datasets", "upload", str(folder), "--name", "chest-e2e").stdout)
+    dataset = json.loads(cli(stack, "datasets", "upload", str(folder), "--name", "chest-e2e", "--json").stdout)
     assert dataset["counts"] == {"train": {"NORMAL": 30, "PNEUMONIA": 30}, "test": {"NORMAL": 6, "PNEUMONIA": 6}}
 
     before = predict(stack, chest_images["PNEUMONIA"][0])
@@ -91,12 +75,14 @@ def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path)
     # The earlier result keeps the version that produced it.
     assert stack.http.get(f"/v1/jobs/{before['id']}").json()["result"]["model"]["version"] == old_version
 
-    back = stack.http.post("/v1/models/chest-xray/rollback")
-    assert back.status_code == 200 and back.json()["version"] == old_version
+    back = cli(stack, "models", "rollback", "chest-xray").stdout
+    assert back.strip() == f"chest-xray@{old_version} is now active"
     rolled_back = predict(stack, chest_images["NORMAL"][1])
     assert rolled_back["result"]["model"] == {"name": "chest-xray", "version": old_version}
-    listing = cli(stack, "models", "list").stdout
-    assert f"* v{old_version}" in listing
+    listing = cli(stack, "models", "list").stdout.splitlines()
+    assert listing[0].split()[:3] == ["MODEL", "VERSION", "ACTIVE"]
+    active = [line.split()[:3] for line in listing[1:] if line.startswith("chest-xray ")]
+    assert [version for _, version, marker in active if marker == "*"] == [str(old_version)]
 
 
 def test_another_label_set_becomes_another_model(stack, data_dir) -> None:
@@ -104,7 +90,7 @@ def test_another_label_set_becomes_another_model(stack, data_dir) -> None:
     name = f"malaria-cells-{stack.mode}"
     result = cli(
         stack, "train", str(malaria / "train"), "--name", name, "--dataset-name", name, "--promotion", "if_better",
-        "--epochs", "2", "--image-size", "64", "--architecture", "mobilenet_v3_small", "--batch-size", "4",
+        "--epochs", "2", "--image-size", "64", "--architecture", "mobilenet_v3_small", "--batch-size", "4", "--json",
     )  # fmt: skip
     run = json.loads(result.stdout)
     assert run["status"] == "succeeded" and run["promotion_decision"]["promote"] is True  # first version
