@@ -40,8 +40,7 @@ def create(
     as_json: JsonOutput = False,
 ) -> None:
     """Create a key and print it: it is shown this once, only its hash is kept."""
-    from services.gateway.routes.api_keys import key_view
-    from shared.auth import create_key
+    from shared.auth import create_key, key_view
 
     with key_store() as session:
         row, token = create_key(session, name, organisation, [role.strip() for role in roles.split(",")])
@@ -57,8 +56,7 @@ def create(
 @keys.command("list")
 def list_all(as_json: JsonOutput = False) -> None:
     """List keys (their prefixes, never the keys themselves)."""
-    from services.gateway.routes.api_keys import key_view
-    from shared.auth import list_keys
+    from shared.auth import key_view, list_keys
 
     with key_store() as session:
         views = [key_view(row) for row in list_keys(session)]
