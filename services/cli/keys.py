@@ -18,9 +18,9 @@ keys = typer.Typer(help="Manage API keys (services mode requires them)", no_args
 @contextlib.contextmanager
 def key_store() -> Iterator[Session]:
     """A unit of work on the configured database (migrated first); a refusal exits with its code."""
-    from shared.core.bootstrap import prepare_backends
     from shared.core.errors import XrayqError
     from shared.core.settings import get_settings
+    from shared.db.bootstrap import prepare_backends
     from shared.db.session import database_for
 
     settings = get_settings()

@@ -90,7 +90,7 @@ def dicom() -> None:
 @app.command()
 def migrate() -> None:
     """Create or upgrade the database schema (and the storage bucket)."""
-    from shared.core.bootstrap import prepare_backends
+    from shared.db.bootstrap import prepare_backends
 
     prepare_backends(get_settings())
     typer.echo("database is at the latest schema")

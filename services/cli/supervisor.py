@@ -14,8 +14,8 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from shared.core.bootstrap import prepare_backends
 from shared.core.settings import Settings
+from shared.db.bootstrap import prepare_backends
 from shared.db.session import database_for
 
 log = logging.getLogger("xrayq.up")

@@ -106,9 +106,9 @@ def train_here(
     from services.cli.progress import TrainingProgress
     from services.trainer.pipeline import STARTER_CONFIG, train_and_register
     from services.trainer.training import TrainConfig
-    from shared.core.bootstrap import prepare_backends
     from shared.core.logs import configure_logging
     from shared.core.settings import get_settings
+    from shared.db.bootstrap import prepare_backends
 
     settings = get_settings()
     configure_logging(settings)

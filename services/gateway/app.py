@@ -35,7 +35,8 @@ from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
 from shared.db.session import Database, database_for
 from shared.jobs.deliveries import finish_pass
-from shared.jobs.reconciler import purge_old_inputs, reconcile_once, reconcile_runs
+from shared.jobs.reconciler import purge_old_inputs, reconcile_once
+from shared.training.reconciler import reconcile_runs
 
 log = logging.getLogger(__name__)
 _collectors: dict[str, StateCollector] = {}

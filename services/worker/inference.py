@@ -22,9 +22,10 @@ from shared.core.settings import Settings
 from shared.core.storage import ObjectNotFound, ObjectStore
 from shared.db.models import utcnow
 from shared.db.session import Database
-from shared.imaging.decode import ImageLimits, open_image
+from shared.imaging.decode import open_image
 from shared.imaging.dicom import suitability_warnings
 from shared.imaging.preprocess import normalize, to_model_pixels
+from shared.intake.images import image_limits
 from shared.jobs.lifecycle import ClaimedJob, Prediction, claim_jobs, ms_since, record_outcomes
 from shared.models.artifacts import LoadedModel, load_model
 
@@ -77,7 +78,7 @@ class Predictor:
         self.db = db
         self.store = store
         self.cache = cache
-        self.limits = ImageLimits(max_pixels=settings.max_image_pixels, min_side=settings.min_image_side)
+        self.limits = image_limits(settings)  # the limits intake checked the input against
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prepare")
 
     def run(self, job_ids: list[str]) -> dict[str, int]:

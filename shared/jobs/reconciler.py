@@ -8,7 +8,7 @@ database still says `queued` (or `running`, for a worker that died mid-chunk), s
 - running jobs that started more than `stale_running_after_s` ago (a chunk takes seconds).
 Republishing is safe: workers claim only unfinished jobs, write results only once, and count attempts,
 so a job that keeps dying ends `too_many_attempts`.
-Training runs get the same care (`reconcile_runs`).
+Training runs get the same care in `shared/training/reconciler.py`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
-from shared.core.queue import PREDICT_QUEUE, TRAIN_QUEUE, queue_depths
+from shared.core.queue import PREDICT_QUEUE, queue_depths
 from shared.core.settings import Settings
-from shared.db.models import Job, RunStatus, TrainingRun, utcnow
+from shared.db.models import Job, utcnow
 from shared.db.session import Database
 from shared.jobs.lifecycle import jobs_to_republish, publish_jobs
-from shared.training.runs import fail_lost_runs, publish_run, queued_runs_older_than
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -45,32 +44,6 @@ def reconcile_once(settings: Settings, database: Database, celery: Celery, limit
         log.warning("reconciler: republished %d jobs whose messages were lost", len(job_ids))
         return len(job_ids)
     return 0
-
-
-def reconcile_runs(settings: Settings, database: Database, celery: Celery) -> dict[str, int]:
-    """Fail runs whose trainer died (no heartbeat), and publish again queued runs whose message was lost.
-
-    A queued run is only presumed lost while the `train` queue is empty: one trainer works through
-    runs one at a time, so a run may legitimately wait behind another for hours.
-    """
-    with database.session() as session:
-        lost = fail_lost_runs(session, settings)
-    try:
-        queue_empty = queue_depths(settings).get(TRAIN_QUEUE, 0) == 0
-    except Exception:
-        return {"failed": len(lost), "republished": 0}
-    republished = 0
-    if queue_empty:
-        with database.session() as session:
-            waiting = queued_runs_older_than(session, settings.requeue_after_s)
-            running = session.scalar(select(func.count()).where(TrainingRun.status == RunStatus.running)) or 0
-        # With a run in progress, queued ones may be waiting their turn in the trainer's own hands.
-        if not running:
-            for run_id in waiting:
-                republished += publish_run(celery, run_id)
-    if republished:
-        log.warning("reconciler: republished %d training runs whose messages were lost", republished)
-    return {"failed": len(lost), "republished": republished}
 
 
 def purge_old_inputs(settings: Settings, database: Database, limit: int = 1000) -> int:

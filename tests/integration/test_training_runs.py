@@ -21,8 +21,8 @@ from services.trainer.runs import execute_run
 from shared.core.storage import make_object_store
 from shared.db.models import Dataset, ModelVersion, TrainingRun, utcnow
 from shared.db.session import database_for
-from shared.jobs.reconciler import reconcile_runs
 from shared.training.datasets import blob_key
+from shared.training.reconciler import reconcile_runs
 from shared.training.runs import claim_run
 from tests.conftest import ADMIN_HEADERS, png_bytes
 from tests.integration.test_gateway_api import problem, zip_bomb

@@ -9,16 +9,19 @@ FailedSOPSequence with a FailureReason for the others; 200 when all were stored,
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
+from celery import Celery
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydicom import Dataset
 
-from services.gateway.deps import SubmitterDep
+from services.gateway.deps import CeleryDep, DatabaseDep, SettingsDep, StoreDep, SubmitterDep
 from services.gateway.problems import PROBLEMS
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
+from shared.core.storage import ObjectStore
 from shared.db.session import Database
 from shared.imaging.dicom import read_header
 from shared.intake import refusals
@@ -50,19 +53,36 @@ CANNOT_UNDERSTAND = 0xC000
         409: {"content": {DICOM_JSON: {}}, "description": "No instance stored; each in FailedSOPSequence."},
     },
 )
-async def store_instances(request: Request, principal: SubmitterDep) -> Response:
+async def store_instances(
+    request: Request,
+    principal: SubmitterDep,
+    settings: SettingsDep,
+    database: DatabaseDep,
+    store: StoreDep,
+    celery: CeleryDep,
+) -> Response:
     """Store Instances (STOW-RS). Send `Content-Type: multipart/related; type="application/dicom";
     boundary=...`, one Part-10 instance per part."""
-    settings: Settings = request.app.state.settings
     boundary = _boundary(request.headers.get("content-type", ""))
     parts = split_multipart(await request.body(), boundary)
     check_file_count(len(parts), settings)
-    return await run_in_threadpool(_store, request, parts, principal.organisation)
+    destination = Destination(settings, database, store, celery, principal.organisation)
+    return await run_in_threadpool(_store, destination, parts)
 
 
-def _store(request: Request, parts: list[tuple[str, bytes]], organisation: str | None) -> Response:
-    state = request.app.state
-    settings: Settings = state.settings
+@dataclass(frozen=True)
+class Destination:
+    """Where accepted instances go, and for whom."""
+
+    settings: Settings
+    database: Database
+    store: ObjectStore
+    celery: Celery
+    organisation: str | None
+
+
+def _store(destination: Destination, parts: list[tuple[str, bytes]]) -> Response:
+    settings = destination.settings
     accepted: list[Upload] = []
     refused: list[Refused] = []
     for index, (content_type, data) in enumerate(parts):
@@ -76,15 +96,14 @@ def _store(request: Request, parts: list[tuple[str, bytes]], organisation: str |
             refused.append(refusal(filename, data, error))
     intake = None
     if accepted:
-        database: Database = state.database
-        with database.session() as session:
+        with destination.database.session() as session:
             intake = add_instances(
                 session,
-                state.store,
-                state.celery,
+                destination.store,
+                destination.celery,
                 settings,
                 accepted,
-                organisation=organisation,
+                organisation=destination.organisation,
                 source="stow",
                 model_ref=settings.default_model,
             )
