@@ -204,7 +204,7 @@ def load_data(store: ObjectStore, run: RunInputs, reporter: RunReporter) -> RunD
     """
     config = run.config
     classes: list[str] = run.manifest["classes"]
-    by_split = _examples_by_split(store, run.manifest, classes)
+    by_split = examples_by_split(store, run.manifest, classes)
     train_examples = cap_per_class(by_split.get("train", []), config.max_per_class)
     if config.color == "auto":
         config.color = detect_color_of([e.read for e in train_examples])
@@ -224,6 +224,7 @@ def load_data(store: ObjectStore, run: RunInputs, reporter: RunReporter) -> RunD
             "seed": config.seed,
             "val_fraction": config.val_fraction,
         }
+    split.update(train=len(train), val=len(val))
     if by_split.get("test"):
         test = load_examples(by_split["test"], classes, spec, progress=reporter.beat)
         evaluation = EvaluationSet("test", by_split["test"], test)
@@ -234,7 +235,7 @@ def load_data(store: ObjectStore, run: RunInputs, reporter: RunReporter) -> RunD
     return RunData(classes, train, val, evaluation, split)
 
 
-def _examples_by_split(store: ObjectStore, manifest: dict[str, Any], classes: list[str]) -> dict[str, list[Example]]:
+def examples_by_split(store: ObjectStore, manifest: dict[str, Any], classes: list[str]) -> dict[str, list[Example]]:
     index = {label: i for i, label in enumerate(classes)}
     by_split: dict[str, list[Example]] = {}
     for entry in manifest["files"]:
