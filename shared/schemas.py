@@ -216,7 +216,7 @@ class DatasetView(BaseModel):
 
 # --- training runs ----------------------------------------------------------------------------------
 
-PromotionPolicy = Literal["manual", "if_better", "always"]
+PromotionPolicy = Literal["manual", "if_better", "always", "if_none_active"]
 
 
 class TrainingRunCreate(BaseModel):
@@ -243,7 +243,9 @@ class TrainingRunCreate(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=0.9, description="Used when the dataset has no val split.")
     max_per_class: int | None = Field(None, ge=1, description="Use at most N training images per class.")
     promotion: PromotionPolicy = Field(
-        "manual", description="manual; if_better (than the active version, on the same evaluation set); always."
+        "manual",
+        description="manual; if_better (than the active version, on the same evaluation set); always; "
+        "if_none_active (when no version of the model is active).",
     )
     intended_use: dict[str, list[str]] | None = Field(
         None, description='DICOM inputs the model is made for, e.g. {"body_parts": ["CHEST"], "modalities": ["CR"]}.'

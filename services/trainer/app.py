@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_process_init
 
-from services.trainer.pipeline import train_and_register
 from services.trainer.runs import execute_run
-from services.trainer.training import TrainConfig
 from shared.core.logs import configure_logging
-from shared.core.queue import TRAIN_RUN_TASK, TRAIN_TASK, make_celery
+from shared.core.queue import TRAIN_RUN_TASK, make_celery
 from shared.core.settings import get_settings
 
 settings = get_settings()
@@ -23,19 +20,6 @@ log = logging.getLogger(__name__)
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
     configure_logging(settings)
-
-
-@app.task(name=TRAIN_TASK)
-def train(data_path: str, name: str, config: dict[str, Any], activate: str = "if_none_active") -> dict[str, Any]:
-    """Train on a dataset the trainer can read and register the result as a new version of `name`."""
-    return train_and_register(
-        settings,
-        Path(data_path),
-        name=name,
-        config=TrainConfig(**config),
-        activate=activate,
-        progress=lambda event: log.info("training %s: %s", name, event) if event["event"] != "step" else None,
-    )
 
 
 # Acked on receipt, unlike predictions: a run lasts up to hours, and its row, not the message, is what

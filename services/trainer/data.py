@@ -1,4 +1,4 @@
-"""Labelled data for training: a folder of class subfolders or a MedMNIST-style .npz, held in memory.
+"""Labelled data for training: a dataset's images, held in memory as model pixels.
 
 Images are decoded once with the serving decoder and reduced to the model's input pixels
 (`to_model_pixels`), so training sees exactly what the worker will feed the model.
@@ -13,16 +13,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from shared.core.errors import XrayqError
-from shared.imaging.decode import ImageLimits, decode_image, open_image, sniff_media_type
+from shared.imaging.decode import ImageLimits, decode_image, open_image
 from shared.imaging.preprocess import PreprocessSpec, to_model_pixels
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 
 
 @dataclass
@@ -64,23 +61,6 @@ def patient_group(filename: str) -> str:
         if match:
             return match.group(1)
     return Path(filename).stem
-
-
-def load_image_folder(root: Path, spec: PreprocessSpec, max_per_class: int | None = None) -> LabelledImages:
-    """Class names are the subfolder names (sorted); every readable image below them is an example."""
-    root = Path(root)
-    if not root.is_dir():
-        raise XrayqError("dataset_not_found", f"{root} is not a folder.")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        raise XrayqError("dataset_invalid", f"{root} needs at least two class subfolders, found {len(class_dirs)}.")
-    examples: list[Example] = []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if max_per_class is not None:
-            files = files[:max_per_class]
-        examples.extend(Example(str(path.relative_to(root)), label, path.read_bytes) for path in files)
-    return load_examples(examples, [d.name for d in class_dirs], spec)
 
 
 @dataclass(frozen=True)
@@ -138,34 +118,23 @@ def load_examples(
     )
 
 
-def load_npz(path: Path, spec: PreprocessSpec, classes: list[str] | None = None) -> LabelledImages:
-    """MedMNIST layout: `{split}_images` (N x H x W [x 3] uint8) and `{split}_labels` (N x 1), all splits."""
-    with np.load(path, allow_pickle=False) as archive:
-        splits = sorted({key.rsplit("_", 1)[0] for key in archive.files if key.endswith("_images")})
-        if not splits:
-            raise XrayqError("dataset_invalid", f"{path} has no '*_images' arrays.")
-        images = np.concatenate([archive[f"{s}_images"] for s in splits])
-        raw_labels = np.concatenate([archive[f"{s}_labels"].reshape(-1) for s in splits]).astype(np.int64)
-    n_classes = int(raw_labels.max()) + 1
-    classes = classes or [str(i) for i in range(n_classes)]
-    pixels = [to_model_pixels(np.ascontiguousarray(image, dtype=np.uint8), spec) for image in images]
-    return LabelledImages(
-        pixels=torch.stack(pixels),
-        labels=torch.from_numpy(raw_labels),
-        classes=classes,
-        groups=[str(i) for i in range(len(raw_labels))],
-    )
+def cap_per_class(examples: list[Example], cap: int | None) -> list[Example]:
+    """The first `cap` examples of each label, in order (all of them when `cap` is None)."""
+    if cap is None:
+        return examples
+    taken: dict[int, int] = {}
+    kept = []
+    for example in examples:
+        if taken.get(example.label, 0) < cap:
+            taken[example.label] = taken.get(example.label, 0) + 1
+            kept.append(example)
+    return kept
 
 
-def load_dataset(path: Path, spec: PreprocessSpec, **options: Any) -> LabelledImages:
-    path = Path(path)
-    if path.is_dir():
-        return load_image_folder(path, spec, max_per_class=options.get("max_per_class"))
-    if path.suffix == ".npz":
-        return load_npz(path, spec, classes=options.get("classes"))
-    if path.is_file() and sniff_media_type(path.read_bytes()[:132]) == "application/zip":
-        raise XrayqError("dataset_invalid", "Unpack the ZIP first; ZIP datasets are uploaded through the API.")
-    raise XrayqError("dataset_not_found", f"{path} is neither a folder of class subfolders nor a .npz file.")
+def decoded(examples: list[Example], loaded: LabelledImages) -> list[Example]:
+    """The examples that decoded (unreadable ones were left out), in `loaded`'s order."""
+    names = set(loaded.names)
+    return [e for e in examples if e.name in names]
 
 
 def split_by_group(data: LabelledImages, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,15 +179,6 @@ def train_val_split(data: LabelledImages, val_fraction: float, seed: int) -> tup
     return train_idx, val_idx
 
 
-def detect_color(path: Path, sample: int = 24) -> str:
-    """'grayscale' when the images carry no colour (many X-ray sets are stored as RGB), else 'rgb'."""
-    path = Path(path)
-    if not path.is_dir():
-        return "grayscale" if path.suffix == ".npz" and _npz_is_grey(path) else "rgb"
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return detect_color_of([file.read_bytes for file in files], sample)
-
-
 def detect_color_of(reads: Sequence[Callable[[], bytes]], sample: int = 24) -> str:
     """The same decision from an evenly spaced sample of images given by their readers."""
     step = max(1, len(reads) // sample)
@@ -230,9 +190,3 @@ def detect_color_of(reads: Sequence[Callable[[], bytes]], sample: int = 24) -> s
         if array.ndim == 3 and float(np.abs(array - array.mean(axis=2, keepdims=True)).max()) > 0.04:
             return "rgb"
     return "grayscale"
-
-
-def _npz_is_grey(path: Path) -> bool:
-    with np.load(path, allow_pickle=False) as archive:
-        key = next(k for k in archive.files if k.endswith("_images"))
-        return archive[key].ndim == 3

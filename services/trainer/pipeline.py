@@ -1,26 +1,31 @@
-"""Data -> training -> evaluation -> registered model version: the one path every training takes.
+"""Training without a server: the starter model of `xrayq up` and `xrayq train DATA`.
 
-`xrayq train`, the starter model of `xrayq up` and the trainer service's queued task all call
-`train_and_register`.
+The same path as an API run, called in-process: the local folder or file becomes a dataset through
+the upload intake, the dataset gets a training run row (owned as a local admin's request would be),
+and the trainer's run executor trains, evaluates, compares, registers and promotes it. So every
+version, the starter included, has a dataset, a run record, an evaluation report and plots.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
+from pydantic import ValidationError
 
-from services.trainer.data import detect_color, load_dataset, train_val_split
-from services.trainer.training import ProgressCallback, TrainConfig, fit
+from services.trainer.local_datasets import dataset_from_path
+from services.trainer.runs import execute_run
+from services.trainer.training import ProgressCallback, TrainConfig
+from shared.auth import BOOTSTRAP_ORGANISATION
+from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import make_object_store
+from shared.db.models import RunStatus, TrainingRun
 from shared.db.session import database_for
-from shared.models.artifacts import register_version
+from shared.schemas import TrainingRunCreate
+from shared.training.runs import CONFIG_FIELDS, create_run
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +37,19 @@ STARTER_INTENDED_USE = {"body_parts": ["CHEST"], "modalities": ["CR", "DX"]}
 STARTER_CONFIG = TrainConfig(
     architecture="mobilenet_v3_small", image_size=128, epochs=5, batch_size=64, learning_rate=2e-3
 )
+# `activate` of the command line -> the run's promotion policy.
+PROMOTION_FOR_ACTIVATE = {"if_none_active": "if_none_active", "always": "always", "never": "manual"}
+SUMMARY_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity", "confusion_matrix")
 
 
 def starter_data_path(settings: Settings) -> Path:
     return Path(settings.data_dir) / "chest-xray-224" / "train"
+
+
+def local_organisation(settings: Settings) -> str | None:
+    """Who owns what a local command makes: what the API would file a local admin's request under
+    (no organisation in the open embedded mode, the bootstrap admin's where keys are required)."""
+    return BOOTSTRAP_ORGANISATION if settings.auth_enabled else None
 
 
 def train_and_register(
@@ -48,76 +62,63 @@ def train_and_register(
     progress: ProgressCallback | None = None,
     intended_use: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Train on `data_path` with a fixed validation split, register the version; returns its summary."""
+    """Make a dataset of `data_path`, train a run on it in-process, register the version; its summary.
+
+    `activate`: "if_none_active" (the default), "always" or "never". Raises the run's error if it fails.
+    """
     started = time.monotonic()
-    data_path = Path(data_path).resolve()
-    if config.color == "auto":
-        config = replace(config, color=detect_color(data_path))
-    spec = config.spec()
-    data = load_dataset(data_path, spec, max_per_class=config.max_per_class)
-    train_idx, val_idx = train_val_split(data, config.val_fraction, config.seed)
-    train, val = data.subset(train_idx), data.subset(val_idx)
-    if progress is not None:
-        progress(
-            {
-                "event": "data",
-                "train": len(train),
-                "val": len(val),
-                "classes": data.classes,
-                "counts": data.class_counts(),
-                "load_seconds": round(time.monotonic() - started, 2),
-            }
-        )
-    result = fit(train, val, config, progress)
-    metrics = {"validation": result.report, "history": [vars(h) for h in result.history]}
-    data_card = {
-        "source": str(data_path),
-        "classes": data.classes,
-        "counts": data.class_counts(),
-        "split": {
-            "method": "stratified by class, grouped by patient, hashed with seed",
-            "seed": config.seed,
-            "val_fraction": config.val_fraction,
-            "train": len(train),
-            "val": len(val),
-        },
-    }
-    training_card = {
-        "config": config.to_dict(),
-        "seconds": round(result.seconds, 1),
-        "device": str(torch.device("cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu")),
-        "torch": torch.__version__,
-        "host": platform.node(),
-    }
+    request = _run_request(name, name, config, activate, intended_use)
     database = database_for(settings)
-    store = make_object_store(settings)
+    organisation = local_organisation(settings)
     with database.session() as session:
-        row = register_version(
+        dataset = dataset_from_path(
             session,
-            store,
+            make_object_store(settings),
+            settings,
+            Path(data_path),
             name=name,
-            architecture=config.architecture,
-            classes=data.classes,
-            preprocessing=spec,
-            state_dict=result.state_dict,
-            metrics=metrics,
-            data=data_card,
-            training=training_card,
-            activate=activate,
-            intended_use=intended_use,
+            max_per_class=config.max_per_class,
+            organisation=organisation,
         )
-        summary = {
-            "name": row.name,
-            "version": row.version,
-            "active": row.is_active,
-            "architecture": row.architecture,
-            "classes": row.classes,
-            "validation": {
-                k: result.report.get(k)
-                for k in ("accuracy", "roc_auc", "sensitivity", "specificity", "confusion_matrix")
-            },
-            "train_seconds": round(result.seconds, 1),
-            "total_seconds": round(time.monotonic() - started, 1),
-        }
-    log.info("registered %s@%s: %s", summary["name"], summary["version"], summary["validation"])
+        run = create_run(session, settings, request.model_copy(update={"dataset": dataset.id}), organisation)
+        run_id = run.id
+    outcome = execute_run(settings, run_id, listener=progress)
+    if outcome is None:
+        with database.session() as session:
+            row = session.get(TrainingRun, run_id)
+            assert row is not None
+            if row.status == RunStatus.cancelled:
+                raise XrayqError("run_cancelled", f"Training run {run_id} was cancelled.")
+            raise XrayqError(row.error_code or "training_failed", row.error_detail or f"Training run {run_id} failed.")
+    summary = {
+        "name": outcome["name"],
+        "version": outcome["version"],
+        "active": outcome["active"],
+        "architecture": config.architecture,
+        "classes": outcome["classes"],
+        "validation": {key: outcome["validation"].get(key) for key in SUMMARY_METRICS},
+        "train_seconds": outcome["train_seconds"],
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
+    log.info("registered %s@%s (run %s): %s", summary["name"], summary["version"], run_id, summary["validation"])
     return summary
+
+
+def _run_request(
+    name: str, dataset: str, config: TrainConfig, activate: str, intended_use: dict[str, list[str]] | None
+) -> TrainingRunCreate:
+    """The request an API client would send for this training, checked by the API's own schema."""
+    if activate not in PROMOTION_FOR_ACTIVATE:
+        raise XrayqError("invalid_parameter", f"activate is one of {sorted(PROMOTION_FOR_ACTIVATE)}, not {activate!r}.")
+    values = config.to_dict()
+    try:
+        return TrainingRunCreate(
+            dataset=dataset,
+            model_name=name,
+            promotion=PROMOTION_FOR_ACTIVATE[activate],  # type: ignore[arg-type]
+            intended_use=intended_use or None,
+            **{key: values[key] for key in CONFIG_FIELDS},
+        )
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise XrayqError("invalid_parameter", problems) from None

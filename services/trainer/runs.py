@@ -1,8 +1,13 @@
-"""Executing a queued training run: dataset -> training -> evaluation -> registered (maybe promoted) version.
+"""Executing a training run: dataset -> training -> evaluation -> registered (maybe promoted) version.
 
-The same `fit` and evaluation as `xrayq train`; what this adds is the run's lifecycle: claim it once,
-report progress and heartbeats, stop on cancellation, evaluate against the active version on the same
-images, render the plots, and apply the run's promotion policy.
+Every training takes this path: queued runs (POST /v1/training-runs) through the trainer, and the
+starter model and `xrayq train DATA` in-process (`services.trainer.pipeline`). Around the named steps
+below it keeps the run's lifecycle: claim it once, report progress and heartbeats, stop on
+cancellation, and record how it ended.
+
+The steps: `load_run` (what the row asks for), `load_data` (the dataset's images as model pixels),
+`fit`, `evaluate` (on the test split, or the validation split when there is none), `compare_with_active`
+(the active version on the same images), `register`, `promote` (the run's policy).
 """
 
 from __future__ import annotations
@@ -19,11 +24,21 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from services.trainer.data import Example, LabelledImages, detect_color_of, load_examples, train_val_split
+from services.trainer.data import (
+    Example,
+    LabelledImages,
+    cap_per_class,
+    decoded,
+    detect_color_of,
+    load_examples,
+    train_val_split,
+)
 from services.trainer.evaluation import classification_report, roc_points
 from services.trainer.plots import render_plots
-from services.trainer.training import TrainConfig, fit, predict_probabilities
+from services.trainer.reporter import RunCancelled, RunReporter
+from services.trainer.training import ProgressCallback, TrainConfig, TrainResult, fit, predict_probabilities
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore, make_object_store
@@ -33,88 +48,25 @@ from shared.models.artifacts import load_model, register_version
 from shared.models.nets import build_model, pick_device
 from shared.models.registry import activate_version
 from shared.training.datasets import blob_key, load_manifest
-from shared.training.runs import claim_run, finish_run, record_progress
+from shared.training.runs import claim_run, finish_run
 
 log = logging.getLogger(__name__)
 
 
-class RunCancelled(Exception):
-    pass
+def execute_run(settings: Settings, run_id: str, listener: ProgressCallback | None = None) -> dict[str, Any] | None:
+    """Claim and run `run_id`; a run already claimed (a redelivered message) is left alone.
 
-
-class RunReporter:
-    """Turns training events into the run's progress, history and heartbeat, a few seconds apart.
-
-    Each write also reads the cancellation flag; a requested cancellation raises `RunCancelled` out
-    of the training loop.
+    How a run ends is recorded on its row (a failure as its error code), never raised.
     """
-
-    def __init__(self, database: Database, run_id: str, interval_s: float) -> None:
-        self.database = database
-        self.run_id = run_id
-        self.interval_s = interval_s
-        self.history: list[dict[str, Any]] = []
-        self.started = time.monotonic()
-        self.training_started: float | None = None
-        self._last_write = 0.0
-        self._last_progress: dict[str, Any] = {"phase": "loading"}
-
-    def phase(self, phase: str, **values: Any) -> None:
-        self._write({"phase": phase, **values}, force=True)
-
-    def beat(self, *_: object) -> None:
-        """The heartbeat alone (progress unchanged), during long steps without progress of their own."""
-        self._write(dict(self._last_progress), force=False)
-
-    def loading(self, done: int, total: int) -> None:
-        self._write({"phase": "loading", "step": done, "steps": total, "percent": 0.0}, force=done == total)
-
-    def on_training_event(self, event: dict[str, Any]) -> None:
-        if self.training_started is None:
-            self.training_started = time.monotonic()
-        if event["event"] == "epoch":
-            self.history.append({k: v for k, v in event.items() if k not in ("event", "epochs")})
-        epochs = event["epochs"]
-        if event["event"] == "step":
-            done = (event["epoch"] - 1 + event["step"] / event["steps"]) / epochs
-        else:
-            done = event["epoch"] / epochs
-        elapsed = time.monotonic() - self.training_started
-        progress = {
-            "phase": "training",
-            "epoch": event["epoch"],
-            "epochs": epochs,
-            "step": event.get("step"),
-            "steps": event.get("steps"),
-            "percent": round(100 * done, 1),
-            "eta_seconds": round(elapsed / done * (1 - done), 1) if done > 0 else None,
-        }
-        self._write(progress, force=event["event"] == "epoch")
-
-    def _write(self, progress: dict[str, Any], force: bool) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_write < self.interval_s:
-            return
-        self._last_write = now
-        self._last_progress = progress
-        progress["elapsed_seconds"] = round(now - self.started, 1)
-        with self.database.session() as session:
-            cancel = record_progress(session, self.run_id, progress, list(self.history))
-        if cancel:
-            raise RunCancelled
-
-
-def execute_run(settings: Settings, run_id: str) -> dict[str, Any] | None:
-    """Claim and run `run_id`; a run already claimed (a redelivered message) is left alone."""
     database = database_for(settings)
     with database.session() as session:
         if not claim_run(session, run_id, f"{platform.node()}:{os.getpid()}"):
             log.info("training run %s is not queued (taken, finished or cancelled): nothing to do", run_id)
             return None
-    reporter = RunReporter(database, run_id, settings.run_heartbeat_s)
+    reporter = RunReporter(database, run_id, settings.run_heartbeat_s, listener)
     outcome: dict[str, Any] | None = None
     try:
-        outcome = _train_evaluate_register(settings, database, make_object_store(settings), run_id, reporter)
+        outcome = _run_steps(settings, database, make_object_store(settings), run_id, reporter)
     except RunCancelled:
         log.info("training run %s cancelled", run_id)
         with database.session() as session:
@@ -141,115 +93,21 @@ def execute_run(settings: Settings, run_id: str) -> dict[str, Any] | None:
     return outcome
 
 
-@dataclass
-class EvaluationSet:
-    name: str  # "test", or "val" when the dataset has no test split
-    examples: list[Example]
-    images: LabelledImages
-
-
-def _train_evaluate_register(
+def _run_steps(
     settings: Settings, database: Database, store: ObjectStore, run_id: str, reporter: RunReporter
 ) -> dict[str, Any]:
-    with database.session() as session:
-        run = session.get(TrainingRun, run_id)
-        assert run is not None
-        dataset = session.get(Dataset, run.dataset_id)
-        assert dataset is not None
-        base = session.get(ModelVersion, run.base_model_version_id) if run.base_model_version_id else None
-        base_weights = _base_weights(store, base) if base is not None else None
-        name, policy, run_config, dataset_id = run.model_name, run.promotion, dict(run.config), dataset.id
-        manifest = load_manifest(store, dataset)
-    known = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(
-        **{k: v for k, v in run_config.items() if k in known},
-        device=settings.device,
-        torch_threads=settings.torch_threads,
-    )
-    classes: list[str] = manifest["classes"]
-    by_split = _examples_by_split(store, manifest, classes)
-    train_examples = _cap_per_class(by_split.get("train", []), config.max_per_class)
-    if config.color == "auto":
-        config.color = detect_color_of([e.read for e in train_examples])
-    spec = config.spec()
-    train = load_examples(train_examples, classes, spec, progress=reporter.loading)
-    if by_split.get("val"):
-        val_examples = by_split["val"]
-        val = load_examples(val_examples, classes, spec, progress=reporter.beat)
-        split_note: dict[str, Any] = {"method": "the dataset's val split"}
-    else:
-        train_idx, val_idx = train_val_split(train, config.val_fraction, config.seed)
-        held_out = set(val_idx.tolist())
-        val_examples = [e for i, e in enumerate(_kept(train_examples, train)) if i in held_out]
-        train, val = train.subset(train_idx), train.subset(val_idx)
-        split_note = {
-            "method": "carved from train: stratified by class, grouped by patient, hashed with the seed",
-            "seed": config.seed,
-            "val_fraction": config.val_fraction,
-        }
-    evaluation = (
-        EvaluationSet("test", by_split["test"], load_examples(by_split["test"], classes, spec, progress=reporter.beat))
-        if by_split.get("test")
-        else EvaluationSet("val", val_examples, val)
-    )
+    run = load_run(settings, database, store, run_id)
+    data = load_data(store, run, reporter)
     reporter.phase("training", percent=0.0)
-    result = fit(train, val, config, reporter.on_training_event, initial_state=base_weights)
-
+    result = fit(data.train, data.val, run.config, reporter.on_training_event, initial_state=run.base_weights)
     reporter.phase("evaluating", percent=100.0)
-    device = pick_device(config.device)
-    model = build_model(config.architecture, len(classes))
-    model.load_state_dict(result.state_dict)
-    model.to(device)
-    probabilities = predict_probabilities(model, evaluation.images, spec, device)
-    labels = evaluation.images.labels.numpy()
-    report = classification_report(labels, probabilities, classes)
-    champion = _evaluate_champion(settings, database, store, name, classes, evaluation, reporter)
-    decision = decide_promotion(policy, report, champion)
-    plots = render_plots(
-        report,
-        roc_points(labels, probabilities, classes),
-        reporter.history,
-        f"{name} (run {run_id[:8]}), {evaluation.name} split",
-    )
-
+    evaluation = evaluate(run, data, result, reporter.history)
+    champion = compare_with_active(settings, database, store, run, data.evaluation, reporter)
+    decision = decide_promotion(run.policy, evaluation.report, champion)
     reporter.phase("registering", percent=100.0)
-    summary = evaluation_summary(report, evaluation.name)
     with database.session() as session:
-        row = register_version(
-            session,
-            store,
-            name=name,
-            architecture=config.architecture,
-            classes=classes,
-            preprocessing=spec,
-            state_dict=result.state_dict,
-            metrics={"validation": result.report, "history": reporter.history, "evaluation": report},
-            data={
-                "dataset": {"id": dataset_id, "name": manifest["name"], "version": manifest["version"]},
-                "classes": classes,
-                "counts": {"train": len(train), "val": len(val), evaluation.name: len(evaluation.images)},
-                "split": split_note,
-            },
-            training={
-                "config": config.to_dict(),
-                "seconds": round(result.seconds, 1),
-                "device": str(device),
-                "torch": torch.__version__,
-                "host": platform.node(),
-                "base_model": {"name": base.name, "version": base.version} if base is not None else None,
-            },
-            activate="never",
-            intended_use=run_config.get("intended_use"),
-            provenance={
-                "dataset_id": dataset_id,
-                "training_run_id": run_id,
-                "evaluation": {"split": evaluation.name, "summary": summary, "champion": champion},
-            },
-            files={plot: (content, "image/png") for plot, content in plots.items()},
-        )
-        if decision["promote"]:
-            activate_version(session, row, reason=f"policy:{policy}", actor=f"training-run:{run_id}")
-        decision["version"] = row.version
+        row = register(session, store, run, data, result, evaluation, champion, reporter.history)
+        promote(session, row, run, decision)
         finish_run(
             session,
             run_id,
@@ -263,9 +121,164 @@ def _train_evaluate_register(
                 "elapsed_seconds": round(time.monotonic() - reporter.started, 1),
             },
         )
-        outcome = {"name": row.name, "version": row.version, "active": row.is_active, "evaluation": summary}
-    log.info("training run %s registered %s@%s: %s", run_id, outcome["name"], outcome["version"], summary)
+        outcome = {
+            "name": row.name,
+            "version": row.version,
+            "active": row.is_active,
+            "classes": list(row.classes),
+            "evaluation": evaluation.summary,
+            "validation": result.report,
+            "train_seconds": round(result.seconds, 1),
+        }
+    log.info("training run %s registered %s@%s: %s", run_id, row.name, outcome["version"], evaluation.summary)
     return outcome
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInputs:
+    """What a run's row asks for, read once at the start."""
+
+    run_id: str
+    name: str
+    policy: str
+    config: TrainConfig
+    intended_use: dict[str, list[str]] | None
+    dataset: dict[str, Any]  # id, name, version
+    manifest: dict[str, Any]
+    base: dict[str, Any] | None  # name, version of the version fine-tuned from
+    base_weights: dict[str, torch.Tensor] | None
+
+
+def load_run(settings: Settings, database: Database, store: ObjectStore, run_id: str) -> RunInputs:
+    with database.session() as session:
+        run = session.get(TrainingRun, run_id)
+        assert run is not None
+        dataset = session.get(Dataset, run.dataset_id)
+        assert dataset is not None
+        base = session.get(ModelVersion, run.base_model_version_id) if run.base_model_version_id else None
+        base_weights = _base_weights(store, base) if base is not None else None
+        manifest = load_manifest(store, dataset)
+        name, policy, run_config = run.model_name, run.promotion, dict(run.config)
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(
+        **{k: v for k, v in run_config.items() if k in known},
+        device=settings.device,
+        torch_threads=settings.torch_threads,
+    )
+    return RunInputs(
+        run_id=run_id,
+        name=name,
+        policy=policy,
+        config=config,
+        intended_use=run_config.get("intended_use"),
+        dataset={"id": manifest["id"], "name": manifest["name"], "version": manifest["version"]},
+        manifest=manifest,
+        base={"name": base.name, "version": base.version} if base is not None else None,
+        base_weights=base_weights,
+    )
+
+
+@dataclass
+class EvaluationSet:
+    name: str  # "test", or "val" when the dataset has no test split
+    examples: list[Example]
+    images: LabelledImages
+
+
+@dataclass
+class RunData:
+    classes: list[str]
+    train: LabelledImages
+    val: LabelledImages
+    evaluation: EvaluationSet
+    split: dict[str, Any]  # how the validation split was made
+
+
+def load_data(store: ObjectStore, run: RunInputs, reporter: RunReporter) -> RunData:
+    """The dataset's images as model pixels; the validation split carved from train when it has none.
+
+    Sets the config's colour from the data when it says "auto".
+    """
+    config = run.config
+    classes: list[str] = run.manifest["classes"]
+    by_split = examples_by_split(store, run.manifest, classes)
+    train_examples = cap_per_class(by_split.get("train", []), config.max_per_class)
+    if config.color == "auto":
+        config.color = detect_color_of([e.read for e in train_examples])
+    spec = config.spec()
+    train = load_examples(train_examples, classes, spec, progress=reporter.loading)
+    if by_split.get("val"):
+        val_examples = by_split["val"]
+        val = load_examples(val_examples, classes, spec, progress=reporter.beat)
+        split: dict[str, Any] = {"method": "the dataset's val split"}
+    else:
+        train_idx, val_idx = train_val_split(train, config.val_fraction, config.seed)
+        held_out = set(val_idx.tolist())
+        val_examples = [e for i, e in enumerate(decoded(train_examples, train)) if i in held_out]
+        train, val = train.subset(train_idx), train.subset(val_idx)
+        split = {
+            "method": "carved from train: stratified by class, grouped by patient, hashed with the seed",
+            "seed": config.seed,
+            "val_fraction": config.val_fraction,
+        }
+    split.update(train=len(train), val=len(val))
+    if by_split.get("test"):
+        test = load_examples(by_split["test"], classes, spec, progress=reporter.beat)
+        evaluation = EvaluationSet("test", by_split["test"], test)
+    else:
+        evaluation = EvaluationSet("val", val_examples, val)
+    counts = {c: a + b for (c, a), b in zip(train.class_counts().items(), val.class_counts().values(), strict=True)}
+    reporter.data_loaded(len(train), len(val), classes, counts)
+    return RunData(classes, train, val, evaluation, split)
+
+
+def examples_by_split(store: ObjectStore, manifest: dict[str, Any], classes: list[str]) -> dict[str, list[Example]]:
+    index = {label: i for i, label in enumerate(classes)}
+    by_split: dict[str, list[Example]] = {}
+    for entry in manifest["files"]:
+        example = Example(entry["path"], index[entry["label"]], partial(store.get, blob_key(entry["sha256"])))
+        by_split.setdefault(entry["split"], []).append(example)
+    return by_split
+
+
+def _base_weights(store: ObjectStore, base: ModelVersion) -> dict[str, torch.Tensor]:
+    weights = store.get(base.weights_key)
+    if hashlib.sha256(weights).hexdigest() != base.weights_sha256:
+        raise XrayqError("model_corrupt", f"Weights of {base.name}@{base.version} do not match their sha256.")
+    return load_safetensors(weights)
+
+
+# --- evaluate and compare ------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    report: dict[str, Any]
+    summary: dict[str, Any]
+    plots: dict[str, bytes]
+
+
+def evaluate(run: RunInputs, data: RunData, result: TrainResult, history: list[dict[str, Any]]) -> Evaluation:
+    """The trained model's report and plots on the evaluation images."""
+    spec = run.config.spec()
+    device = pick_device(run.config.device)
+    model = build_model(run.config.architecture, len(data.classes))
+    model.load_state_dict(result.state_dict)
+    model.to(device)
+    images = data.evaluation.images
+    probabilities = predict_probabilities(model, images, spec, device)
+    labels = images.labels.numpy()
+    report = classification_report(labels, probabilities, data.classes)
+    plots = render_plots(
+        report,
+        roc_points(labels, probabilities, data.classes),
+        history,
+        f"{run.name} (run {run.run_id[:8]}), {data.evaluation.name} split",
+    )
+    return Evaluation(report, evaluation_summary(report, data.evaluation.name), plots)
 
 
 def evaluation_summary(report: dict[str, Any], split: str) -> dict[str, Any]:
@@ -276,8 +289,88 @@ def evaluation_summary(report: dict[str, Any], split: str) -> dict[str, Any]:
     return summary
 
 
+def compare_with_active(
+    settings: Settings,
+    database: Database,
+    store: ObjectStore,
+    run: RunInputs,
+    evaluation: EvaluationSet,
+    reporter: RunReporter,
+) -> dict[str, Any] | None:
+    """The active version's figures on this run's evaluation images, through its own preprocessing."""
+    classes = evaluation.images.classes
+    with database.session() as session:
+        active = session.scalars(
+            select(ModelVersion).where(ModelVersion.name == run.name, ModelVersion.is_active.is_(True))
+        ).first()
+        if active is None:
+            return None
+        if list(active.classes) != classes:
+            return {"version": active.version, "error": f"its classes {active.classes} differ from {classes}"}
+        device = pick_device(settings.device)
+        loaded = load_model(active, store, device)
+    images = load_examples(evaluation.examples, classes, loaded.spec, progress=reporter.beat)
+    probabilities = predict_probabilities(loaded.module, images, loaded.spec, device)
+    report = classification_report(images.labels.numpy(), probabilities, classes)
+    return {"version": active.version, **evaluation_summary(report, evaluation.name)}
+
+
+# --- register and promote ------------------------------------------------------------------------
+
+
+def register(
+    session: Session,
+    store: ObjectStore,
+    run: RunInputs,
+    data: RunData,
+    result: TrainResult,
+    evaluation: Evaluation,
+    champion: dict[str, Any] | None,
+    history: list[dict[str, Any]],
+) -> ModelVersion:
+    """The new version (inactive) with its card, evaluation report and plots."""
+    config = run.config
+    return register_version(
+        session,
+        store,
+        name=run.name,
+        architecture=config.architecture,
+        classes=data.classes,
+        preprocessing=config.spec(),
+        state_dict=result.state_dict,
+        metrics={"validation": result.report, "history": history, "evaluation": evaluation.report},
+        data={
+            "dataset": run.dataset,
+            "classes": data.classes,
+            "counts": {
+                "train": len(data.train),
+                "val": len(data.val),
+                data.evaluation.name: len(data.evaluation.images),
+            },
+            "split": data.split,
+        },
+        training={
+            "config": config.to_dict(),
+            "seconds": round(result.seconds, 1),
+            "device": str(pick_device(config.device)),
+            "torch": torch.__version__,
+            "host": platform.node(),
+            "base_model": run.base,
+        },
+        activate="never",
+        intended_use=run.intended_use,
+        provenance={
+            "dataset_id": run.dataset["id"],
+            "training_run_id": run.run_id,
+            "evaluation": {"split": evaluation.summary["split"], "summary": evaluation.summary, "champion": champion},
+        },
+        files={plot: (content, "image/png") for plot, content in evaluation.plots.items()},
+    )
+
+
 def decide_promotion(policy: str, candidate: dict[str, Any], champion: dict[str, Any] | None) -> dict[str, Any]:
-    """manual: never; always: yes; if_better: when it beats the active version on the same images.
+    """manual: never; always: yes; if_none_active: when no version is active; if_better: when it beats
+    the active version on the same images.
 
     Compared on ROC-AUC where both have one (threshold-free), else accuracy; a tie keeps the active one.
     """
@@ -287,6 +380,8 @@ def decide_promotion(policy: str, candidate: dict[str, Any], champion: dict[str,
         return {"policy": policy, "promote": False, "reason": "manual: promote it through the API"}
     if champion is None:
         return {"policy": policy, "promote": True, "reason": "no active version to compare with"}
+    if policy == "if_none_active":
+        return {"policy": policy, "promote": False, "reason": f"v{champion['version']} is active"}
     if "error" in champion:
         return {"policy": policy, "promote": False, "reason": f"not comparable: {champion['error']}"}
     metric = "roc_auc" if candidate.get("roc_auc") is not None and champion.get("roc_auc") is not None else "accuracy"
@@ -303,61 +398,8 @@ def decide_promotion(policy: str, candidate: dict[str, Any], champion: dict[str,
     }
 
 
-def _evaluate_champion(
-    settings: Settings,
-    database: Database,
-    store: ObjectStore,
-    name: str,
-    classes: list[str],
-    evaluation: EvaluationSet,
-    reporter: RunReporter,
-) -> dict[str, Any] | None:
-    """The active version's figures on this run's evaluation images, through its own preprocessing."""
-    with database.session() as session:
-        active = session.scalars(
-            select(ModelVersion).where(ModelVersion.name == name, ModelVersion.is_active.is_(True))
-        ).first()
-        if active is None:
-            return None
-        if list(active.classes) != classes:
-            return {"version": active.version, "error": f"its classes {active.classes} differ from {classes}"}
-        device = pick_device(settings.device)
-        loaded = load_model(active, store, device)
-    images = load_examples(evaluation.examples, classes, loaded.spec, progress=reporter.beat)
-    probabilities = predict_probabilities(loaded.module, images, loaded.spec, device)
-    report = classification_report(images.labels.numpy(), probabilities, classes)
-    return {"version": active.version, **evaluation_summary(report, evaluation.name)}
-
-
-def _examples_by_split(store: ObjectStore, manifest: dict[str, Any], classes: list[str]) -> dict[str, list[Example]]:
-    index = {label: i for i, label in enumerate(classes)}
-    by_split: dict[str, list[Example]] = {}
-    for entry in manifest["files"]:
-        example = Example(entry["path"], index[entry["label"]], partial(store.get, blob_key(entry["sha256"])))
-        by_split.setdefault(entry["split"], []).append(example)
-    return by_split
-
-
-def _cap_per_class(examples: list[Example], cap: int | None) -> list[Example]:
-    if cap is None:
-        return examples
-    taken: dict[int, int] = {}
-    kept = []
-    for example in examples:
-        if taken.get(example.label, 0) < cap:
-            taken[example.label] = taken.get(example.label, 0) + 1
-            kept.append(example)
-    return kept
-
-
-def _kept(examples: list[Example], loaded: LabelledImages) -> list[Example]:
-    """The examples that decoded (unreadable ones were left out), in `loaded`'s order."""
-    names = set(loaded.names)
-    return [e for e in examples if e.name in names]
-
-
-def _base_weights(store: ObjectStore, base: ModelVersion) -> dict[str, torch.Tensor]:
-    weights = store.get(base.weights_key)
-    if hashlib.sha256(weights).hexdigest() != base.weights_sha256:
-        raise XrayqError("model_corrupt", f"Weights of {base.name}@{base.version} do not match their sha256.")
-    return load_safetensors(weights)
+def promote(session: Session, row: ModelVersion, run: RunInputs, decision: dict[str, Any]) -> None:
+    """Apply the policy's decision; the decision records the version it was about."""
+    if decision["promote"]:
+        activate_version(session, row, reason=f"policy:{run.policy}", actor=f"training-run:{run.run_id}")
+    decision["version"] = row.version

@@ -14,7 +14,6 @@ from shared.core.settings import Settings
 PREDICT_QUEUE = "predict"
 TRAIN_QUEUE = "train"
 PREDICT_TASK = "xrayq.predict"
-TRAIN_TASK = "xrayq.train"
 TRAIN_RUN_TASK = "xrayq.train_run"
 
 # A training run can take an hour. With late acks, Redis redelivers an unacked message after the
@@ -57,7 +56,6 @@ def make_celery(settings: Settings, name: str = "xrayq") -> Celery:
         task_default_routing_key=PREDICT_QUEUE,
         task_routes={
             PREDICT_TASK: {"queue": PREDICT_QUEUE},
-            TRAIN_TASK: {"queue": TRAIN_QUEUE},
             TRAIN_RUN_TASK: {"queue": TRAIN_QUEUE},
         },
         task_serializer="json",

@@ -240,7 +240,7 @@ class TrainingRun(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     base_model_version_id: Mapped[str | None] = mapped_column(ForeignKey("model_versions.id"))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    promotion: Mapped[str] = mapped_column(String(16))  # manual, if_better, always
+    promotion: Mapped[str] = mapped_column(String(16))  # manual, if_better, always, if_none_active
     # {"phase", "epoch", "epochs", "step", "steps", "percent", "eta_seconds"}
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     history: Mapped[list[Any]] = mapped_column(JSON, default=list)

@@ -27,6 +27,21 @@ def predict(stack, image: Path, model: str | None = None) -> dict:
     return wait_for_job(stack, response.json()["id"])
 
 
+def test_the_locally_trained_first_version_has_its_run_report_and_plots(stack) -> None:
+    # Version 1 was trained without a server, as the starter model is (embedded: `xrayq train DATA`,
+    # services: train_and_register); it is documented like a version of an API run.
+    card = stack.http.get("/v1/models/chest-xray/versions/1").json()
+    run = stack.http.get(f"/v1/training-runs/{card['training_run_id']}").json()
+    assert run["status"] == "succeeded" and run["model"] == {"name": "chest-xray", "version": 1}
+    assert run["promotion"] == "if_none_active" and run["promotion_decision"]["promote"] is True
+    assert stack.http.get(f"/v1/datasets/{card['dataset_id']}").json()["files"] == 96  # --max-per-class 48
+    assert card["evaluation"]["summary"]["split"] == "val" and card["evaluation"]["summary"]["n"] > 0
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves"}
+    for url in card["plots"].values():
+        plot = stack.http.get(url)
+        assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+
+
 def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path) -> None:
     # A folder of split/class folders, uploaded with the CLI.
     folder = tmp_path / "chest-upload"

@@ -239,6 +239,31 @@ def test_a_run_trains_evaluates_registers_and_promotes_if_better(client, chest_d
     assert decision["promote"] == (decision["candidate"] > decision["active"])
 
 
+def test_a_locally_trained_version_has_a_dataset_a_run_a_report_and_plots(client, services_model) -> None:
+    # services_model is trained as the starter model is (train_and_register, no server): the same
+    # intake, run and executor as an API run, so its version is documented like one.
+    name, version = services_model["name"], services_model["version"]
+    card = client.get(f"/v1/models/{name}/versions/{version}").json()
+    assert card["is_active"] is True  # the first version of its name: if_none_active activates it
+    run = client.get(f"/v1/training-runs/{card['training_run_id']}").json()
+    assert run["status"] == "succeeded" and run["model"] == {"name": name, "version": version}
+    assert run["promotion"] == "if_none_active" and run["promotion_decision"]["promote"] is True
+    assert run["config"]["max_per_class"] == 48 and run["config"]["intended_use"] == {
+        "body_parts": ["CHEST"],
+        "modalities": ["CR", "DX"],
+    }
+    dataset = client.get(f"/v1/datasets/{card['dataset_id']}").json()
+    assert dataset["counts"] == {"train": {"NORMAL": 48, "PNEUMONIA": 48}}
+    assert dataset["details"]["source"] == "zip" and dataset["details"]["layout"] == "class_folders"
+    assert run["evaluation"]["split"] == "val" and run["evaluation"]["n"] == card["card"]["data"]["counts"]["val"]
+    assert card["evaluation"]["summary"] == run["evaluation"]
+    assert services_model["validation"]["accuracy"] == card["metrics"]["validation"]["accuracy"]
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves"}
+    for url in card["plots"].values():
+        image = client.get(url)
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+
 def test_promotion_errors(client, chest_dataset, services_settings) -> None:
     problem(client.post("/v1/models/chest-xray/versions/999/promote"), 404, "model_not_found")
     problem(client.post("/v1/models/no-such-model/rollback"), 404, "model_not_found")

@@ -1,4 +1,4 @@
-"""Training data: patient groups, the grouped stratified split, folder loading and colour detection."""
+"""Training data: patient groups, the grouped stratified split and colour detection."""
 
 from __future__ import annotations
 
@@ -10,15 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from services.trainer.data import (
-    LabelledImages,
-    detect_color,
-    load_image_folder,
-    patient_group,
-    split_by_group,
-)
-from shared.core.errors import XrayqError
-from shared.imaging.preprocess import PreprocessSpec
+from services.trainer.data import LabelledImages, detect_color_of, patient_group, split_by_group
 from tests.conftest import jpeg_bytes, png_bytes
 
 # --- patient_group -------------------------------------------------------------------------------------
@@ -146,7 +138,7 @@ def test_subset_and_class_counts() -> None:
     assert sum(data.subset(train).class_counts().values()) + sum(part.class_counts().values()) == len(data)
 
 
-# --- load_image_folder ---------------------------------------------------------------------------------
+# --- detect_color_of -----------------------------------------------------------------------------------
 
 
 def gradient_image(seed: int, size: int = 64) -> np.ndarray:
@@ -155,73 +147,9 @@ def gradient_image(seed: int, size: int = 64) -> np.ndarray:
     return np.clip(base + rng.normal(0, 10, (size, size)), 0, 255).astype(np.uint8)
 
 
-def make_folder(root: Path, counts: dict[str, int], corrupt: int = 0) -> None:
-    seed = 0
-    for name, count in counts.items():
-        (root / name).mkdir(parents=True)
-        for i in range(count):
-            (root / name / f"person{i}_x_{i}.png").write_bytes(png_bytes(gradient_image(seed)))
-            seed += 1
-    for i in range(corrupt):
-        whole = png_bytes(gradient_image(1000 + i))
-        (root / next(iter(counts)) / f"broken{i}.png").write_bytes(whole[: len(whole) // 3])
-
-
-def test_load_image_folder_reads_classes_labels_and_shapes(tmp_path: Path) -> None:
-    # Folders created out of alphabetical order; the class order must still be sorted.
-    make_folder(tmp_path, {"PNEUMONIA": 11, "NORMAL": 9}, corrupt=1)
-    (tmp_path / "NORMAL" / "readme.txt").write_text("not an image")
-    (tmp_path / ".cache").mkdir()
-
-    data = load_image_folder(tmp_path, PreprocessSpec(size=32))
-
-    assert data.classes == ["NORMAL", "PNEUMONIA"]
-    assert len(data) == 20  # the corrupt file and the text file are left out
-    assert data.pixels.shape == (20, 1, 32, 32)
-    assert data.pixels.dtype == torch.uint8
-    assert data.labels.dtype == torch.long
-    assert data.labels.tolist() == [0] * 9 + [1] * 11
-    assert all(name.startswith("NORMAL/") for name in data.names[:9])
-    assert all(name.startswith("PNEUMONIA/") for name in data.names[9:])
-    assert not any("broken" in name for name in data.names)
-    assert data.groups[0] == "person0"  # by patient, not by folder: one patient never straddles the split
-    # Real content, not blank tensors: the horizontal gradient survives preprocessing.
-    assert data.pixels[:, :, :, -1].float().mean() > data.pixels[:, :, :, 0].float().mean() + 100
-
-
-def test_load_image_folder_rgb_spec_gives_three_channels(tmp_path: Path) -> None:
-    make_folder(tmp_path, {"a": 2, "b": 2})
-    data = load_image_folder(tmp_path, PreprocessSpec(size=16, color="rgb"))
-    assert data.pixels.shape == (4, 3, 16, 16)
-
-
-def test_load_image_folder_max_per_class(tmp_path: Path) -> None:
-    make_folder(tmp_path, {"a": 5, "b": 4})
-    data = load_image_folder(tmp_path, PreprocessSpec(size=16), max_per_class=2)
-    assert data.labels.tolist() == [0, 0, 1, 1]
-
-
-def test_load_image_folder_refuses_many_unreadable_files(tmp_path: Path) -> None:
-    make_folder(tmp_path, {"a": 3, "b": 3}, corrupt=2)
-    with pytest.raises(XrayqError) as caught:
-        load_image_folder(tmp_path, PreprocessSpec(size=16))
-    assert caught.value.code == "dataset_invalid"
-
-
-def test_load_image_folder_needs_two_classes(tmp_path: Path) -> None:
-    make_folder(tmp_path, {"only": 3})
-    with pytest.raises(XrayqError) as caught:
-        load_image_folder(tmp_path, PreprocessSpec(size=16))
-    assert caught.value.code == "dataset_invalid"
-
-
-def test_load_image_folder_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(XrayqError) as caught:
-        load_image_folder(tmp_path / "nope", PreprocessSpec(size=16))
-    assert caught.value.code == "dataset_not_found"
-
-
-# --- detect_color --------------------------------------------------------------------------------------
+def detect_color(root: Path) -> str:
+    """detect_color_of over a folder's images, in the order a dataset of it lists them."""
+    return detect_color_of([path.read_bytes for path in sorted(p for p in root.rglob("*") if p.is_file())])
 
 
 def save_rgb(path: Path, array: np.ndarray, fmt: str = "PNG") -> None:

@@ -25,6 +25,15 @@ def test_policies() -> None:
     assert no_auc["metric"] == "accuracy" and no_auc["promote"]
 
 
+def test_if_none_active_promotes_only_the_first_version() -> None:
+    # Local training's default (`xrayq train`, the starter model): activate when nothing is active,
+    # never replace an active version however much better the new one is.
+    assert decide_promotion("if_none_active", CANDIDATE, None)["promote"]
+    kept = decide_promotion("if_none_active", CANDIDATE, {"version": 2, "accuracy": 0.1, "roc_auc": 0.2})
+    assert not kept["promote"] and "v2" in kept["reason"]
+    assert not decide_promotion("if_none_active", CANDIDATE, {"version": 2, "error": "other classes"})["promote"]
+
+
 def test_expected_calibration_error() -> None:
     labels = np.array([0, 1, 1, 0])
     # Always 100% confident and always right: perfectly calibrated.
