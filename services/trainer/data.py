@@ -20,6 +20,11 @@ import torch
 from shared.core.errors import XrayqError
 from shared.imaging.decode import ImageLimits, decode_image, open_image
 from shared.imaging.preprocess import PreprocessSpec, to_model_pixels
+from shared.intake.images import DATASET_MIN_SIDE
+
+# Dataset members were checked at upload (`shared.intake.images.dataset_limits`); decoding them again for
+# training keeps the same smallest side, so a MedMNIST-sized member that was accepted is never refused here.
+STORED_MEMBER_LIMITS = ImageLimits(min_side=DATASET_MIN_SIDE)
 
 
 @dataclass
@@ -85,7 +90,7 @@ def load_examples(
 
     A few unreadable files are left out; more than `max_unreadable` of them fail the load.
     """
-    limits = ImageLimits(min_side=8)
+    limits = STORED_MEMBER_LIMITS
 
     def decode(example: Example) -> torch.Tensor | None:
         try:
@@ -184,7 +189,7 @@ def detect_color_of(reads: Sequence[Callable[[], bytes]], sample: int = 24) -> s
     step = max(1, len(reads) // sample)
     for read in reads[::step][:sample]:
         try:
-            array = decode_image(read(), ImageLimits(min_side=8))
+            array = decode_image(read(), STORED_MEMBER_LIMITS)
         except XrayqError:
             continue
         if array.ndim == 3 and float(np.abs(array - array.mean(axis=2, keepdims=True)).max()) > 0.04:

@@ -9,27 +9,12 @@ from sqlalchemy import select
 
 from services.gateway.deps import SessionDep, SettingsDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
-from shared.db.models import Dataset, as_utc
+from shared.db.models import Dataset
 from shared.schemas import DatasetView
 from shared.training.datasets import check_dataset_name, create_dataset, find_dataset, read_upload
+from shared.training.views import dataset_view
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-
-
-def dataset_view(row: Dataset) -> DatasetView:
-    return DatasetView(
-        id=row.id,
-        name=row.name,
-        version=row.version,
-        parent_id=row.parent_id,
-        classes=list(row.classes),
-        counts=row.counts,
-        files=row.files,
-        size_bytes=row.size_bytes,
-        manifest_sha256=row.manifest_sha256,
-        details=row.details,
-        created_at=as_utc(row.created_at),
-    )
 
 
 @router.post("", status_code=201, response_model=DatasetView, responses=PROBLEMS)
@@ -61,7 +46,6 @@ def upload_dataset(
     class_names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     upload = read_upload(file.file, settings, skip_unreadable=skip_unreadable, classes=class_names)
     row = create_dataset(session, store, upload, name=dataset_name, parent=parent, organisation=principal.organisation)
-    session.commit()
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return dataset_view(row)
 
