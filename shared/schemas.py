@@ -183,6 +183,14 @@ class ApiKeyCreated(ApiKeyView):
     key: str = Field(description="The key itself: shown this once, stored only as a hash.")
 
 
+class CallbackSecretView(BaseModel):
+    organisation: str | None
+    secret: str = Field(
+        description="Verifies `X-Xrayq-Signature` of this organisation's callbacks registered without a "
+        "`callback_secret` of their own. Derived from the server secret; no other organisation's verifies with it."
+    )
+
+
 class ModelActivationView(BaseModel):
     name: str
     version: int

@@ -20,6 +20,7 @@ from services.gateway.problems import install_problem_handlers
 from services.gateway.routes import (
     api_keys,
     batches,
+    callbacks,
     datasets,
     dicomweb,
     health,
@@ -62,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)
-    for module in (jobs, batches, studies, dicomweb, datasets, training_runs, models, api_keys, health):
+    for module in (jobs, batches, studies, callbacks, dicomweb, datasets, training_runs, models, api_keys, health):
         app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,

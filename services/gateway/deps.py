@@ -152,7 +152,8 @@ CallbackUrlForm = Annotated[
     str | None,
     Form(
         max_length=2048,
-        description="POSTed the batch result, HMAC-signed (`X-Xrayq-Signature`), once every job has finished.",
+        description="POSTed the batch result, HMAC-signed (`X-Xrayq-Signature`), once every job has finished: "
+        "https, to a public address (or a network the administrator allows), a host the organisation may use.",
     ),
 ]
 CallbackSecretForm = Annotated[
@@ -160,7 +161,7 @@ CallbackSecretForm = Annotated[
     Form(
         min_length=16,
         max_length=256,
-        description="Secret the callback is signed with (default: the server's XRAYQ_CALLBACK_SECRET).",
+        description="Secret the callback is signed with (default: the organisation's, `GET /v1/callbacks/secret`).",
     ),
 ]
 ModelForm = Annotated[

@@ -42,6 +42,8 @@ ERROR_STATUS: dict[str, int] = {
     "report_not_ready": 409,
     "report_not_available": 404,
     "invalid_callback": 422,
+    "callback_destination_refused": 422,  # SSRF policy: the same answer whatever the reason
+    "callback_secret_not_configured": 404,
     "model_not_found": 404,
     "dataset_not_found": 404,
     "dataset_invalid": 422,

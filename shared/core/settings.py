@@ -120,10 +120,32 @@ class Settings(BaseSettings):
 
     # Results pushed out (SR by C-STORE, HMAC-signed callbacks): attempts, and the first retry pause
     # (doubling each time).
-    callback_secret: str = ""  # signs callbacks whose request sent no `callback_secret` of its own
-    callback_timeout_s: float = 10.0
+    # Server secret from which each organisation's callback signing secret is derived (HMAC with the
+    # organisation's name), for callbacks whose request sent no `callback_secret` of its own.
+    callback_secret: str = ""
+    callback_timeout_s: float = Field(default=10.0, gt=0)  # each step: connect, send, each read
+    # Callbacks go only to public addresses over https. Networks listed here (comma-separated CIDRs, e.g.
+    # `127.0.0.0/8` for tests and local receivers, `10.20.0.0/16` for a hospital's own RIS) may be reached
+    # too, over http as well: an admin's decision, never a client's.
+    callback_allow_networks: str = ""
+    # Per-organisation callback hosts, as JSON: {"radiology-1": ["ris.example.org", "*.hooks.example.org"]}.
+    # A listed organisation may register only these hosts; "*" applies to every organisation not listed.
+    callback_allowed_hosts: dict[str, list[str]] = Field(default_factory=dict)
     delivery_attempts: int = Field(default=6, ge=1)
     delivery_retry_after_s: float = Field(default=5.0, gt=0)
+    # One attempt of one delivery (DNS, connect, TLS, request, answer; or the whole C-STORE association)
+    # ends after this many seconds of wall clock, however slowly the other side trickles.
+    delivery_deadline_s: float = Field(default=30.0, gt=0)
+    # Deliveries run in a pool of this many threads per gateway, at most `delivery_per_destination` at
+    # once to one host:port and `delivery_per_organisation` for one organisation: a slow receiver holds
+    # only its own share.
+    delivery_workers: int = Field(default=8, ge=1)
+    delivery_per_destination: int = Field(default=2, ge=1)
+    delivery_per_organisation: int = Field(default=4, ge=1)
+    # Circuit breaker: after this many consecutive failures a destination is skipped for the cool-down
+    # (recorded on the deliveries it holds back), then tried again with one delivery.
+    delivery_breaker_failures: int = Field(default=5, ge=1)
+    delivery_breaker_cooldown_s: float = Field(default=60.0, gt=0)
 
     # Logging: "json" for services, "text" for a person at a terminal.
     log_format: Literal["text", "json"] = "text"

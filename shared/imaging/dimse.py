@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
 from dataclasses import dataclass
 
 import pydicom
@@ -84,22 +86,34 @@ def parse_remote_ae(text: str) -> RemoteAE:
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
-def send_c_store(data: bytes, destination: RemoteAE, calling_ae_title: str, timeout_s: float) -> int:
-    """Send one Part-10 instance by C-STORE; returns the status, raises XrayqError if not stored."""
+def send_c_store(data: bytes, destination: RemoteAE, calling_ae_title: str, timeout_s: float, deadline_s: float) -> int:
+    """Send one Part-10 instance by C-STORE; returns the status, raises XrayqError if not stored.
+
+    `timeout_s` bounds each step; the whole association, however slowly the peer answers, ends after
+    `deadline_s`: a watchdog aborts it, so a stalled PACS holds one delivery thread for that long at most."""
     from pynetdicom import AE
 
+    started = time.monotonic()
     dataset = pydicom.dcmread(io.BytesIO(data))
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
+    # Connecting and negotiating share the deadline; the watchdog covers the rest.
+    ae.connection_timeout = ae.acse_timeout = min(timeout_s, deadline_s / 2)
+    ae.dimse_timeout = ae.network_timeout = min(timeout_s, deadline_s)
     ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         raise XrayqError("delivery_failed", f"{destination} did not accept an association from {calling_ae_title}.")
+    watchdog = threading.Timer(max(deadline_s - (time.monotonic() - started), 0.0), assoc.abort)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         status = assoc.send_c_store(dataset)
     finally:
-        assoc.release()
+        watchdog.cancel()
+        if assoc.is_established:
+            assoc.release()
+    if time.monotonic() - started >= deadline_s:
+        raise XrayqError("delivery_failed", f"{destination} did not store the report within {deadline_s:g}s.")
     code = int(status.get("Status", -1)) if status else -1
     if code not in STORED_STATUSES:
         raise XrayqError("delivery_failed", f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}.")

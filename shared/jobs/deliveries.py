@@ -3,32 +3,30 @@
 Run periodically by every gateway (`finish_pass`). The database is the truth and every step is safe
 to repeat or to run in several gateways at once: sealing is one conditional UPDATE; a result is
 recorded only by the pass that flips `result_pending` (the SR's UIDs and storage key are fixed by the
-batch id, so a concurrent rebuild writes the same object); a due delivery is claimed by moving its
-`delivery_due_at` forward before it is tried. Failed deliveries are retried with doubling pauses up
-to `delivery_attempts`, then marked failed -- visible on the batch, never silently dropped.
+batch id, so a concurrent rebuild writes the same object); a due delivery is claimed with a lease and
+sent in the background by `shared.jobs.dispatch`, isolated per destination and organisation. Failed
+deliveries are retried with doubling pauses up to `delivery_attempts`, then marked failed -- visible
+on the batch, never silently dropped.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from datetime import datetime, timedelta
+import threading
 from typing import Any
 
 import pydicom
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectNotFound, ObjectStore
-from shared.db.models import Batch, Job, JobStatus, as_utc, utcnow
+from shared.db.models import Batch, Job, JobStatus, utcnow
 from shared.db.session import Database
-from shared.imaging.dimse import parse_remote_ae, send_c_store
 from shared.imaging.reports import ClassifiedInstance, build_report
-from shared.jobs.callbacks import post_callback
+from shared.jobs.dispatch import DeliveryDispatcher
 from shared.jobs.studies import seal_stable_studies
-from shared.jobs.views import batch_view
 
 log = logging.getLogger(__name__)
 SR_MEDIA_TYPE = "application/dicom"
@@ -129,91 +127,26 @@ def _classified_instances(session: Session, store: ObjectStore, batch_id: str) -
     return instances
 
 
-def deliver_due(settings: Settings, database: Database, store: ObjectStore, limit: int = 20) -> int:
-    """Try every delivery that is due; returns how many were delivered."""
-    now = utcnow()
-    with database.session() as session:
-        due = session.execute(
-            select(Batch.id, Batch.delivery_due_at).where(Batch.delivery_due_at <= now).limit(limit)
-        ).all()
-    delivered = 0
-    for batch_id, due_at in due:
-        if due_at is not None and _claim(database, batch_id, due_at, settings):
-            delivered += _deliver(settings, database, store, batch_id)
-    return delivered
+def deliver_due(
+    settings: Settings,
+    database: Database,
+    store: ObjectStore,
+    limit: int = 50,
+    dispatcher: DeliveryDispatcher | None = None,
+) -> int:
+    """Start the due deliveries that have a free share of this gateway's delivery pool (see
+    `shared.jobs.dispatch`); returns how many batches were started. Never waits for a receiver."""
+    return (dispatcher or gateway_dispatcher(settings, database, store)).dispatch_due(limit)
 
 
-def _claim(database: Database, batch_id: str, due_at: datetime, settings: Settings) -> bool:
-    # Another gateway that read the same due time loses this conditional update. The lease outlasts
-    # a delivery's timeouts, so a pass that dies mid-delivery is retried after it.
-    lease = utcnow() + timedelta(seconds=4 * settings.dicom_network_timeout_s + 2 * settings.callback_timeout_s)
-    with database.session() as session:
-        claimed = session.execute(
-            update(Batch).where(Batch.id == batch_id, Batch.delivery_due_at == due_at).values(delivery_due_at=lease)
-        )
-        return bool(claimed.rowcount)  # type: ignore[attr-defined]
+_dispatchers: dict[int, tuple[Database, DeliveryDispatcher]] = {}
+_dispatchers_lock = threading.Lock()
 
 
-def _deliver(settings: Settings, database: Database, store: ObjectStore, batch_id: str) -> int:
-    with database.session() as session:
-        batch = session.get(Batch, batch_id)
-        assert batch is not None
-        states = {name: dict(state) for name, state in (batch.deliveries or {}).items()}
-        payload = None
-        if "callback" in states:
-            payload = {
-                "event": "batch.completed",
-                "batch": batch_view(session, batch_id, limit=500).model_dump(mode="json"),
-            }
-        report_key, callback_url, callback_secret = batch.report_key, batch.callback_url, batch.callback_secret
-    delivered = 0
-    for name, state in states.items():
-        if state["status"] != "pending" or not _is_due(state):
-            continue
-        try:
-            if name == "sr_store":
-                assert report_key is not None
-                send_c_store(
-                    store.get(report_key),
-                    parse_remote_ae(state["target"]),
-                    settings.dicom_ae_title,
-                    settings.dicom_network_timeout_s,
-                )
-            else:
-                assert callback_url and callback_secret and payload is not None
-                post_callback(
-                    callback_url, callback_secret, "batch.completed", batch_id, payload, settings.callback_timeout_s
-                )
-        except (XrayqError, ObjectNotFound, OSError) as exc:
-            _record_failure(state, exc, settings)
-            log.warning("delivery %s of batch %s failed (attempt %d): %s", name, batch_id, state["attempts"], exc)
-            continue
-        state.update(status="delivered", attempts=state["attempts"] + 1, delivered_at=utcnow().isoformat())
-        state.pop("next_at", None)
-        delivered += 1
-    pending = [state["next_at"] for state in states.values() if state["status"] == "pending" and "next_at" in state]
-    with database.session() as session:
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id)
-            .values(
-                deliveries=states,
-                delivery_due_at=min(datetime.fromisoformat(at) for at in pending) if pending else None,
-            )
-        )
-    return delivered
-
-
-def _is_due(state: dict[str, Any]) -> bool:
-    return "next_at" not in state or as_utc(datetime.fromisoformat(state["next_at"])) <= utcnow()
-
-
-def _record_failure(state: dict[str, Any], exc: Exception, settings: Settings) -> None:
-    state["attempts"] += 1
-    state["last_error"] = exc.detail if isinstance(exc, XrayqError) else f"{type(exc).__name__}: {exc}"
-    if state["attempts"] >= settings.delivery_attempts:
-        state["status"] = "failed"
-        state.pop("next_at", None)
-        return
-    pause = settings.delivery_retry_after_s * 2 ** (state["attempts"] - 1)
-    state["next_at"] = (utcnow() + timedelta(seconds=pause)).isoformat()
+def gateway_dispatcher(settings: Settings, database: Database, store: ObjectStore) -> DeliveryDispatcher:
+    """This process's dispatcher for `database`: one pool, one set of shares and breakers per gateway."""
+    with _dispatchers_lock:
+        held = _dispatchers.get(id(database))
+        if held is None or held[0] is not database:
+            held = _dispatchers[id(database)] = (database, DeliveryDispatcher(settings, database, store))
+        return held[1]

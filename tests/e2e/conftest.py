@@ -69,6 +69,8 @@ class Stack:
             "XRAYQ_STUDY_STABLE_AFTER_S": "2",
             "XRAYQ_STUDY_CHECK_INTERVAL_S": "0.3",
             "XRAYQ_DELIVERY_RETRY_AFTER_S": "0.5",
+            # The tests' callback receivers listen on loopback, which callbacks may reach only when allowed.
+            "XRAYQ_CALLBACK_ALLOW_NETWORKS": "127.0.0.0/8",
             "XRAYQ_WORKER_METRICS_PORT": self.worker_metrics_url.rsplit(":", 1)[1].split("/")[0],
             "PYTHONUNBUFFERED": "1",
             # Quick reconciler: a message lost with a killed worker is republished within seconds.

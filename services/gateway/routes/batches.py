@@ -47,7 +47,7 @@ def submit_batch(
     callback_secret: CallbackSecretForm = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchAccepted:
-    callback_url, callback_secret = check_callback(callback_url, callback_secret, settings)
+    callback_url, callback_secret = check_callback(callback_url, callback_secret, settings, principal.organisation)
     uploads = batch_uploads(files, settings)
     submitted = submit_images(
         session,

@@ -46,7 +46,7 @@ def submit_study_instances(
     """Instances join their study's open batch (one per StudyInstanceUID and accession), also across
     requests; the batch closes once no instance arrived for the stability timeout, then its SR is made.
     If no file is accepted, the first refusal is the answer (its own 4xx code)."""
-    callback_url, callback_secret = check_callback(callback_url, callback_secret, settings)
+    callback_url, callback_secret = check_callback(callback_url, callback_secret, settings, principal.organisation)
     accepted, refused = check_instances(study_files(files, settings), settings)
     if not accepted:
         raise refused[0].error

@@ -11,7 +11,7 @@ from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.imaging.dimse import decodable_transfer_syntaxes, parse_remote_ae
 from shared.imaging.reports import ClassifiedInstance, build_report, label_code
-from shared.jobs.callbacks import check_callback, signature, verify_signature
+from shared.jobs.callbacks import check_callback, organisation_secret, signature, verify_signature
 
 
 def headers(data_dir, *names: str) -> list[pydicom.Dataset]:
@@ -56,14 +56,19 @@ def test_callback_signature_fails_on_any_change() -> None:
 
 def test_callback_registration_needs_a_url_and_a_secret() -> None:
     settings = Settings()
-    assert check_callback(None, None, settings) == (None, None)
-    assert check_callback("https://ris.example/hook", "x" * 16, settings) == ("https://ris.example/hook", "x" * 16)
-    for url, secret in (("ftp://ris.example/hook", "x" * 16), ("https://ris.example/hook", None), (None, "x" * 16)):
+    assert check_callback(None, None, settings, "org") == (None, None)
+    assert check_callback("https://8.8.8.8/hook", "x" * 16, settings, "org") == ("https://8.8.8.8/hook", "x" * 16)
+    for url, secret in (("ftp://8.8.8.8/hook", "x" * 16), ("https://8.8.8.8/hook", None), (None, "x" * 16)):
         with pytest.raises(XrayqError) as caught:
-            check_callback(url, secret, settings)
-        assert caught.value.code == "invalid_callback"
+            check_callback(url, secret, settings, "org")
+        assert caught.value.code in ("invalid_callback", "callback_destination_refused")
+    # No secret of the request's own: signed with the organisation's, derived when it is sent.
     server_secret = Settings(callback_secret="y" * 32)
-    assert check_callback("http://10.0.0.5/hook", None, server_secret) == ("http://10.0.0.5/hook", "y" * 32)
+    assert check_callback("https://8.8.8.8/hook", None, server_secret, "org") == ("https://8.8.8.8/hook", None)
+    assert organisation_secret(server_secret, "org") not in (None, "y" * 32, organisation_secret(server_secret, "o2"))
+    with pytest.raises(XrayqError) as caught:
+        check_callback("https://10.0.0.5/hook", None, server_secret, "org")  # a private address
+    assert caught.value.code == "callback_destination_refused"
 
 
 def test_ae_addresses_and_negotiated_syntaxes() -> None:
