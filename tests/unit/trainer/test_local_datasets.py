@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shared.db.bootstrap import prepare_backends
 
 from services.trainer.data import load_examples
 from services.trainer.local_datasets import dataset_from_path
@@ -18,6 +17,7 @@ from services.trainer.runs import examples_by_split
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import LocalObjectStore, make_object_store
+from shared.db.bootstrap import prepare_backends
 from shared.db.session import database_for
 from shared.imaging.preprocess import PreprocessSpec
 from shared.training.datasets import load_manifest
