@@ -10,6 +10,7 @@ import logging
 import os
 
 import torch
+from celery import Task
 from celery.signals import worker_process_init
 
 from services.worker.inference import ModelCache, Predictor
@@ -67,6 +68,9 @@ def _init_process(**_: object) -> None:
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // _processes))
 
 
-@app.task(name=PREDICT_TASK)
-def predict(job_ids: list[str]) -> dict[str, int]:
-    return get_predictor().run(job_ids)
+@app.task(name=PREDICT_TASK, bind=True)
+def predict(self: Task, job_ids: list[str]) -> dict[str, int]:
+    # A message given back because its worker process died may take its jobs although they are
+    # `running`; any other copy leaves running jobs to the worker that holds them (see claim_jobs).
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    return get_predictor().run(job_ids, redelivered=redelivered)

@@ -8,11 +8,12 @@ is made by `shared.jobs.lifecycle`; this module holds the model work between cla
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,6 +31,7 @@ from shared.jobs.lifecycle import ClaimedJob, Prediction, claim_jobs, ms_since, 
 from shared.models.artifacts import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ModelCache:
@@ -81,16 +83,17 @@ class Predictor:
         self.limits = image_limits(settings)  # the limits intake checked the input against
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prepare")
 
-    def run(self, job_ids: list[str]) -> dict[str, int]:
+    def run(self, job_ids: list[str], *, redelivered: bool = False) -> dict[str, int]:
+        """One message's jobs; `redelivered`: the broker gives back a message whose worker died holding it."""
         started = time.monotonic()
         try:
-            return self._run(job_ids)
+            return self._run(job_ids, redelivered)
         finally:
             metrics.BUSY.inc(time.monotonic() - started)
 
-    def _run(self, job_ids: list[str]) -> dict[str, int]:
+    def _run(self, job_ids: list[str], redelivered: bool) -> dict[str, int]:
         with self.db.session() as session:
-            claim = claim_jobs(session, job_ids, self.settings)
+            claim = claim_jobs(session, job_ids, self.settings, redelivered=redelivered)
         for job in claim.jobs:
             metrics.QUEUE_WAIT.observe(job.timings["queue_ms"] / 1000)
         groups: dict[tuple[str, int | None], list[ClaimedJob]] = defaultdict(list)
@@ -101,51 +104,79 @@ class Predictor:
             if isinstance(version, XrayqError):
                 self._write(failures=[(job, version) for job in jobs])
                 continue
-            self._run_group(self.cache.get(version), jobs)
+            try:
+                model = self.cache.get(version)
+            except XrayqError as error:  # e.g. weights that fail their checksum: no retry will help
+                self._write(failures=[(job, error) for job in jobs])
+                continue
+            self._run_group(model, jobs)
         return {"claimed": len(claim.jobs)}
 
     def _run_group(self, model: LoadedModel, jobs: list[ClaimedJob]) -> None:
         """Fetch, decode and preprocess concurrently (I/O, and decoders that release the GIL), then one
-        forward pass; a bad input fails alone."""
+        forward pass; every step is per image, so a bad input fails its own job alone."""
         prepared = list(self.pool.map(lambda job: self._prepare(job, model), jobs))
         failures = [(job, out) for job, out in zip(jobs, prepared, strict=True) if isinstance(out, XrayqError)]
         ready = [(job, out) for job, out in zip(jobs, prepared, strict=True) if not isinstance(out, XrayqError)]
-        if not ready:
-            self._write(failures=failures)
-            return
-        try:
-            started = time.monotonic()
-            with torch.inference_mode():
-                pixels = torch.stack([image for _, image in ready])
-                batch = normalize(pixels, model.spec).to(model.device)  # once per chunk, not per image
-                probabilities = torch.softmax(model.module(batch).float(), dim=1).cpu().tolist()
-            inference_ms = (time.monotonic() - started) * 1000
-        except Exception as exc:  # a broken forward pass fails these jobs, never the process
-            log.exception("inference failed for %d jobs of %s@%s", len(ready), model.name, model.version)
-            error = XrayqError("inference_failed", f"The model failed: {type(exc).__name__}")
-            self._write(failures=[*failures, *((job, error) for job, _ in ready)])
-            return
         predictions = []
-        for (job, _), probs in zip(ready, probabilities, strict=True):
-            job.timings["inference_ms"] = round(inference_ms, 2)
-            job.timings["batch_size"] = len(ready)
-            predictions.append(prediction_for(job, model, probs))
-        metrics.INFERENCE.labels(model.name).observe(inference_ms / 1000)
-        metrics.BATCH_SIZE.labels(model.name).observe(len(ready))
+        if ready:
+            started = time.monotonic()
+            outputs, batch_size = self._forward([image for _, image in ready], model)
+            inference_ms = (time.monotonic() - started) * 1000
+            for (job, _), output in zip(ready, outputs, strict=True):
+                job.timings["inference_ms"] = round(inference_ms, 2)
+                job.timings["batch_size"] = batch_size
+                outcome = output if isinstance(output, XrayqError) else _guarded_prediction(job, model, output)
+                if isinstance(outcome, XrayqError):
+                    failures.append((job, outcome))
+                else:
+                    predictions.append(outcome)
+            metrics.INFERENCE.labels(model.name).observe(inference_ms / 1000)
+            metrics.BATCH_SIZE.labels(model.name).observe(batch_size)
         self._write(predictions=predictions, failures=failures)
 
+    def _forward(self, images: list[torch.Tensor], model: LoadedModel) -> tuple[list[list[float] | XrayqError], int]:
+        """Each image's class probabilities (or why there are none), and the tensor batch size used.
+
+        One pass for the whole chunk; if that pass fails (an input that breaks an operator, memory
+        running out for the batch), one pass per image, so only the culprit fails.
+        """
+        try:
+            return _probabilities(model, images), len(images)
+        except Exception as exc:
+            if len(images) == 1:
+                log.exception("inference failed for one job of %s@%s", model.name, model.version)
+                return [_inference_failed(exc)], 1
+            log.warning(
+                "inference failed for a batch of %d of %s@%s; retrying image by image",
+                len(images),
+                model.name,
+                model.version,
+                exc_info=True,
+            )
+        outputs: list[list[float] | XrayqError] = []
+        for image in images:
+            try:
+                outputs.extend(_probabilities(model, [image]))
+            except Exception as exc:  # a broken forward pass fails this job, never the process
+                log.exception("inference failed for one job of %s@%s", model.name, model.version)
+                outputs.append(_inference_failed(exc))
+        return outputs, 1
+
     def _prepare(self, job: ClaimedJob, model: LoadedModel) -> torch.Tensor | XrayqError:
-        """The job's input as the model's pixels (uint8, its size and colour), or why it cannot be."""
+        """The job's input as the model's pixels (uint8, its size and colour), or why it cannot be.
+
+        Every step is guarded: whatever one image raises becomes its job's failure with a stable code,
+        never an exception that would fail the other jobs of the message.
+        """
         started = time.monotonic()
         try:
-            if job.input_key is None:
-                raise ObjectNotFound("no input key")
-            payload = self.store.get(job.input_key)
-        except ObjectNotFound:
-            return XrayqError("input_missing", "The job's input is no longer in storage.")
-        fetched = time.monotonic()
-        try:
-            pixels = to_model_pixels(open_image(payload, self.limits), model.spec)
+            payload = _guarded("input_unavailable", "The job's input could not be read", self._fetch, job)
+            fetched = time.monotonic()
+            image = _guarded("image_unreadable", "The image could not be decoded", open_image, payload, self.limits)
+            pixels = _guarded(
+                "preprocess_failed", "The image could not be preprocessed", to_model_pixels, image, model.spec
+            )
         except XrayqError as error:
             return error
         job.timings["fetch_ms"] = round((fetched - started) * 1000, 2)
@@ -153,24 +184,71 @@ class Predictor:
         metrics.PREPROCESS.observe(time.monotonic() - started)
         return pixels
 
+    def _fetch(self, job: ClaimedJob) -> bytes:
+        try:
+            if job.input_key is None:
+                raise ObjectNotFound("no input key")
+            return self.store.get(job.input_key)
+        except ObjectNotFound:
+            raise XrayqError("input_missing", "The job's input is no longer in storage.") from None
+
     def _write(
         self,
         *,
         predictions: Sequence[Prediction] = (),
         failures: Sequence[tuple[ClaimedJob, XrayqError]] = (),
     ) -> None:
-        """All outcomes of a chunk in one transaction (see `record_outcomes`)."""
+        """All outcomes of a chunk in one transaction (see `record_outcomes`, which writes job by job
+        when the batched write fails)."""
         if not predictions and not failures:
             return
+        with self.db.session() as session:
+            unwritable = record_outcomes(session, predictions=predictions, failures=failures)
         finished = utcnow()
         for prediction in predictions:
             model_name = prediction.job.model_name
-            metrics.JOBS_FINISHED.labels(model_name, "succeeded").inc()
-            metrics.END_TO_END.labels(model_name).observe(ms_since(prediction.job.created_at, finished) / 1000)
+            ok = prediction.job.id not in unwritable
+            metrics.JOBS_FINISHED.labels(model_name, "succeeded" if ok else "failed").inc()
+            if ok:
+                metrics.END_TO_END.labels(model_name).observe(ms_since(prediction.job.created_at, finished) / 1000)
         for job, _ in failures:
             metrics.JOBS_FINISHED.labels(job.model_name, "failed").inc()
-        with self.db.session() as session:
-            record_outcomes(session, predictions=predictions, failures=failures)
+
+
+def _guarded(code: str, what: str, step: Callable[..., T], *args: Any) -> T:
+    """One per-image step: its own XrayqError passes through; anything else it raises (a decoder's
+    ValueError, a LUT that cannot be applied, MemoryError) becomes `code`, for this job alone."""
+    try:
+        return step(*args)
+    except XrayqError:
+        raise
+    except Exception as exc:
+        log.warning("%s: %s", what, type(exc).__name__, exc_info=True)
+        raise XrayqError(code, f"{what}: {type(exc).__name__}: {exc}"[:500]) from None
+
+
+def _probabilities(model: LoadedModel, images: list[torch.Tensor]) -> list[list[float] | XrayqError]:
+    with torch.inference_mode():
+        batch = normalize(torch.stack(images), model.spec).to(model.device)  # once per chunk, not per image
+        rows = torch.softmax(model.module(batch).float(), dim=1).cpu().tolist()
+    return [
+        row
+        if all(math.isfinite(p) for p in row)
+        else XrayqError("inference_failed", "The model gave no finite answer.")
+        for row in rows
+    ]
+
+
+def _inference_failed(exc: Exception) -> XrayqError:
+    return XrayqError("inference_failed", f"The model failed: {type(exc).__name__}")
+
+
+def _guarded_prediction(job: ClaimedJob, model: LoadedModel, probabilities: list[float]) -> Prediction | XrayqError:
+    try:
+        return prediction_for(job, model, probabilities)
+    except Exception as exc:
+        log.exception("could not build the result of job %s", job.id)
+        return XrayqError("inference_failed", f"The result could not be built: {type(exc).__name__}")
 
 
 def prediction_for(job: ClaimedJob, model: LoadedModel, probabilities: list[float]) -> Prediction:

@@ -18,6 +18,8 @@ ERROR_STATUS: dict[str, int] = {
     "dicom_sop_class_not_supported": 415,
     "dicom_missing_study_uid": 422,
     "dicom_sop_class_mismatch": 422,
+    "dicom_invalid_lut": 422,
+    "dicom_dimension_mismatch": 422,
     "multipart_unreadable": 400,
     "image_too_large": 413,
     "image_too_small": 422,
@@ -69,6 +71,9 @@ ERROR_STATUS: dict[str, int] = {
     # Failures recorded on a job (not HTTP responses of their own).
     "inference_failed": 500,
     "input_missing": 500,
+    "input_unavailable": 500,
+    "preprocess_failed": 500,
+    "result_unwritable": 500,
     "too_many_attempts": 500,
     # Failures recorded on a training run.
     "trainer_lost": 500,

@@ -6,6 +6,8 @@ backend is off: the database is the source of truth for every job.
 
 from __future__ import annotations
 
+import json
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -15,6 +17,10 @@ PREDICT_QUEUE = "predict"
 TRAIN_QUEUE = "train"
 PREDICT_TASK = "xrayq.predict"
 TRAIN_RUN_TASK = "xrayq.train_run"
+
+# Each prediction message says when it was published (epoch seconds), so the reconciler can tell how
+# far the queue has drained: see `oldest_waiting_publish_time`.
+PUBLISHED_AT_HEADER = "xrayq_published_at"
 
 # A training run can take an hour. With late acks, Redis redelivers an unacked message after the
 # visibility timeout, so it must exceed the longest run or a run would be delivered twice.
@@ -97,3 +103,40 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         finally:
             client.close()
     return {}
+
+
+def oldest_waiting_publish_time(settings: Settings, now: float) -> float | None:
+    """When the oldest message still waiting on `predict` was published (epoch seconds): every message
+    published before it has left the queue (one FIFO list). `now` when the queue is empty; None when
+    that cannot be told (a message without the header, a broker whose list cannot be read), so that
+    nothing is presumed lost. Raises when the broker is unreachable.
+    """
+    if settings.uses_filesystem_broker:
+        spool = settings.broker_spool_dir / "queue"
+        # Consumers take files in name order (see spool_transport): the first name is the oldest.
+        names = sorted(path.name for path in spool.iterdir() if path.name.endswith(f".{PREDICT_QUEUE}.msg"))
+        for name in names:
+            try:
+                return _published_at((spool / name).read_bytes())
+            except FileNotFoundError:  # consumed while we looked: the next one is the oldest
+                continue
+        return now
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+        try:
+            # kombu pushes on the left and pops on the right: the right end is the oldest.
+            oldest = client.lindex(f"{settings.broker_key_prefix}{PREDICT_QUEUE}", -1)
+        finally:
+            client.close()
+        return now if oldest is None else _published_at(oldest)
+    return None
+
+
+def _published_at(raw: bytes | str) -> float | None:
+    try:
+        value = json.loads(raw)["headers"][PUBLISHED_AT_HEADER]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None

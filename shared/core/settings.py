@@ -89,8 +89,10 @@ class Settings(BaseSettings):
 
     # Reconciler (runs in each gateway): republishes jobs whose message was lost.
     reconcile_interval_s: float = 10.0  # 0: off
-    requeue_after_s: float = 30.0  # a queued job this old, with the predict queue empty, is lost
-    stale_running_after_s: float = 300.0  # a running job this old lost its worker
+    # A queued job published this long before the oldest message still waiting on `predict` (or before
+    # now, when it is empty) is lost: covers commit-to-publish, a prefetched message, and clock skew.
+    requeue_after_s: float = 30.0
+    stale_running_after_s: float = 300.0  # a claim this old lost its worker: another may take the job
 
     # Models.
     default_model: str = "chest-xray"

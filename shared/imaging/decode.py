@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from shared.core.errors import XrayqError
 from shared.imaging import dicom
+from shared.imaging.codestream import MAX_COMPONENTS, Codestream, codestream_size
 
 MediaType = Literal["image/png", "image/jpeg", "application/dicom", "application/zip"]
 
@@ -68,23 +69,41 @@ def check_image(data: bytes, limits: ImageLimits | None = None) -> MediaType:
     return media_type
 
 
-def check_dicom(data: bytes, header: pydicom.Dataset, limits: ImageLimits) -> None:
-    """`check_image` for a DICOM file whose header (`dicom.read_header`) the caller has read already."""
-    _check_size(*dicom.size_of(header), limits)
+def check_dicom(data: bytes, header: pydicom.Dataset, limits: ImageLimits) -> pydicom.Dataset:
+    """`check_image` for a DICOM file whose header (`dicom.read_header`) the caller has read already;
+    returns the whole data set, ready for `dicom.decode`.
+
+    Beyond the header: a compressed frame's own codestream must declare the header's size (the decoder
+    allocates what the codestream says), and the Modality and VOI LUTs or window must apply (tried on
+    two pixels), so the worker never meets a file that intake would have refused.
+    """
+    width, height = dicom.size_of(header)
+    _check_size(width, height, limits)
     dicom.check_single_frame(header)
-    dicom.check_complete(data, header)
+    full = dicom.read_complete(data, header)
+    frame = dicom.compressed_frame(full)
+    declared = codestream_size(frame) if frame is not None else None
+    if declared is not None:
+        _check_codestream(declared, limits)
+        if (declared.width, declared.height) != (width, height):
+            raise XrayqError(
+                "dicom_dimension_mismatch",
+                f"The compressed frame is {declared.width}x{declared.height}; the header says {width}x{height}.",
+            )
+    dicom.check_display_pipeline(header)
+    return full
 
 
 def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
-    """Fully decode a PNG (8/16-bit, grey, RGB, palette, alpha), JPEG or DICOM, checking its size first.
+    """Fully decode a PNG (8/16-bit, grey, RGB, palette, alpha), JPEG or DICOM, checking its size first
+    (the codestream's as well as the container's) and running every check intake runs.
 
     Raises XrayqError with a stable code for anything that is not a complete, readable image of
     sensible size.
     """
     limits = limits or ImageLimits()
     if _supported_type(data) == "application/dicom":
-        _check_size(*dicom.size_of(dicom.read_header(data)), limits)
-        return dicom.decode(data)
+        return dicom.decode(check_dicom(data, dicom.read_header(data), limits))
     image = _open_header(data, limits)
     try:
         image.load()  # full decode: a truncated or corrupt stream fails here
@@ -127,10 +146,24 @@ def _check_size(width: int, height: int, limits: ImageLimits) -> None:
 def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # past Pillow's own cap
+        raise XrayqError("image_too_large", f"The image is too large: {exc}") from None
     except _DECODE_ERRORS as exc:
         raise XrayqError("image_unreadable", f"The image could not be read: {exc}") from None
     _check_size(*image.size, limits)
+    declared = codestream_size(data)  # a JPEG's frame headers: exactly one, the one Pillow read
+    if declared is not None:
+        _check_codestream(declared, limits)
     return image
+
+
+def _check_codestream(declared: Codestream, limits: ImageLimits) -> None:
+    """What the decoder will allocate, checked before it runs."""
+    _check_size(declared.width, declared.height, limits)
+    if not 1 <= declared.components <= MAX_COMPONENTS:
+        raise XrayqError(
+            "image_unreadable", f"The codestream declares {declared.components} components; at most 4 are read."
+        )
 
 
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> np.ndarray:

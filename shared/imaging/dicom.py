@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.utils import get_expected_length
+from pydicom.pixels.utils import get_expected_length, pixel_dtype
 
 from shared.core.errors import XrayqError
 
@@ -57,9 +58,10 @@ def read_header(data: bytes) -> pydicom.Dataset:
     return ds
 
 
-def check_complete(data: bytes, header: pydicom.Dataset) -> None:
-    """Refuse a file cut off inside its pixel data (an interrupted transfer), without decoding it:
-    native pixels must be as long as the header says, encapsulated ones must reach their delimiter."""
+def read_complete(data: bytes, header: pydicom.Dataset) -> pydicom.Dataset:
+    """The whole data set, refused if cut off inside its pixel data (an interrupted transfer), without
+    decoding it: native pixels must be as long as the header says, encapsulated ones must reach their
+    delimiter."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns "end of file reached": that is what we test
         try:
@@ -71,6 +73,17 @@ def check_complete(data: bytes, header: pydicom.Dataset) -> None:
         raise XrayqError("dicom_truncated", "The DICOM file ends inside its pixel data.")
     if not header.file_meta.TransferSyntaxUID.is_compressed and len(pixels) < get_expected_length(full, "bytes"):
         raise XrayqError("dicom_truncated", "The DICOM file ends inside its pixel data.")
+    return full
+
+
+def compressed_frame(full: pydicom.Dataset) -> bytes | None:
+    """The first frame's codestream of an encapsulated (compressed) object; None for native pixels."""
+    if not full.file_meta.TransferSyntaxUID.is_encapsulated:
+        return None
+    try:
+        return get_frame(full.PixelData, 0, number_of_frames=1)
+    except Exception as exc:  # a broken item structure: no decoder could find the frame either
+        raise XrayqError("dicom_unreadable", f"The DICOM pixel data holds no readable frame: {exc}") from None
 
 
 def check_single_frame(header: pydicom.Dataset) -> None:
@@ -140,12 +153,10 @@ def size_of(ds: pydicom.Dataset) -> tuple[int, int]:
     return int(ds.Columns), int(ds.Rows)
 
 
-def decode(data: bytes) -> Image.Image:
-    """Full decode of the first frame into a float ('F') image in [0, 1], display-ready."""
-    ds = read_header(data)
-    check_single_frame(ds)
+def decode(full: pydicom.Dataset) -> Image.Image:
+    """Full decode of a checked data set (`decode.check_dicom`) into a float ('F') image in [0, 1],
+    display-ready."""
     try:
-        full = pydicom.dcmread(io.BytesIO(data))
         array: Any = full.pixel_array  # colour models (YBR...) come back as RGB
     except Exception as exc:  # decoders raise many types; none may escape as a 500
         raise XrayqError("image_unreadable", f"The DICOM pixel data could not be decoded: {exc}") from None
@@ -153,13 +164,39 @@ def decode(data: bytes) -> Image.Image:
     if array.ndim == 3:  # colour, already converted to RGB: ITU-R 601 luma
         grey = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return _unit_image(grey)
-    values = apply_modality_lut(array, full).astype(np.float64)
-    values = apply_voi_lut(values, full, index=0)
-    values = values.astype(np.float32)
-    image = _unit_range(values)
+    image = _unit_range(display_values(array, full))
     if photometric == "MONOCHROME1" or str(full.get("PresentationLUTShape", "")).strip() == "INVERSE":
         image = 1.0 - image
     return Image.fromarray(image, mode="F")
+
+
+def display_values(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Stored values -> Modality LUT (or rescale) -> VOI LUT (or window), as finite float32; a LUT or
+    window that cannot be applied (WindowWidth 0, a broken LUT descriptor, a NaN slope) raises
+    `dicom_invalid_lut`, whatever the pixels."""
+    try:
+        values = apply_modality_lut(stored, ds).astype(np.float64)
+        values = apply_voi_lut(values, ds, index=0).astype(np.float32)
+    except Exception as exc:  # pydicom raises ValueError, TypeError, IndexError... for bad parameters
+        raise XrayqError("dicom_invalid_lut", f"The DICOM display LUT or window cannot be applied: {exc}") from None
+    if not np.isfinite(values).all():
+        raise XrayqError("dicom_invalid_lut", "The DICOM display LUT or window gives values that are not finite.")
+    return values
+
+
+def check_display_pipeline(header: pydicom.Dataset) -> None:
+    """Run `display_values` on the extremes of the stored value range (two pixels, no decoding), so a
+    file whose LUT or window the worker could not apply is refused at intake, not in the worker."""
+    if int(header.get("SamplesPerPixel", 1) or 1) != 1:
+        return  # colour: no LUTs are applied
+    try:
+        bits = int(header.get("BitsStored") or header.BitsAllocated)
+        signed = int(header.get("PixelRepresentation", 0) or 0) == 1
+        probe = np.array([[-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1]])
+        probe = probe.astype(pixel_dtype(header))
+    except Exception as exc:
+        raise XrayqError("dicom_unreadable", f"The DICOM pixel description is inconsistent: {exc}") from None
+    display_values(probe, header)
 
 
 def _unit_range(values: np.ndarray) -> np.ndarray:

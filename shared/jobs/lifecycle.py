@@ -9,24 +9,27 @@ Creation (`shared.jobs.creation`) commits rows, then publishes their ids (`commi
 worker claims them (`claim_jobs`) and records what became of them (`record_outcomes`); the reconciler
 finds the jobs whose message was lost (`jobs_to_republish`) and publishes them again.
 
-Delivery is at-least-once, so every step is safe to repeat: a claim takes only unfinished jobs, an
-outcome is written only to a job not yet terminal (a result is written once), and attempts are counted
-so a job that keeps killing its worker ends `too_many_attempts`.
+Delivery is at-least-once, so every step is safe to repeat: a claim takes only queued jobs (or running
+ones whose worker died), an outcome is written only to a job not yet terminal (a result is written
+once), and attempts are counted when a worker takes a job, so a job that keeps killing its worker ends
+`too_many_attempts` while extra copies of its message cost nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, true, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
-from shared.core.queue import PREDICT_QUEUE, PREDICT_TASK
+from shared.core.queue import PREDICT_QUEUE, PREDICT_TASK, PUBLISHED_AT_HEADER
 from shared.core.settings import Settings
 from shared.db.models import Job, JobStatus, ModelVersion, as_utc, utcnow
 from shared.jobs.views import get_job
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # "Not yet finished", spelled as equalities rather than NOT IN: executemany refuses expanding lists.
 _NOT_TERMINAL = or_(*(Job.status == status for status in JobStatus if not status.terminal))
+# Key in an unfinished job's `timings`: when the reconciler last published it (epoch seconds).
+REPUBLISHED_AT = "republished_at"
 _CLAIMED_COLUMNS = (
     Job.id,
     Job.input_key,
@@ -65,6 +70,7 @@ def publish_jobs(celery: Celery, job_ids: Sequence[str], chunk_size: int) -> boo
                 PREDICT_TASK,
                 args=[list(job_ids[start : start + chunk_size])],
                 queue=PREDICT_QUEUE,
+                headers={PUBLISHED_AT_HEADER: time.time()},
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
             )
@@ -84,25 +90,46 @@ def commit_then_publish(session: Session, celery: Celery, job_ids: Sequence[str]
     return publish_jobs(celery, job_ids, chunk_size) if job_ids else True
 
 
-def jobs_to_republish(session: Session, settings: Settings, *, queue_empty: bool, limit: int) -> list[str]:
-    """Jobs whose message is presumed lost, oldest first.
+def jobs_to_republish(
+    session: Session, settings: Settings, *, drained_before: datetime | None, limit: int
+) -> list[str]:
+    """Jobs whose message is presumed lost, oldest first: one query, however busy the queue.
 
-    Running jobs started more than `stale_running_after_s` ago (a chunk takes seconds: their worker
-    died); and, only while the `predict` queue is empty (else they are still on their way), queued jobs
-    older than `requeue_after_s`.
+    `drained_before` is when the oldest message still waiting on `predict` was published (now if the
+    queue is empty; None if unknown): every message published earlier has left the queue. A queued
+    job last published before it (less `requeue_after_s`, for the moments between a row's commit and
+    its publish, a worker's one prefetched message, and clocks) has no message left on the queue, so
+    it was lost; a busy queue no longer hides that. A running job whose claim is older than
+    `stale_running_after_s` lost its worker. Either is published again only once its last republished
+    message has left the queue too, so a worker outage does not pile up copies.
     """
     now = utcnow()
     stale_running = and_(
         Job.status == JobStatus.running, Job.started_at < now - timedelta(seconds=settings.stale_running_after_s)
     )
-    lost_queued = and_(
-        Job.status == JobStatus.queued, Job.created_at < now - timedelta(seconds=settings.requeue_after_s)
-    )
-    condition = or_(lost_queued, stale_running) if queue_empty else stale_running
+    slack = timedelta(seconds=settings.requeue_after_s)
+    republished_at = func.coalesce(Job.timings[REPUBLISHED_AT].as_float(), 0.0)
+    if drained_before is None:  # nothing can be known about the queue: only dead workers' jobs
+        condition = and_(
+            stale_running, republished_at < (now - timedelta(seconds=settings.stale_running_after_s)).timestamp()
+        )
+    else:
+        left_queue = republished_at < (drained_before - slack).timestamp()
+        lost_queued = and_(Job.status == JobStatus.queued, Job.created_at < drained_before - slack)
+        condition = and_(or_(lost_queued, stale_running), left_queue)
     return list(
         session.scalars(
             select(Job.id).where(condition, Job.input_key.is_not(None)).order_by(Job.created_at).limit(limit)
         )
+    )
+
+
+def mark_republished(session: Session, job_ids: Sequence[str], published_at: datetime) -> None:
+    """Remember when the reconciler published these jobs again (in `timings`, which holds nothing
+    before a job finishes and is rewritten when it does), so it waits for that message to leave the
+    queue before sending another."""
+    session.execute(
+        update(Job).where(Job.id.in_(job_ids), _NOT_TERMINAL).values(timings={REPUBLISHED_AT: published_at.timestamp()})
     )
 
 
@@ -151,8 +178,14 @@ class Claim:
     versions: dict[tuple[str, int | None], ModelVersion | XrayqError]
 
 
-def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings) -> Claim:
-    """Mark the message's unfinished jobs running and count the attempt; fail those out of attempts.
+def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings, *, redelivered: bool = False) -> Claim:
+    """Mark the message's claimable jobs running and count the attempt; fail those out of attempts.
+
+    An attempt is counted only when a worker takes a job: a queued job; a running one whose claim is
+    older than `stale_running_after_s` (its worker died); or, for a message the broker `redelivered`
+    (its worker process died holding it), its running jobs. Copies of a message that the reconciler
+    sent during a worker outage therefore find the job claimed (or finished) and cost nothing: the
+    outage never pushes a healthy job past `max_attempts`.
 
     A message shorter than a chunk also takes single jobs that are still waiting (dynamic batching,
     `coalesce_singles`): under load one forward pass then serves many single-image clients, and their
@@ -166,15 +199,16 @@ def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings) -> 
     table = cast(Table, Job.__table__)
     claim = (
         update(table)
-        .values(
-            attempts=table.c.attempts + 1,
-            status=JobStatus.running,
-            started_at=func.coalesce(table.c.started_at, now),
-        )
+        .values(attempts=table.c.attempts + 1, status=JobStatus.running, started_at=now)  # this attempt's start
         .returning(*_CLAIMED_COLUMNS)
     )
+    abandoned = table.c.started_at < now - timedelta(seconds=settings.stale_running_after_s)
+    claimable = or_(
+        table.c.status == JobStatus.queued,
+        and_(table.c.status == JobStatus.running, true() if redelivered else abandoned),
+    )
     connection = session.connection()
-    rows = list(connection.execute(claim.where(table.c.id.in_(job_ids), _NOT_TERMINAL)))
+    rows = list(connection.execute(claim.where(table.c.id.in_(job_ids), claimable)))
     room = settings.predict_chunk_size - len(rows)
     if settings.coalesce_singles and room > 0:
         waiting = (
@@ -248,59 +282,95 @@ def record_outcomes(
     *,
     predictions: Sequence[Prediction] = (),
     failures: Sequence[tuple[ClaimedJob, XrayqError]] = (),
-) -> None:
+) -> set[str]:
     """All outcomes of a chunk in one statement (one executemany round trip), each written only to a
-    job not yet finished: a redelivered message never rewrites a result."""
+    job not yet finished: a redelivered message never rewrites a result.
+
+    If that statement fails (one row the database refuses), each outcome is written on its own, so
+    one job's bad row never keeps its chunk-mates' results out; a job whose own row is refused fails
+    with `result_unwritable` instead. Returns the ids of the jobs whose result could not be written.
+    """
     finished = utcnow()
-    rows: list[dict[str, Any]] = []
-    for prediction in predictions:
-        job = prediction.job
-        rows.append(
-            {
-                "job_id": job.id,
-                "new_status": JobStatus.succeeded,
-                "new_label": prediction.label,
-                "new_probabilities": prediction.probabilities,
-                "new_model_version_id": prediction.model_version_id,
-                "new_warnings": prediction.warnings or None,
-                "new_error_code": None,
-                "new_error_detail": None,
-                "new_timings": {**job.timings, "total_ms": ms_since(job.created_at, finished)},
-            }
-        )
-    for job, error in failures:
-        rows.append(
-            {
-                "job_id": job.id,
-                "new_status": JobStatus.failed,
-                "new_label": None,
-                "new_probabilities": None,
-                "new_model_version_id": None,
-                "new_warnings": None,
-                "new_error_code": error.code,
-                "new_error_detail": error.detail,
-                "new_timings": {**job.timings, "total_ms": ms_since(job.created_at, finished)},
-            }
-        )
+    rows = [_outcome_row(prediction.job, finished, prediction=prediction) for prediction in predictions]
+    rows += [_outcome_row(job, finished, error=error) for job, error in failures]
     if not rows:
-        return
-    table = cast(Table, Job.__table__)
-    statement = (
-        update(table)
-        .where(table.c.id == bindparam("job_id"), _NOT_TERMINAL)
-        .values(
-            status=bindparam("new_status"),
-            label=bindparam("new_label"),
-            probabilities=bindparam("new_probabilities"),
-            model_version_id=bindparam("new_model_version_id"),
-            error_code=bindparam("new_error_code"),
-            error_detail=bindparam("new_error_detail"),
-            timings=bindparam("new_timings"),
-            warnings=bindparam("new_warnings"),
-            finished_at=finished,
-        )
+        return set()
+    try:
+        with session.begin_nested():  # a savepoint: its failure leaves the transaction usable
+            session.connection().execute(_OUTCOME_UPDATE, rows)
+        return set()
+    except DBAPIError:
+        log.warning("the batched write of %d outcomes failed; writing them one by one", len(rows), exc_info=True)
+    unwritable: set[str] = set()
+    for row in rows:
+        try:
+            with session.begin_nested():
+                session.connection().execute(_OUTCOME_UPDATE, [row])
+        except DBAPIError:
+            log.exception("the outcome of job %s could not be written", row["job_id"])
+            unwritable.add(row["job_id"])
+    for row in rows:
+        if row["job_id"] not in unwritable:
+            continue
+        error = XrayqError("result_unwritable", "The job's result could not be stored.")
+        failure = {**row, **_failure_columns(error)}
+        try:
+            with session.begin_nested():
+                session.connection().execute(_OUTCOME_UPDATE, [failure])
+        except DBAPIError:  # the database refuses even that: the job stays running for the reconciler
+            log.exception("job %s could not even be failed", row["job_id"])
+    return unwritable
+
+
+def _outcome_row(
+    job: ClaimedJob, finished: datetime, *, prediction: Prediction | None = None, error: XrayqError | None = None
+) -> dict[str, Any]:
+    if prediction is not None:
+        columns: dict[str, Any] = {
+            "new_status": JobStatus.succeeded,
+            "new_label": prediction.label,
+            "new_probabilities": prediction.probabilities,
+            "new_model_version_id": prediction.model_version_id,
+            "new_warnings": prediction.warnings or None,
+            "new_error_code": None,
+            "new_error_detail": None,
+        }
+    else:
+        assert error is not None
+        columns = _failure_columns(error)
+    timings = {**job.timings, "total_ms": ms_since(job.created_at, finished)}
+    return {**columns, "job_id": job.id, "new_timings": timings, "new_finished_at": finished}
+
+
+def _failure_columns(error: XrayqError) -> dict[str, Any]:
+    return {
+        "new_status": JobStatus.failed,
+        "new_label": None,
+        "new_probabilities": None,
+        "new_model_version_id": None,
+        "new_warnings": None,
+        "new_error_code": error.code,
+        "new_error_detail": error.detail,
+    }
+
+
+_JOBS = cast(Table, Job.__table__)
+# One outcome per job id, written only to a job that is not yet finished.
+_OUTCOME_UPDATE = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"), _NOT_TERMINAL)
+    .values(
+        status=bindparam("new_status"),
+        label=bindparam("new_label"),
+        probabilities=bindparam("new_probabilities"),
+        model_version_id=bindparam("new_model_version_id"),
+        error_code=bindparam("new_error_code"),
+        error_detail=bindparam("new_error_detail"),
+        timings=bindparam("new_timings"),
+        warnings=bindparam("new_warnings"),
+        finished_at=bindparam("new_finished_at"),
     )
-    session.connection().execute(statement, rows)
+)
 
 
 def ms_since(start: datetime, end: datetime) -> float:

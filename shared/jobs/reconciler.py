@@ -3,27 +3,30 @@
 A message can vanish between the two systems: the broker was down when the gateway published, or a
 worker was killed after Redis handed it a message but before it was recorded as unacknowledged. The
 database still says `queued` (or `running`, for a worker that died mid-chunk), so it can be sent again:
-- queued jobs older than `requeue_after_s`, while the `predict` queue is empty (a non-empty queue
-  means they are still on their way, not lost);
-- running jobs that started more than `stale_running_after_s` ago (a chunk takes seconds).
-Republishing is safe: workers claim only unfinished jobs, write results only once, and count attempts,
-so a job that keeps dying ends `too_many_attempts`.
+- queued jobs published before the oldest message still waiting on `predict` (each message carries
+  its publish time; all of the queue when it is empty), less `requeue_after_s`: their message has
+  left the queue without being claimed, so it was lost, however busy the queue is;
+- running jobs claimed more than `stale_running_after_s` ago (a chunk takes seconds).
+Each pass is two reads (the queue's oldest message, one query) and, if anything was lost, one publish
+and one update. Republishing is safe: workers claim only queued jobs or abandoned ones, write results
+only once, and count an attempt only when they take a job, so copies sent while no worker runs cost
+nothing, and a job that keeps killing its worker still ends `too_many_attempts`.
 Training runs get the same care in `shared/training/reconciler.py`.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 
-from shared.core.queue import PREDICT_QUEUE, queue_depths
+from shared.core.queue import oldest_waiting_publish_time
 from shared.core.settings import Settings
 from shared.db.models import Job, utcnow
 from shared.db.session import Database
-from shared.jobs.lifecycle import jobs_to_republish, publish_jobs
+from shared.jobs.lifecycle import jobs_to_republish, mark_republished, publish_jobs
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -33,14 +36,18 @@ log = logging.getLogger(__name__)
 
 def reconcile_once(settings: Settings, database: Database, celery: Celery, limit: int = 2000) -> int:
     """One pass; returns how many jobs were republished."""
+    now = utcnow()
     try:
-        queue_empty = queue_depths(settings).get(PREDICT_QUEUE, 0) == 0
+        oldest = oldest_waiting_publish_time(settings, now.timestamp())
     except Exception:  # broker unreachable: publishing would fail too
         log.warning("reconciler: broker unreachable, trying later", exc_info=True)
         return 0
+    drained_before = None if oldest is None else datetime.fromtimestamp(oldest, UTC)
     with database.session() as session:
-        job_ids = jobs_to_republish(session, settings, queue_empty=queue_empty, limit=limit)
+        job_ids = jobs_to_republish(session, settings, drained_before=drained_before, limit=limit)
     if job_ids and publish_jobs(celery, job_ids, settings.predict_chunk_size):
+        with database.session() as session:
+            mark_republished(session, job_ids, now)
         log.warning("reconciler: republished %d jobs whose messages were lost", len(job_ids))
         return len(job_ids)
     return 0

@@ -67,7 +67,8 @@ def job_view(job: Job) -> JobView:
         created_at=as_utc(job.created_at),
         started_at=as_utc(job.started_at),
         finished_at=as_utc(job.finished_at),
-        timings=job.timings,
+        # Only a finished job's: before that the column holds the reconciler's bookkeeping.
+        timings=job.timings if job.status.terminal else None,
     )
 
 

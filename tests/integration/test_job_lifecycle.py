@@ -43,9 +43,9 @@ def make_jobs(settings, image: bytes, count: int, organisation: str | None = Non
     return [job.id for job in created.jobs]
 
 
-def claim(settings, job_ids: list[str]):
+def claim(settings, job_ids: list[str], redelivered: bool = False):
     with database_for(settings).session() as session:
-        return claim_jobs(session, job_ids, settings)
+        return claim_jobs(session, job_ids, settings, redelivered=redelivered)
 
 
 def row(settings, job_id: str) -> Job:
@@ -109,10 +109,10 @@ def test_a_failure_is_recorded_with_its_code_and_is_final(settings, image) -> No
 def test_past_the_attempts_limit_a_job_fails_with_too_many_attempts(settings, image) -> None:
     limited = settings.model_copy(update={"max_attempts": 2})
     (job_id,) = make_jobs(limited, image, 1)
-    for attempt in (1, 2):  # each time the worker dies before writing anything
-        assert [job.id for job in claim(limited, [job_id]).jobs] == [job_id]
+    for attempt in (1, 2):  # each time the worker dies before writing anything, and the broker redelivers
+        assert [job.id for job in claim(limited, [job_id], redelivered=True).jobs] == [job_id]
         assert row(limited, job_id).attempts == attempt
-    assert claim(limited, [job_id]).jobs == []  # the third delivery gives up instead of running it
+    assert claim(limited, [job_id], redelivered=True).jobs == []  # the third delivery gives up instead of running it
     job = row(limited, job_id)
     assert job.status == JobStatus.failed and job.error_code == "too_many_attempts"
     assert job.error_detail == "Gave up after 2 attempts." and job.finished_at is not None
@@ -144,10 +144,12 @@ def test_stale_running_and_lost_queued_jobs_are_found_and_claimed_again(settings
     with database_for(settings).session() as session:
         session.get(Job, stale).started_at = utcnow() - timedelta(seconds=settings.stale_running_after_s + 5)
         session.get(Job, lost).created_at = utcnow() - timedelta(seconds=settings.requeue_after_s + 5)
+    # Busy: the oldest waiting message was published before any of these jobs, so theirs may still be behind it.
+    busy_since = utcnow() - timedelta(seconds=settings.requeue_after_s + 60)
     with database_for(settings).session() as session:
-        while_busy = set(jobs_to_republish(session, settings, queue_empty=False, limit=100_000))
-        while_empty = set(jobs_to_republish(session, settings, queue_empty=True, limit=100_000))
-    # A non-empty queue may still carry the queued job's message: only the dead worker's job is lost.
+        while_busy = set(jobs_to_republish(session, settings, drained_before=busy_since, limit=100_000))
+        while_empty = set(jobs_to_republish(session, settings, drained_before=utcnow(), limit=100_000))
+    # The queue may still carry the queued job's message: only the dead worker's job is lost.
     assert stale in while_busy and not {busy, lost, fresh} & while_busy
     assert {stale, lost} <= while_empty and not {busy, fresh} & while_empty
     # Republished, the stale job is claimed again, its attempt counted.
