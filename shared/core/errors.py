@@ -43,6 +43,7 @@ ERROR_STATUS: dict[str, int] = {
     "report_not_available": 404,
     "invalid_callback": 422,
     "model_not_found": 404,
+    "model_not_owned": 403,  # registering into, promoting or rolling back another organisation's or a shared model
     "dataset_not_found": 404,
     "dataset_invalid": 422,
     "dataset_empty": 422,
