@@ -36,19 +36,22 @@ def evaluation_summary(report: dict[str, Any], split: str) -> dict[str, Any]:
     return summary
 
 
-def choose_held_out(database: Database, store: ObjectStore, run: RunInputs, data: RunData) -> tuple[HeldOutSet, bool]:
-    """The images to compare on, and whether they are the model's own set rather than this run's split.
+def choose_held_out(
+    database: Database, store: ObjectStore, run: RunInputs, data: RunData
+) -> tuple[HeldOutSet, bool, bool]:
+    """The images to compare on; whether they are the set the model recorded; whether the candidate
+    must be scored on them again (they are not the run's own evaluation images).
 
     A model without a recorded set (a new name, or one from before sets existed) is compared on the
-    run's split, which then becomes its set; so is a run whose split is the model's set.
+    run's evaluation images, which then become its set.
     """
     evaluation = data.evaluation
     own = runs_own_set(store, run.manifest, evaluation.name, data.classes, evaluation.examples)
     with database.session() as session:
         models = load_model_set(session, store, run.name)
-    if models is None or models.same_images(own):
-        return own, False
-    return models, True
+    if models is None:
+        return own, False, False
+    return models, True, not models.same_images(own)
 
 
 def trained_model(run: RunInputs, classes: list[str], result: TrainResult, device: torch.device) -> torch.nn.Module:

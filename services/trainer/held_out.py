@@ -43,14 +43,9 @@ class HeldOutSet:
             (f["sha256"], f["label"]) for f in other.files
         )
 
-    def describe(self, *, owners: bool) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """What a promotion decision says it was judged on."""
-        return {
-            "set": "the model's held-out set" if owners else "the run's own evaluation split",
-            "dataset_id": self.record.get("dataset_id"),
-            "split": self.split,
-            "n": len(self.files),
-        }
+        return {"dataset_id": self.record.get("dataset_id"), "split": self.split, "n": len(self.files)}
 
 
 def examples_of(store: ObjectStore, files: list[dict[str, str]], classes: list[str]) -> list[Example]:

@@ -113,11 +113,11 @@ def _run_steps(
     result = fit(data.train, data.val, run.config, reporter.on_training_event, initial_state=run.base_weights)
     reporter.phase("evaluating", percent=100.0)
     evaluation = evaluate(run, data, result, reporter.history)
-    held_out, owners = choose_held_out(database, store, run, data)
+    held_out, recorded, rescore = choose_held_out(database, store, run, data)
     champion = compare_with_active(settings, database, store, run, held_out, reporter)
-    candidate = score_candidate(run, data, result, held_out, reporter) if owners else evaluation.report
+    candidate = score_candidate(run, data, result, held_out, reporter) if rescore else evaluation.report
     decision = decide_promotion(run.policy, candidate, champion)
-    decision["evaluated_on"] = held_out.describe(owners=owners)
+    decision["evaluated_on"] = {**held_out.describe(), "model_held_out_set": recorded}
     reporter.phase("registering", percent=100.0)
     with database.session() as session:
         row = register(session, store, run, data, result, evaluation, champion, decision, reporter.history)
