@@ -202,6 +202,20 @@ class ModelActivationView(BaseModel):
     created_at: datetime
 
 
+class EvaluationSetRequest(BaseModel):
+    dataset: str = Field(min_length=1, max_length=200, description="Dataset id, name (latest version) or name@version.")
+    split: Literal["test", "val"] | None = Field(None, description="Default: `test`, or `val` when it has none.")
+
+
+class EvaluationSetView(BaseModel):
+    """The held-out images `if_better` runs of a model are judged on."""
+
+    dataset_id: str
+    split: str
+    classes: list[str]
+    n: int
+
+
 class PromoteRequest(BaseModel):
     version: int | None = Field(None, ge=1, description="The version of this model to make active.")
     model_version_id: str | None = Field(None, description="Or the version's id; it must belong to this model.")

@@ -1,4 +1,5 @@
-"""A model's held-out set: the owner's images every `if_better` run of the model is judged on.
+"""A model's held-out set, for the trainer: the owner's images every `if_better` run of the model is
+judged on, as examples to score (stored by `shared.training.held_out`).
 
 Whoever submits a run (the owner's data scientists, an admin) brings their own dataset, and with it
 their own test split; judged on that, the submitter would choose the yardstick. So a model keeps one
@@ -7,14 +8,12 @@ test split, or the fixed validation split carved from the owner's training image
 compares candidate and active version on that set. When a run's own evaluation images are that set
 (the owner retraining on the same data), nothing changes: its report is the comparison.
 
-The set is a JSON list of files by content (path, label, sha256) in object storage, next to the model's
-versions; the images themselves are the dataset's blobs, stored once by content.
+The images themselves are the dataset's blobs, stored once by content. The owner or an admin may set
+another split of one of their datasets as the set (`PUT /v1/models/{name}/evaluation-set`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -22,10 +21,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from services.trainer.data import Example
-from shared.core.errors import XrayqError
 from shared.core.storage import ObjectStore
 from shared.models.ownership import find_model
 from shared.training.datasets import blob_key
+from shared.training.held_out import read_held_out, store_held_out
 
 
 @dataclass
@@ -73,10 +72,7 @@ def load_model_set(session: Session, store: ObjectStore, name: str) -> HeldOutSe
     if model is None or not model.evaluation_set:
         return None
     record = dict(model.evaluation_set)
-    content = store.get(record["key"])
-    if hashlib.sha256(content).hexdigest() != record["sha256"]:
-        raise XrayqError("model_corrupt", f"The held-out set of {name!r} does not match its sha256.")
-    stored = json.loads(content)
+    stored = read_held_out(store, record)
     classes: list[str] = stored["classes"]
     files: list[dict[str, str]] = stored["files"]
     return HeldOutSet(record["split"], classes, examples_of(store, files, classes), files, record)
@@ -87,13 +83,11 @@ def record_model_set(session: Session, store: ObjectStore, name: str, held_out: 
     model = find_model(session, name, lock=True)
     if model is None or model.evaluation_set:
         return
-    content = json.dumps(
-        {"dataset_id": held_out.record["dataset_id"], "split": held_out.split, "classes": held_out.classes,
-         "files": held_out.files},
-        sort_keys=True,
-    ).encode()  # fmt: skip
-    digest = hashlib.sha256(content).hexdigest()
-    key = f"models/{name}/held-out/{digest}.json"
-    store.put(key, content, "application/json")
-    model.evaluation_set = {**held_out.record, "key": key, "sha256": digest}
-    held_out.record = dict(model.evaluation_set)
+    held_out.record = store_held_out(
+        store,
+        model,
+        dataset_id=held_out.record["dataset_id"],
+        split=held_out.split,
+        classes=held_out.classes,
+        files=held_out.files,
+    )

@@ -286,3 +286,29 @@ def test_a_shared_model_shows_other_organisations_no_provenance(
         assert (admins[0]["actor_key_id"], admins[0]["actor_organisation"]) == (keys["a-admin"]["id"], "hospital-a")
     finally:  # the starter model answers again for the tests that follow
         assert client.post(f"/v1/models/{name}/rollback", headers=a_admin).status_code == 200
+
+
+def test_only_the_owner_sets_the_held_out_set_and_only_from_its_own_data(
+    client, keys, a_model, b_dataset, relabelled_run
+) -> None:
+    a, b = keys["a"]["headers"], keys["b"]["headers"]
+
+    def set_held_out(name: str, headers: dict[str, str], **body):
+        return client.put(f"/v1/models/{name}/evaluation-set", json=body, headers=headers)
+
+    problem(set_held_out("a-model", b, dataset=b_dataset["id"]), 403, "model_not_owned")
+    problem(set_held_out("chest-xray", b, dataset=b_dataset["id"]), 403, "model_not_owned")
+    # The owner cannot judge its model on another organisation's images either: they do not exist for it.
+    problem(set_held_out("a-model", a, dataset=b_dataset["id"]), 404, "dataset_not_found")
+    problem(set_held_out("a-model", a, dataset=a_model["dataset"]["id"], split="val"), 422, "invalid_parameter")
+
+    response = set_held_out("a-model", a, dataset=relabelled_run["dataset_id"])
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "dataset_id": relabelled_run["dataset_id"],
+        "split": "test",
+        "classes": ["NORMAL", "PNEUMONIA"],
+        "n": 8,
+    }
+    listed = next(m for m in client.get("/v1/models", headers=a).json() if m["name"] == "a-model")
+    assert listed["evaluation_set"]["dataset_id"] == relabelled_run["dataset_id"]

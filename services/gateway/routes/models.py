@@ -14,10 +14,19 @@ from services.gateway.problems import PROBLEMS
 from shared.auth import Principal
 from shared.core.errors import XrayqError
 from shared.core.storage import ObjectNotFound
-from shared.models.ownership import Actor, check_may_use, may_manage
+from shared.models.ownership import Actor, check_may_manage, check_may_use, may_manage
 from shared.models.registry import activation_history, find_version, promote, promote_by_id, rollback
 from shared.models.views import activation_view, model_views, version_view
-from shared.schemas import ModelActivationView, ModelVersionView, ModelView, PromoteRequest
+from shared.schemas import (
+    EvaluationSetRequest,
+    EvaluationSetView,
+    ModelActivationView,
+    ModelVersionView,
+    ModelView,
+    PromoteRequest,
+)
+from shared.training.datasets import find_dataset
+from shared.training.held_out import set_from_dataset
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -89,6 +98,18 @@ def promote_named(name: str, request: PromoteRequest, session: SessionDep, princ
 def rollback_model(name: str, session: SessionDep, principal: TrainerDep) -> ModelVersionView:
     """Undo the last promotion of `name`: the version active before it answers again (owner or admin)."""
     return version_view(rollback(session, name, actor_of(principal)))
+
+
+@router.put("/{name}/evaluation-set", response_model=EvaluationSetView, responses=PROBLEMS)
+def set_evaluation_set(
+    name: str, request: EvaluationSetRequest, session: SessionDep, store: StoreDep, principal: TrainerDep
+) -> EvaluationSetView:
+    """Judge `if_better` runs of `name` on a split of one of your datasets from now on (owner or admin)."""
+    model = check_may_manage(session, name, principal.scope, lock=True)
+    if model is None:
+        raise XrayqError("model_not_found", f"No model named {name!r}.")
+    dataset = find_dataset(session, request.dataset, principal.scope)
+    return EvaluationSetView(**set_from_dataset(session, store, model, dataset, request.split))
 
 
 @router.get("/{name}/activations", response_model=list[ModelActivationView], responses=PROBLEMS)
