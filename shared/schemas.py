@@ -142,6 +142,14 @@ class ModelView(BaseModel):
     name: str
     active_version: int | None
     classes: list[str]
+    owner: str | None = Field(
+        None,
+        description="The organisation that owns it (registers into, promotes and rolls it back); null: shared, "
+        "used by every organisation and changed by admins only.",
+    )
+    evaluation_set: dict[str, Any] | None = Field(
+        None, description="The owner's held-out images `if_better` is judged on (owner and admins only)."
+    )
     versions: list[ModelVersionView]
 
 
@@ -196,8 +204,24 @@ class ModelActivationView(BaseModel):
     version: int
     previous_version: int | None
     reason: str
-    actor: str | None
+    actor: str | None = Field(description="`training-run:<id>`, or the organisation of the key that promoted.")
+    actor_key_id: str | None = Field(None, description="The API key whose request made the change.")
+    actor_organisation: str | None = None
     created_at: datetime
+
+
+class EvaluationSetRequest(BaseModel):
+    dataset: str = Field(min_length=1, max_length=200, description="Dataset id, name (latest version) or name@version.")
+    split: Literal["test", "val"] | None = Field(None, description="Default: `test`, or `val` when it has none.")
+
+
+class EvaluationSetView(BaseModel):
+    """The held-out images `if_better` runs of a model are judged on."""
+
+    dataset_id: str
+    split: str
+    classes: list[str]
+    n: int
 
 
 class PromoteRequest(BaseModel):

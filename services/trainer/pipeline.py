@@ -80,7 +80,9 @@ def train_and_register(
             max_per_class=config.max_per_class,
             organisation=organisation,
         )
-        run = create_run(session, settings, request.model_copy(update={"dataset": dataset.id}), organisation)
+        # A local command acts as the local admin: its new names are shared models.
+        request = request.model_copy(update={"dataset": dataset.id})
+        run = create_run(session, settings, request, organisation, model_scope=None)
         run_id = run.id
     outcome = execute_run(settings, run_id, listener=progress)
     if outcome is None:

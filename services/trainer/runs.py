@@ -7,7 +7,9 @@ cancellation, and record how it ended.
 
 The steps: `load_run` (what the row asks for), `load_data` (the dataset's images as model pixels),
 `fit`, `evaluate` (on the test split, or the validation split when there is none), `compare_with_active`
-(the active version on the same images), `register`, `promote` (the run's policy).
+(the active version on the model's held-out set, `services.trainer.comparison`), `register`, `promote`
+(the run's policy). Only the model's owner or an admin may register into it: checked when the run is
+queued, when it starts and when it registers (`shared.models.ownership`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.trainer.comparison import (
+    choose_held_out,
+    compare_with_active,
+    decide_promotion,
+    evaluation_summary,
+    score_candidate,
+    trained_model,
+)
 from services.trainer.data import (
     Example,
     LabelledImages,
@@ -36,6 +45,7 @@ from services.trainer.data import (
     train_val_split,
 )
 from services.trainer.evaluation import classification_report, roc_points
+from services.trainer.held_out import record_model_set
 from services.trainer.plots import render_plots
 from services.trainer.reporter import RunCancelled, RunReporter
 from services.trainer.training import ProgressCallback, TrainConfig, TrainResult, fit, predict_probabilities
@@ -44,8 +54,9 @@ from shared.core.settings import Settings
 from shared.core.storage import ObjectStore, make_object_store
 from shared.db.models import Dataset, ModelVersion, RunStatus, TrainingRun
 from shared.db.session import Database, database_for
-from shared.models.artifacts import load_model, register_version
-from shared.models.nets import build_model, pick_device
+from shared.models.artifacts import register_version
+from shared.models.nets import pick_device
+from shared.models.ownership import Actor, check_may_manage
 from shared.models.registry import activate_version
 from shared.training.datasets import blob_key, load_manifest
 from shared.training.runs import claim_run, finish_run
@@ -102,11 +113,15 @@ def _run_steps(
     result = fit(data.train, data.val, run.config, reporter.on_training_event, initial_state=run.base_weights)
     reporter.phase("evaluating", percent=100.0)
     evaluation = evaluate(run, data, result, reporter.history)
-    champion = compare_with_active(settings, database, store, run, data.evaluation, reporter)
-    decision = decide_promotion(run.policy, evaluation.report, champion)
+    held_out, recorded, rescore = choose_held_out(database, store, run, data)
+    champion = compare_with_active(settings, database, store, run, held_out, reporter)
+    candidate = score_candidate(run, data, result, held_out, reporter) if rescore else evaluation.report
+    decision = decide_promotion(run.policy, candidate, champion)
+    decision["evaluated_on"] = {**held_out.describe(), "model_held_out_set": recorded}
     reporter.phase("registering", percent=100.0)
     with database.session() as session:
-        row = register(session, store, run, data, result, evaluation, champion, reporter.history)
+        row = register(session, store, run, data, result, evaluation, champion, decision, reporter.history)
+        record_model_set(session, store, run.name, held_out)
         promote(session, row, run, decision)
         finish_run(
             session,
@@ -150,18 +165,26 @@ class RunInputs:
     manifest: dict[str, Any]
     base: dict[str, Any] | None  # name, version of the version fine-tuned from
     base_weights: dict[str, torch.Tensor] | None
+    # Who asked: whose models it may register into (None: an admin's run), the key and its organisation.
+    model_scope: str | None = None
+    api_key_id: str | None = None
+    organisation: str | None = None
 
 
 def load_run(settings: Settings, database: Database, store: ObjectStore, run_id: str) -> RunInputs:
     with database.session() as session:
         run = session.get(TrainingRun, run_id)
         assert run is not None
+        # Checked when the run was queued; checked again before an hour of training goes into it
+        # (the name may have been registered by another organisation since), and at registration.
+        check_may_manage(session, run.model_name, run.model_scope)
         dataset = session.get(Dataset, run.dataset_id)
         assert dataset is not None
         base = session.get(ModelVersion, run.base_model_version_id) if run.base_model_version_id else None
         base_weights = _base_weights(store, base) if base is not None else None
         manifest = load_manifest(store, dataset)
         name, policy, run_config = run.model_name, run.promotion, dict(run.config)
+        requester = {"model_scope": run.model_scope, "api_key_id": run.api_key_id, "organisation": run.organisation}
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(
         **{k: v for k, v in run_config.items() if k in known},
@@ -178,6 +201,7 @@ def load_run(settings: Settings, database: Database, store: ObjectStore, run_id:
         manifest=manifest,
         base={"name": base.name, "version": base.version} if base is not None else None,
         base_weights=base_weights,
+        **requester,
     )
 
 
@@ -265,9 +289,7 @@ def evaluate(run: RunInputs, data: RunData, result: TrainResult, history: list[d
     """The trained model's report and plots on the evaluation images."""
     spec = run.config.spec()
     device = pick_device(run.config.device)
-    model = build_model(run.config.architecture, len(data.classes))
-    model.load_state_dict(result.state_dict)
-    model.to(device)
+    model = trained_model(run, data.classes, result, device)
     images = data.evaluation.images
     probabilities = predict_probabilities(model, images, spec, device)
     labels = images.labels.numpy()
@@ -281,40 +303,6 @@ def evaluate(run: RunInputs, data: RunData, result: TrainResult, history: list[d
     return Evaluation(report, evaluation_summary(report, data.evaluation.name), plots)
 
 
-def evaluation_summary(report: dict[str, Any], split: str) -> dict[str, Any]:
-    keys = ("n", "accuracy", "roc_auc", "sensitivity", "specificity", "positive_class", "threshold")
-    summary = {key: report.get(key) for key in keys if key in report}
-    summary["ece"] = report["calibration"]["ece"]
-    summary["split"] = split
-    return summary
-
-
-def compare_with_active(
-    settings: Settings,
-    database: Database,
-    store: ObjectStore,
-    run: RunInputs,
-    evaluation: EvaluationSet,
-    reporter: RunReporter,
-) -> dict[str, Any] | None:
-    """The active version's figures on this run's evaluation images, through its own preprocessing."""
-    classes = evaluation.images.classes
-    with database.session() as session:
-        active = session.scalars(
-            select(ModelVersion).where(ModelVersion.name == run.name, ModelVersion.is_active.is_(True))
-        ).first()
-        if active is None:
-            return None
-        if list(active.classes) != classes:
-            return {"version": active.version, "error": f"its classes {active.classes} differ from {classes}"}
-        device = pick_device(settings.device)
-        loaded = load_model(active, store, device)
-    images = load_examples(evaluation.examples, classes, loaded.spec, progress=reporter.beat)
-    probabilities = predict_probabilities(loaded.module, images, loaded.spec, device)
-    report = classification_report(images.labels.numpy(), probabilities, classes)
-    return {"version": active.version, **evaluation_summary(report, evaluation.name)}
-
-
 # --- register and promote ------------------------------------------------------------------------
 
 
@@ -326,6 +314,7 @@ def register(
     result: TrainResult,
     evaluation: Evaluation,
     champion: dict[str, Any] | None,
+    decision: dict[str, Any],
     history: list[dict[str, Any]],
 ) -> ModelVersion:
     """The new version (inactive) with its card, evaluation report and plots."""
@@ -334,6 +323,7 @@ def register(
         session,
         store,
         name=run.name,
+        scope=run.model_scope,
         architecture=config.architecture,
         classes=data.classes,
         preprocessing=config.spec(),
@@ -362,44 +352,25 @@ def register(
         provenance={
             "dataset_id": run.dataset["id"],
             "training_run_id": run.run_id,
-            "evaluation": {"split": evaluation.summary["split"], "summary": evaluation.summary, "champion": champion},
+            "evaluation": {
+                "split": evaluation.summary["split"],
+                "summary": evaluation.summary,
+                "champion": champion,
+                "compared_on": decision["evaluated_on"],
+            },
         },
         files={plot: (content, "image/png") for plot, content in evaluation.plots.items()},
     )
 
 
-def decide_promotion(policy: str, candidate: dict[str, Any], champion: dict[str, Any] | None) -> dict[str, Any]:
-    """manual: never; always: yes; if_none_active: when no version is active; if_better: when it beats
-    the active version on the same images.
-
-    Compared on ROC-AUC where both have one (threshold-free), else accuracy; a tie keeps the active one.
-    """
-    if policy == "always":
-        return {"policy": policy, "promote": True, "reason": "policy is always"}
-    if policy == "manual":
-        return {"policy": policy, "promote": False, "reason": "manual: promote it through the API"}
-    if champion is None:
-        return {"policy": policy, "promote": True, "reason": "no active version to compare with"}
-    if policy == "if_none_active":
-        return {"policy": policy, "promote": False, "reason": f"v{champion['version']} is active"}
-    if "error" in champion:
-        return {"policy": policy, "promote": False, "reason": f"not comparable: {champion['error']}"}
-    metric = "roc_auc" if candidate.get("roc_auc") is not None and champion.get("roc_auc") is not None else "accuracy"
-    better = candidate[metric] > champion[metric]
-    return {
-        "policy": policy,
-        "promote": bool(better),
-        "metric": metric,
-        "candidate": candidate[metric],
-        "active": champion[metric],
-        "active_version": champion["version"],
-        "reason": f"{metric} {candidate[metric]:.4f} {'>' if better else '<='} active "
-        f"v{champion['version']}'s {champion[metric]:.4f} on the same {candidate['n']} images",
-    }
-
-
 def promote(session: Session, row: ModelVersion, run: RunInputs, decision: dict[str, Any]) -> None:
     """Apply the policy's decision; the decision records the version it was about."""
     if decision["promote"]:
-        activate_version(session, row, reason=f"policy:{run.policy}", actor=f"training-run:{run.run_id}")
+        actor = Actor(
+            scope=run.model_scope,
+            organisation=run.organisation,
+            key_id=run.api_key_id,
+            label=f"training-run:{run.run_id}",
+        )
+        activate_version(session, row, reason=f"policy:{run.policy}", actor=actor)
     decision["version"] = row.version

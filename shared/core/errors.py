@@ -47,6 +47,7 @@ ERROR_STATUS: dict[str, int] = {
     "callback_destination_refused": 422,  # SSRF policy: the same answer whatever the reason
     "callback_secret_not_configured": 404,
     "model_not_found": 404,
+    "model_not_owned": 403,  # registering into, promoting or rolling back another organisation's or a shared model
     "dataset_not_found": 404,
     "dataset_invalid": 422,
     "dataset_empty": 422,

@@ -252,6 +252,10 @@ class TrainingRun(Base):
     error_detail: Mapped[str | None] = mapped_column(Text)
     trainer: Mapped[str | None] = mapped_column(String(256))  # host:pid that runs it
     organisation: Mapped[str | None] = mapped_column(String(128), index=True)
+    # Whose models the run may register into: the submitting key's organisation; None for an admin's or a
+    # local command's run (any model; a new name becomes shared). Checked again by the trainer.
+    model_scope: Mapped[str | None] = mapped_column(String(128))
+    api_key_id: Mapped[str | None] = mapped_column(String(36))  # the key that submitted it (None: bootstrap/open)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Written by the trainer every few seconds; a running run without one for long has lost its trainer.
@@ -270,5 +274,26 @@ class ModelActivation(Base):
     version: Mapped[int] = mapped_column(Integer)
     previous_version: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(64))  # first_version, promote, rollback, policy:if_better, ...
-    actor: Mapped[str | None] = mapped_column(String(128))
+    actor: Mapped[str | None] = mapped_column(String(128))  # "training-run:<id>", or the key's organisation
+    # The API key whose request made the change (a run's: the key that submitted the run), and its organisation.
+    actor_key_id: Mapped[str | None] = mapped_column(String(36))
+    actor_organisation: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RegisteredModel(Base):
+    """A model name: who owns it, and the held-out set its versions are compared on.
+
+    The first version registered under a name makes the registering organisation its owner; an admin's
+    (or the open mode's) first version makes it shared (`owner` None). Only the owner or an admin may
+    register into, promote or roll back a model; jobs may use shared models and their own organisation's.
+    """
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(128), index=True)
+    # The owner's held-out images `if_better` is judged on, whoever submits the run:
+    # {"key", "sha256", "dataset_id", "split", "n", "classes"}; None until a version records one.
+    evaluation_set: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -23,6 +23,7 @@ from shared.core.storage import ObjectStore
 from shared.db.models import Job, JobStatus, new_id, utcnow
 from shared.intake.upload import Upload
 from shared.jobs.lifecycle import commit_then_publish
+from shared.models.ownership import check_may_use
 from shared.models.registry import parse_model_ref, resolve_version
 
 if TYPE_CHECKING:
@@ -67,21 +68,24 @@ def create_jobs(
 ) -> list[Created]:
     """Make, store, commit and publish the jobs of every request; one outcome per request, in order.
 
-    A request whose model cannot answer (unknown name or version, no active version) gets that error
-    and no jobs; the others go on. Uploads that were refused (`error` set) become failed jobs at once:
-    they keep their place and name, and never reach a worker. All inputs are stored in parallel, all
-    rows committed in one transaction, and their ids published together, in chunks of `chunk_size`.
+    A request whose model cannot answer (unknown name or version, no active version, another
+    organisation's model) gets that error and no jobs; the others go on. Uploads that were refused
+    (`error` set) become failed jobs at once: they keep their place and name, and never reach a worker.
+    All inputs are stored in parallel, all rows committed in one transaction, and their ids published
+    together, in chunks of `chunk_size`.
     """
-    models: dict[str, tuple[str, int | None, int] | XrayqError] = {}
+    # Per reference and organisation: one group holds several organisations' requests.
+    models: dict[tuple[str, str | None], tuple[str, int | None, int] | XrayqError] = {}
     outcomes: list[Created] = []
     to_store: list[tuple[str, bytes, str]] = []
     for request in requests:
-        if request.model_ref not in models:
+        asked = (request.model_ref, request.organisation)
+        if asked not in models:
             try:
-                models[request.model_ref] = _answering_model(session, request.model_ref)
+                models[asked] = _answering_model(session, request.model_ref, request.organisation)
             except XrayqError as error:
-                models[request.model_ref] = error
-        model = models[request.model_ref]
+                models[asked] = error
+        model = models[asked]
         if isinstance(model, XrayqError):
             outcomes.append(Created(request, error=model))
             continue
@@ -101,10 +105,15 @@ def create_jobs(
     return outcomes
 
 
-def _answering_model(session: Session, model_ref: str) -> tuple[str, int | None, int]:
+def _answering_model(session: Session, model_ref: str, organisation: str | None) -> tuple[str, int | None, int]:
     """Refuse submissions no model could answer. The name, the version asked for (None: whichever is
-    active when a worker takes the job), and the version that would answer now."""
+    active when a worker takes the job), and the version that would answer now.
+
+    Jobs run under their organisation: shared models and its own; another organisation's model
+    answers as missing (no submission path can tell it exists). No organisation (the open mode): any.
+    """
     name, version = parse_model_ref(model_ref)
+    check_may_use(session, name, organisation)
     return name, version, resolve_version(session, name, version).version
 
 

@@ -22,6 +22,7 @@ from shared.core.storage import ObjectStore
 from shared.db.models import ModelVersion, utcnow
 from shared.imaging.preprocess import PreprocessSpec
 from shared.models.nets import build_model
+from shared.models.ownership import claim_model
 from shared.models.registry import activate_version, any_active_version
 
 
@@ -30,6 +31,7 @@ def register_version(
     store: ObjectStore,
     *,
     name: str,
+    scope: str | None,
     architecture: str,
     classes: list[str],
     preprocessing: PreprocessSpec,
@@ -44,12 +46,15 @@ def register_version(
 ) -> ModelVersion:
     """Store weights, card and `files` (plots: name -> bytes, type), then add the version row.
 
+    `scope`: whose request it is (`Principal.scope`): the owner of `name`, or an admin (None); the
+    first version of a name makes `scope` its owner (None: shared). Anyone else: `model_not_owned`.
     `activate`: "always", "if_none_active" or "never". `provenance` says where the version came
     from ({"dataset_id", "training_run_id", "evaluation", ...}) and goes into the card.
 
     Objects are written before the row is committed, so a row never points at missing bytes; a crash
     in between leaves only an unreferenced object behind.
     """
+    claim_model(session, name, scope)
     weights = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     weights_sha256 = hashlib.sha256(weights).hexdigest()
     # Version numbers are per name; the unique constraint turns a racing registration into an error.

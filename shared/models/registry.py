@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
 from shared.db.models import ModelActivation, ModelVersion, utcnow
+from shared.models.ownership import ADMIN, Actor, check_may_manage, is_usable
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
@@ -51,7 +52,7 @@ def any_active_version(session: Session, name: str) -> bool:
     )
 
 
-def activate_version(session: Session, row: ModelVersion, reason: str = "promote", actor: str | None = None) -> None:
+def activate_version(session: Session, row: ModelVersion, reason: str = "promote", actor: Actor = ADMIN) -> None:
     """Make `row` the active version of its name, and record the change (what rollback goes back to).
 
     The row lock on the current active version (Postgres) serialises concurrent promotions of one name.
@@ -73,7 +74,9 @@ def activate_version(session: Session, row: ModelVersion, reason: str = "promote
             version=row.version,
             previous_version=current.version if current is not None else None,
             reason=reason,
-            actor=actor,
+            actor=actor.label or actor.organisation,
+            actor_key_id=actor.key_id,
+            actor_organisation=actor.organisation,
         )
     )
     session.flush()
@@ -90,17 +93,19 @@ def find_version(session: Session, name: str, version: int) -> ModelVersion:
     return row
 
 
-def promote(session: Session, name: str, version: int, actor: str | None = None) -> ModelVersion:
-    """Make name@version active; promoting an older version is a rollback to it."""
+def promote(session: Session, name: str, version: int, actor: Actor) -> ModelVersion:
+    """Make name@version active; promoting an older version is a rollback to it. Owner or admin only."""
+    check_may_manage(session, name, actor.scope)
     row = find_version(session, name, version)
     activate_version(session, row, reason="promote", actor=actor)
     return row
 
 
-def promote_by_id(session: Session, name: str, version_id: str, actor: str | None = None) -> ModelVersion:
+def promote_by_id(session: Session, name: str, version_id: str, actor: Actor) -> ModelVersion:
     """Promote a version given by id, refusing one that belongs to another model name."""
+    check_may_manage(session, name, actor.scope)
     row = session.get(ModelVersion, version_id)
-    if row is None:
+    if row is None or (row.name != name and not is_usable(session, row.name, actor.scope)):
         raise XrayqError("model_not_found", f"No model version with id {version_id!r}.")
     if row.name != name:
         raise XrayqError(
@@ -110,12 +115,13 @@ def promote_by_id(session: Session, name: str, version_id: str, actor: str | Non
     return row
 
 
-def rollback(session: Session, name: str, actor: str | None = None) -> ModelVersion:
+def rollback(session: Session, name: str, actor: Actor) -> ModelVersion:
     """Undo the last promotion: re-activate the version that was active before it.
 
     Activations form a stack (a promotion pushes, a rollback pops), so two rollbacks after promoting
-    v1, v2, v3 return to v1, not back and forth between v2 and v3.
+    v1, v2, v3 return to v1, not back and forth between v2 and v3. Owner or admin only.
     """
+    check_may_manage(session, name, actor.scope)
     history = session.scalars(
         select(ModelActivation).where(ModelActivation.name == name).order_by(ModelActivation.id)
     ).all()

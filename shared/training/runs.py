@@ -20,6 +20,7 @@ from shared.core.queue import TRAIN_QUEUE, TRAIN_RUN_TASK
 from shared.core.settings import Settings
 from shared.db.models import ModelVersion, RunStatus, TrainingRun, as_utc, utcnow
 from shared.models.architectures import check_architecture
+from shared.models.ownership import check_may_manage, check_may_use
 from shared.models.registry import parse_model_ref, resolve_version
 from shared.schemas import JobError, ModelRef, RunProgress, TrainingRunCreate, TrainingRunView
 from shared.training.datasets import find_dataset
@@ -52,10 +53,22 @@ CONFIG_FIELDS = (
 
 
 def create_run(
-    session: Session, settings: Settings, request: TrainingRunCreate, organisation: str | None = None
+    session: Session,
+    settings: Settings,
+    request: TrainingRunCreate,
+    organisation: str | None = None,
+    *,
+    model_scope: str | None,
+    api_key_id: str | None = None,
 ) -> TrainingRun:
-    """Validate everything a trainer would trip over later, then add the queued row (flushed)."""
+    """Validate everything a trainer would trip over later, then add the queued row (flushed).
+
+    `model_scope` is the submitter's `Principal.scope`: the run may fine-tune from models it may use and
+    register only into its organisation's models or a new name (None: an admin, any model).
+    """
     dataset = find_dataset(session, request.dataset, organisation)
+    model_name = request.model_name or dataset.name
+    check_may_manage(session, model_name, model_scope)
     if request.epochs > settings.max_training_epochs:
         raise XrayqError(
             "invalid_parameter", f"epochs must be at most {settings.max_training_epochs}, not {request.epochs}."
@@ -65,6 +78,7 @@ def create_run(
     image_size = request.image_size
     if request.base_model:
         name, version = parse_model_ref(request.base_model)
+        check_may_use(session, name, model_scope)
         base = resolve_version(session, name, version)
         if architecture is not None and architecture != base.architecture:
             raise XrayqError(
@@ -82,7 +96,7 @@ def create_run(
     run = TrainingRun(
         status=RunStatus.queued,
         dataset_id=dataset.id,
-        model_name=request.model_name or dataset.name,
+        model_name=model_name,
         base_model_version_id=base.id if base else None,
         config=config,
         promotion=request.promotion,
@@ -90,6 +104,8 @@ def create_run(
         history=[],
         cancel_requested=False,
         organisation=organisation,
+        model_scope=model_scope,
+        api_key_id=api_key_id,
     )
     session.add(run)
     session.flush()

@@ -1,28 +1,56 @@
-"""The model registry: names, versions, their cards, reports and plots; promotion and rollback."""
+"""The model registry: names, versions, their cards, reports and plots; promotion and rollback.
+
+Another organisation's model does not exist for a key (404); a shared one is read by everyone and
+changed by admins only; provenance is shown to the owner and admins (`shared/models/ownership.py`).
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from sqlalchemy.orm import Session
 
 from services.gateway.deps import PrincipalDep, SessionDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
+from shared.auth import Principal
 from shared.core.errors import XrayqError
 from shared.core.storage import ObjectNotFound
+from shared.models.ownership import Actor, check_may_manage, check_may_use, may_manage
 from shared.models.registry import activation_history, find_version, promote, promote_by_id, rollback
 from shared.models.views import activation_view, model_views, version_view
-from shared.schemas import ModelActivationView, ModelVersionView, ModelView, PromoteRequest
+from shared.schemas import (
+    EvaluationSetRequest,
+    EvaluationSetView,
+    ModelActivationView,
+    ModelVersionView,
+    ModelView,
+    PromoteRequest,
+)
+from shared.training.datasets import find_dataset
+from shared.training.held_out import set_from_dataset
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
+def actor_of(principal: Principal) -> Actor:
+    return Actor(scope=principal.scope, organisation=principal.organisation, key_id=principal.key_id)
+
+
+def sees_provenance(session: Session, name: str, principal: Principal) -> bool:
+    """Whether `principal` may use `name` at all (404 if not) and read its provenance."""
+    model = check_may_use(session, name, principal.scope)
+    return may_manage(model.owner if model is not None else None, principal.scope)
+
+
 @router.get("", response_model=list[ModelView], responses=PROBLEMS)
-def list_models(session: SessionDep, _: PrincipalDep) -> list[ModelView]:
-    return model_views(session)
+def list_models(session: SessionDep, principal: PrincipalDep) -> list[ModelView]:
+    """The models this key may use: shared ones and its organisation's (an admin: all)."""
+    return model_views(session, principal.scope)
 
 
 @router.get("/{name}/versions/{version}", response_model=ModelVersionView, responses=PROBLEMS)
-def read_model_version(name: str, version: int, session: SessionDep, _: PrincipalDep) -> ModelVersionView:
-    return version_view(find_version(session, name, version))
+def read_model_version(name: str, version: int, session: SessionDep, principal: PrincipalDep) -> ModelVersionView:
+    provenance = sees_provenance(session, name, principal)
+    return version_view(find_version(session, name, version), provenance=provenance)
 
 
 @router.get(
@@ -31,9 +59,10 @@ def read_model_version(name: str, version: int, session: SessionDep, _: Principa
     response_class=Response,
 )
 def read_model_file(
-    name: str, version: int, file_name: str, session: SessionDep, store: StoreDep, _: PrincipalDep
+    name: str, version: int, file_name: str, session: SessionDep, store: StoreDep, principal: PrincipalDep
 ) -> Response:
     """A file stored with the version: its plots (confusion_matrix.png, roc_curve.png, learning_curves.png)."""
+    check_may_use(session, name, principal.scope)
     row = find_version(session, name, version)
     key = row.card.get("files", {}).get(file_name)
     if key is None:
@@ -42,36 +71,49 @@ def read_model_file(
         content = store.get(key)
     except ObjectNotFound:
         raise XrayqError("not_found", f"{name}@{version}'s {file_name!r} is missing from storage.") from None
-    return Response(content, media_type="image/png", headers={"Cache-Control": "public, max-age=86400, immutable"})
+    return Response(content, media_type="image/png", headers={"Cache-Control": "private, max-age=86400, immutable"})
 
 
 @router.post("/{name}/versions/{version}/promote", response_model=ModelVersionView, responses=PROBLEMS)
 def promote_version(name: str, version: int, session: SessionDep, principal: TrainerDep) -> ModelVersionView:
     """Make this version the one that answers `name`; workers switch within seconds, without a restart.
 
-    Promoting an older version is a rollback to it. Jobs already answered keep their version.
+    Promoting an older version is a rollback to it. Jobs already answered keep their version. The
+    model's owner or an admin only (403 `model_not_owned`); a shared model: an admin only.
     """
-    row = promote(session, name, version, actor=principal.organisation)
-    return version_view(row)
+    return version_view(promote(session, name, version, actor_of(principal)))
 
 
 @router.post("/{name}/promote", response_model=ModelVersionView, responses=PROBLEMS)
 def promote_named(name: str, request: PromoteRequest, session: SessionDep, principal: TrainerDep) -> ModelVersionView:
     """The same, with the version in the body (`version`, or `model_version_id` of this model)."""
     if request.model_version_id:
-        return version_view(promote_by_id(session, name, request.model_version_id, actor=principal.organisation))
+        return version_view(promote_by_id(session, name, request.model_version_id, actor_of(principal)))
     if request.version is None:
         raise XrayqError("invalid_parameter", "Give `version` or `model_version_id`.")
-    return version_view(promote(session, name, request.version, actor=principal.organisation))
+    return version_view(promote(session, name, request.version, actor_of(principal)))
 
 
 @router.post("/{name}/rollback", response_model=ModelVersionView, responses=PROBLEMS)
 def rollback_model(name: str, session: SessionDep, principal: TrainerDep) -> ModelVersionView:
-    """Undo the last promotion of `name`: the version active before it answers again."""
-    return version_view(rollback(session, name, actor=principal.organisation))
+    """Undo the last promotion of `name`: the version active before it answers again (owner or admin)."""
+    return version_view(rollback(session, name, actor_of(principal)))
+
+
+@router.put("/{name}/evaluation-set", response_model=EvaluationSetView, responses=PROBLEMS)
+def set_evaluation_set(
+    name: str, request: EvaluationSetRequest, session: SessionDep, store: StoreDep, principal: TrainerDep
+) -> EvaluationSetView:
+    """Judge `if_better` runs of `name` on a split of one of your datasets from now on (owner or admin)."""
+    model = check_may_manage(session, name, principal.scope, lock=True)
+    if model is None:
+        raise XrayqError("model_not_found", f"No model named {name!r}.")
+    dataset = find_dataset(session, request.dataset, principal.scope)
+    return EvaluationSetView(**set_from_dataset(session, store, model, dataset, request.split))
 
 
 @router.get("/{name}/activations", response_model=list[ModelActivationView], responses=PROBLEMS)
-def read_activations(name: str, session: SessionDep, _: PrincipalDep) -> list[ModelActivationView]:
-    """Which version was made active when, by whom and why (newest first)."""
-    return [activation_view(row) for row in activation_history(session, name)]
+def read_activations(name: str, session: SessionDep, principal: PrincipalDep) -> list[ModelActivationView]:
+    """Which version was made active when, by whom (key and organisation: owner and admins) and why."""
+    provenance = sees_provenance(session, name, principal)
+    return [activation_view(row, provenance=provenance) for row in activation_history(session, name)]

@@ -24,8 +24,14 @@ def start_run(
     session: SessionDep,
     celery: CeleryDep,
 ) -> TrainingRunView:
-    """Queue a run on `train`; one trainer executes one run at a time, in order."""
-    run = create_run(session, settings, request, principal.organisation)
+    """Queue a run on `train`; one trainer executes one run at a time, in order.
+
+    It registers into the model `model_name`: a new name becomes the key's organisation's (an admin's:
+    shared); an existing one must be the organisation's own (403 `model_not_owned`), a shared one an admin's.
+    """
+    run = create_run(
+        session, settings, request, principal.organisation, model_scope=principal.scope, api_key_id=principal.key_id
+    )
     # The row first, then the message (a run whose message is lost is published again by the reconciler).
     after_commit(session, partial(publish_run, celery, run.id))
     response.headers["Location"] = f"/v1/training-runs/{run.id}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.trainer.comparison import decide_promotion
 from services.trainer.evaluation import calibration
-from services.trainer.runs import decide_promotion
 
 CANDIDATE = {"n": 100, "accuracy": 0.9, "roc_auc": 0.95}
 
