@@ -25,6 +25,7 @@ from services.gateway.routes import (
     health,
     jobs,
     models,
+    sr_destinations,
     studies,
     training_runs,
 )
@@ -62,7 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)
-    for module in (jobs, batches, studies, dicomweb, datasets, training_runs, models, api_keys, health):
+    routes = (jobs, batches, studies, dicomweb, datasets, training_runs, models, api_keys, sr_destinations, health)
+    for module in routes:
         app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,

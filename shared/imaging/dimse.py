@@ -94,13 +94,14 @@ def send_c_store(data: bytes, destination: RemoteAE, calling_ae_title: str, time
     ae.connection_timeout = timeout_s
     ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    # The details name the AE title, never the address: they are shown on the submitter's batch.
     if not assoc.is_established:
-        raise XrayqError("delivery_failed", f"{destination} did not accept an association from {calling_ae_title}.")
+        raise XrayqError("delivery_failed", f"{destination.ae_title} did not accept an association.")
     try:
         status = assoc.send_c_store(dataset)
     finally:
         assoc.release()
     code = int(status.get("Status", -1)) if status else -1
     if code not in STORED_STATUSES:
-        raise XrayqError("delivery_failed", f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}.")
+        raise XrayqError("delivery_failed", f"{destination.ae_title} answered C-STORE with 0x{code & 0xFFFF:04X}.")
     return code

@@ -24,9 +24,10 @@ from shared.core.settings import Settings
 from shared.core.storage import ObjectNotFound, ObjectStore
 from shared.db.models import Batch, Job, JobStatus, as_utc, utcnow
 from shared.db.session import Database
-from shared.imaging.dimse import parse_remote_ae, send_c_store
+from shared.imaging.dimse import send_c_store
 from shared.imaging.reports import ClassifiedInstance, build_report
 from shared.jobs.callbacks import post_callback
+from shared.jobs.sr_destinations import choose_sr_deliveries, is_sr_delivery, sr_delivery_address
 from shared.jobs.studies import seal_stable_studies
 from shared.jobs.views import batch_view
 
@@ -78,8 +79,8 @@ def complete_batch(settings: Settings, database: Database, store: ObjectStore, b
                 store.put(report_key, data, SR_MEDIA_TYPE)
         now = utcnow()
         deliveries: dict[str, dict[str, Any]] = {}
-        if report_key and settings.dicom_sr_destination:
-            deliveries["sr_store"] = {"status": "pending", "attempts": 0, "target": settings.dicom_sr_destination}
+        if report_key:
+            deliveries.update(choose_sr_deliveries(session, settings, batch))
         if batch.callback_url:
             deliveries["callback"] = {"status": "pending", "attempts": 0, "target": batch.callback_url}
         won = session.execute(
@@ -171,11 +172,11 @@ def _deliver(settings: Settings, database: Database, store: ObjectStore, batch_i
         if state["status"] != "pending" or not _is_due(state):
             continue
         try:
-            if name == "sr_store":
+            if is_sr_delivery(name):
                 assert report_key is not None
                 send_c_store(
                     store.get(report_key),
-                    parse_remote_ae(state["target"]),
+                    sr_delivery_address(database, settings, batch_id, state),
                     settings.dicom_ae_title,
                     settings.dicom_network_timeout_s,
                 )
