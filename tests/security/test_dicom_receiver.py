@@ -17,64 +17,17 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import _config
 
-from loadtest.harness.processes import ROOT, start_process, stop_process
+from loadtest.harness.processes import ROOT
 from tests.conftest import free_port
+from tests.security.dicom_receivers import associate, echo_works, running_receiver, wait_until
 
 pytestmark = pytest.mark.integration
-VERIFICATION = "1.2.840.10008.1.1"
-CALLED = "XRAYQ"
 MAX_FILE_BYTES = 8 * 1024 * 1024
 TIMEOUT_S = 3  # XRAYQ_DICOM_NETWORK_TIMEOUT_S of the receiver under attack
 # Two sites: MODALITY at 127.0.0.1 files under org-a; CT-B at 127.0.0.2 under org-b. 127.0.0.3 is unknown.
 ALLOW_LIST = "MODALITY@127.0.0.1:org-a,CT-B@127.0.0.2/32:org-b"
-
-
-class Receiver:
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path, spool: Path) -> None:
-        self.port, self.process, self.log, self.spool = port, process, log, spool
-
-    def status(self, field: str) -> int:
-        """VmRSS / VmHWM of the receiver process, in bytes."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-        raise LookupError(field)
-
-
-def associate(
-    receiver: Receiver,
-    calling: str = "MODALITY",
-    source: str = "127.0.0.1",
-    called: str = CALLED,
-    contexts: tuple[tuple[str, str], ...] = ((VERIFICATION, ExplicitVRLittleEndian),),
-):
-    """An association to the receiver from `source` (any loopback address), as `calling`."""
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.network_timeout = 30
-    for abstract_syntax, transfer_syntax in contexts:
-        ae.add_requested_context(abstract_syntax, transfer_syntax)
-    return ae.associate("127.0.0.1", receiver.port, ae_title=called, bind_address=(source, 0))
-
-
-def echo_works(receiver: Receiver, **kw) -> bool:
-    assoc = associate(receiver, **kw)
-    if not assoc.is_established:
-        return False
-    try:
-        return int(assoc.send_c_echo().Status) == 0x0000
-    finally:
-        assoc.release()
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def dicom_cli(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -90,30 +43,15 @@ def dicom_cli(env: dict[str, str], timeout: float = 120) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def receiver(services_env, services_settings, tmp_path_factory):
-    spool = tmp_path_factory.mktemp("dicom-spool")  # where pynetdicom's streamed data sets land (TMPDIR)
-    port = free_port()
-    env = {
-        **services_env,
-        "XRAYQ_DICOM_HOST": "127.0.0.1",
-        "XRAYQ_DICOM_PORT": str(port),
-        "XRAYQ_DICOM_AE_TITLE": CALLED,
+    overrides = {
         "XRAYQ_DICOM_ALLOWED_AE_TITLES": ALLOW_LIST,
         "XRAYQ_DICOM_MAX_ASSOCIATIONS": "5",
         "XRAYQ_DICOM_MAX_ASSOCIATIONS_PER_PEER": "3",
         "XRAYQ_DICOM_NETWORK_TIMEOUT_S": str(TIMEOUT_S),
         "XRAYQ_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
-        "TMPDIR": str(spool),
-        "PYTHONUNBUFFERED": "1",
     }
-    log = tmp_path_factory.mktemp("dicom-log") / "dicom.log"
-    process = start_process([sys.executable, "-m", "services.cli", "dicom"], env, log)
-    running = Receiver(port, process, log, spool)
-    try:
-        wait_until(lambda: process.poll() is not None or echo_works(running), 120, "the receiver answers C-ECHO")
-        assert process.poll() is None, log.read_text()[-3000:]
+    with running_receiver({**services_env, **overrides}, tmp_path_factory) as running:
         yield running
-    finally:
-        stop_process(process)
 
 
 def test_services_mode_without_an_allow_list_refuses_to_start(services_env, services_settings) -> None:
