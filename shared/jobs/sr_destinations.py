@@ -87,15 +87,8 @@ def sr_delivery_address(database: Database, settings: Settings, batch_id: str, s
 
 
 def destination_view(row: SrDestination) -> SrDestinationView:
-    return SrDestinationView(
-        id=row.id,
-        organisation=row.organisation,
-        name=row.name,
-        ae_title=row.ae_title,
-        host=row.host,
-        port=row.port,
-        created_at=as_utc(row.created_at),
-    )
+    view = SrDestinationView.model_validate(row, from_attributes=True)
+    return view.model_copy(update={"created_at": as_utc(row.created_at)})  # SQLite's are naive
 
 
 def create_destination(session: Session, body: SrDestinationCreate) -> SrDestination:
