@@ -89,7 +89,7 @@ class StudyView(BaseModel):
 class DeliveryView(BaseModel):
     status: Literal["pending", "delivered", "failed"]
     attempts: int = 0
-    target: str | None = None
+    target: str | None = Field(None, description="The callback URL, or the name of the SR destination (no address).")
     last_error: str | None = None
     delivered_at: datetime | None = None
 
@@ -114,7 +114,9 @@ class BatchView(BaseModel):
     completed_at: datetime | None = Field(None, description="When the result (report, deliveries) was made.")
     report: ReportView | None = Field(None, description="The study's DICOM Structured Report, once made.")
     deliveries: dict[str, DeliveryView] = Field(
-        default_factory=dict, description="`sr_store` (C-STORE to the destination AE) and `callback`."
+        default_factory=dict,
+        description="`sr_store:<destination name>` (C-STORE to each SR destination of the batch's organisation) "
+        "and `callback`.",
     )
 
 
@@ -197,6 +199,22 @@ class CallbackSecretView(BaseModel):
         description="Verifies `X-Xrayq-Signature` of this organisation's callbacks registered without a "
         "`callback_secret` of their own. Derived from the server secret; no other organisation's verifies with it."
     )
+
+
+class SrDestinationCreate(BaseModel):
+    organisation: str = Field(min_length=1, max_length=128, description="Only its studies' reports go there.")
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Shown on its batches."
+    )
+    # Printable ASCII but the backslash (DICOM's value separator), no leading or trailing space.
+    ae_title: str = Field(min_length=1, max_length=16, pattern=r"^[!-\[\]-~]([ -\[\]-~]*[!-\[\]-~])?$")
+    host: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")
+    port: int = Field(ge=1, le=65535)
+
+
+class SrDestinationView(SrDestinationCreate):
+    id: str
+    created_at: datetime
 
 
 class ModelActivationView(BaseModel):

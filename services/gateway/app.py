@@ -26,6 +26,7 @@ from services.gateway.routes import (
     health,
     jobs,
     models,
+    sr_destinations,
     studies,
     training_runs,
 )
@@ -63,7 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_state_collector(settings, app.state.database)
 
     install_problem_handlers(app)
-    for module in (jobs, batches, studies, callbacks, dicomweb, datasets, training_runs, models, api_keys, health):
+    routes = (jobs, batches, studies, callbacks, dicomweb, datasets, training_runs, models, api_keys, sr_destinations)
+    for module in (*routes, health):
         app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,

@@ -67,6 +67,8 @@ ERROR_STATUS: dict[str, int] = {
     "model_corrupt": 500,
     "unknown_architecture": 422,
     "no_active_model": 409,
+    "sr_destination_not_found": 404,
+    "sr_destination_exists": 409,
     "not_found": 404,
     "method_not_allowed": 405,
     # Failures recorded on a job (not HTTP responses of their own).

@@ -106,14 +106,24 @@ class Settings(BaseSettings):
     dicom_port: int = 11112  # 0: no receiver
     dicom_host: str = ""  # where it listens; default: `host`
     dicom_ae_title: str = "XRAYQ"
-    # Calling AE titles allowed to associate, comma-separated; `TITLE:organisation` files what that
-    # sender stores under an organisation of its own. Empty: any calling AE title is accepted.
+    # Who may associate: comma-separated `TITLE@network:organisation` entries (`network` an address or a
+    # CIDR block, IPv6 in brackets: `[fd00::]/8`; `:organisation` optional, default `dicom_organisation`).
+    # A sender is known by its calling AE title *and* its source address; the same title from two
+    # networks may file under two organisations. Required outside the embedded mode on loopback, where
+    # `TITLE` alone (any address) and an empty list (any sender) are still accepted.
     dicom_allowed_ae_titles: str = ""
-    dicom_organisation: str = "dicom"  # organisation of instances received over DIMSE
+    dicom_organisation: str = "dicom"  # organisation of DIMSE senders whose entry names none
     dicom_model: str = ""  # model for DIMSE-received studies; default: `default_model`
-    # Where Structured Reports go back by C-STORE, as `AE_TITLE@host:port` (empty: not sent).
+    # Associations at once: in all, and from one source address (idle ones included).
+    dicom_max_associations: int = Field(default=16, ge=1)
+    dicom_max_associations_per_peer: int = Field(default=4, ge=1)
+    # Where Structured Reports go back by C-STORE, as `AE_TITLE@host:port` (empty: not sent), for the
+    # studies of `dicom_sr_organisation` only (default: `dicom_organisation`). Other organisations'
+    # destinations are managed through `/v1/sr-destinations`.
     dicom_sr_destination: str = ""
-    dicom_network_timeout_s: float = 30.0
+    dicom_sr_organisation: str = ""
+    # ACSE, DIMSE and idle-network timeout: an association silent for this long is aborted.
+    dicom_network_timeout_s: float = Field(default=30.0, gt=0)
 
     # Study batches: a study is complete once no instance of it has arrived for this long (as Orthanc's
     # "stable study" and MONAI Deploy's grouping timeout). Checked every `study_check_interval_s`.
@@ -182,14 +192,8 @@ class Settings(BaseSettings):
         return self.dicom_host or self.host
 
     @property
-    def dicom_calling_ae_organisations(self) -> dict[str, str]:
-        """Allowed calling AE titles and the organisation each files under (empty: any title)."""
-        allowed = {}
-        for entry in self.dicom_allowed_ae_titles.split(","):
-            title, _, organisation = entry.partition(":")
-            if title.strip():
-                allowed[title.strip()] = organisation.strip() or self.dicom_organisation
-        return allowed
+    def dicom_sr_destination_organisation(self) -> str:
+        return self.dicom_sr_organisation or self.dicom_organisation
 
     @property
     def uses_sqlite(self) -> bool:

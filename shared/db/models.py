@@ -195,6 +195,21 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class SrDestination(Base):
+    """A PACS that receives the Structured Reports of one organisation's studies, and no one else's."""
+
+    __tablename__ = "sr_destinations"
+    __table_args__ = (UniqueConstraint("organisation", "name", name="uq_sr_destinations_organisation_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    organisation: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(64))  # what the organisation's batch views show
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Dataset(Base):
     """An immutable, labelled dataset version: a manifest in storage lists every file with its label.
 

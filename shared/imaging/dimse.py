@@ -101,8 +101,9 @@ def send_c_store(data: bytes, destination: RemoteAE, calling_ae_title: str, time
     ae.dimse_timeout = ae.network_timeout = min(timeout_s, deadline_s)
     ae.add_requested_context(dataset.SOPClassUID, [dataset.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian])
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    # The details name the AE title, never the address: they are shown on the submitter's batch.
     if not assoc.is_established:
-        raise XrayqError("delivery_failed", f"{destination} did not accept an association from {calling_ae_title}.")
+        raise XrayqError("delivery_failed", f"{destination.ae_title} did not accept an association.")
     watchdog = threading.Timer(max(deadline_s - (time.monotonic() - started), 0.0), assoc.abort)
     watchdog.daemon = True
     watchdog.start()
@@ -113,8 +114,8 @@ def send_c_store(data: bytes, destination: RemoteAE, calling_ae_title: str, time
         if assoc.is_established:
             assoc.release()
     if time.monotonic() - started >= deadline_s:
-        raise XrayqError("delivery_failed", f"{destination} did not store the report within {deadline_s:g}s.")
+        raise XrayqError("delivery_failed", f"{destination.ae_title} did not store the report within {deadline_s:g}s.")
     code = int(status.get("Status", -1)) if status else -1
     if code not in STORED_STATUSES:
-        raise XrayqError("delivery_failed", f"{destination} answered C-STORE with status 0x{code & 0xFFFF:04X}.")
+        raise XrayqError("delivery_failed", f"{destination.ae_title} answered C-STORE with 0x{code & 0xFFFF:04X}.")
     return code

@@ -26,6 +26,7 @@ from shared.db.models import Batch, Job, JobStatus, utcnow
 from shared.db.session import Database
 from shared.imaging.reports import ClassifiedInstance, build_report
 from shared.jobs.dispatch import DeliveryDispatcher
+from shared.jobs.sr_destinations import choose_sr_deliveries
 from shared.jobs.studies import seal_stable_studies
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def complete_batch(settings: Settings, database: Database, store: ObjectStore, b
                 store.put(report_key, data, SR_MEDIA_TYPE)
         now = utcnow()
         deliveries: dict[str, dict[str, Any]] = {}
-        if report_key and settings.dicom_sr_destination:
-            deliveries["sr_store"] = {"status": "pending", "attempts": 0, "target": settings.dicom_sr_destination}
+        if report_key:
+            deliveries.update(choose_sr_deliveries(session, settings, batch))
         if batch.callback_url:
             deliveries["callback"] = {"status": "pending", "attempts": 0, "target": batch.callback_url}
         won = session.execute(

@@ -33,8 +33,9 @@ from shared.core.settings import Settings
 from shared.core.storage import ObjectNotFound, ObjectStore
 from shared.db.models import Batch, as_utc, utcnow
 from shared.db.session import Database
-from shared.imaging.dimse import parse_remote_ae, send_c_store
+from shared.imaging.dimse import send_c_store
 from shared.jobs.callbacks import organisation_secret, post_callback
+from shared.jobs.sr_destinations import is_sr_delivery, sr_delivery_address
 from shared.jobs.views import batch_view
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,11 @@ class Plan:
 
 
 def destination_key(name: str, state: dict[str, Any]) -> str:
-    """host:port the delivery connects to (what shares and breakers count by)."""
+    """The destination a delivery goes to (what shares and breakers count by): a callback's
+    scheme://host:port, an SR destination's id (its address is looked up only when sending)."""
     try:
-        if name == "sr_store":
-            remote = parse_remote_ae(state["target"])
-            return f"dicom://{remote.host}:{remote.port}"
+        if is_sr_delivery(name):
+            return f"dicom://{state.get('destination_id', state['target'])}"
         url = httpx.URL(state["target"])
         return f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
     except (XrayqError, httpx.InvalidURL, KeyError, TypeError):
@@ -217,11 +218,11 @@ class DeliveryDispatcher:
         for name, key in plan.send.items():
             state = states[name]
             try:
-                if name == "sr_store":
+                if is_sr_delivery(name):
                     assert report_key is not None
                     send_c_store(
                         self.store.get(report_key),
-                        parse_remote_ae(state["target"]),
+                        sr_delivery_address(self.database, settings, plan.batch_id, state),
                         settings.dicom_ae_title,
                         settings.dicom_network_timeout_s,
                         settings.delivery_deadline_s,

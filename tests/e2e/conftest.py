@@ -63,7 +63,8 @@ class Stack:
             "XRAYQ_PORT": str(self.port),
             # Never the well-known 11112: another stack (or PACS tool) on this machine may hold it.
             "XRAYQ_DICOM_PORT": str(self.dicom_port),
-            "XRAYQ_DICOM_ALLOWED_AE_TITLES": f"{SCU_AE_TITLE},{OTHER_SCU_AE_TITLE}:radiology-2",
+            # Senders are known by AE title and source address (services mode refuses to start without both).
+            "XRAYQ_DICOM_ALLOWED_AE_TITLES": f"{SCU_AE_TITLE}@127.0.0.1,{OTHER_SCU_AE_TITLE}@127.0.0.1:radiology-2",
             "XRAYQ_DICOM_SR_DESTINATION": sr_destination,
             # Short stability timeout and quick checks: study batches close within seconds.
             "XRAYQ_STUDY_STABLE_AFTER_S": "2",

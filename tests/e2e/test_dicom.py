@@ -159,12 +159,13 @@ def test_c_store_study_over_two_associations_becomes_one_batch_with_a_structured
         assert finding.upper() == label and algorithm == model["name"] and version == str(model["version"])
         assert probabilities == pytest.approx(expected, abs=1e-6)
 
-    # The same SR went back to the configured destination AE by C-STORE.
+    # The same SR went back to the configured destination AE by C-STORE (its organisation's: `dicom`).
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and batch["deliveries"]["sr_store"]["status"] == "pending":
+    while time.monotonic() < deadline and batch["deliveries"]["sr_store:configured"]["status"] == "pending":
         time.sleep(0.25)
         batch = stack.http.get(f"/v1/batches/{batch['id']}").json()
-    assert batch["deliveries"]["sr_store"]["status"] == "delivered", batch["deliveries"]
+    assert batch["deliveries"]["sr_store:configured"]["status"] == "delivered", batch["deliveries"]
+    assert batch["deliveries"]["sr_store:configured"]["target"] == "configured"  # a name, not the address
     assert sr.SOPInstanceUID in {ds.SOPInstanceUID for ds in sr_receiver.received}
 
 
