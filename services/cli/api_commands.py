@@ -19,9 +19,9 @@ runs = typer.Typer(help="List, show, watch or cancel training runs (through the 
 models = typer.Typer(help="List, show, promote or roll back model versions (through the API)", no_args_is_help=True)
 
 
-def request(server: str | None, api_key: str | None, method: str, path: str) -> Any:
+def request(server: str | None, api_key: str | None, method: str, path: str, **options: Any) -> Any:
     with connect(server, api_key) as client:
-        return call(client, method, path)
+        return call(client, method, path, **options)
 
 
 # --- datasets ---------------------------------------------------------------------------------------
@@ -218,11 +218,34 @@ def rollback_model(
     typer.echo(f"{body['name']}@{body['version']} is now active")
 
 
+@models.command("evaluation-set")
+def set_evaluation_set(
+    name: Annotated[str, typer.Argument(help="model name")],
+    dataset: Annotated[str, typer.Argument(help="dataset id, name or name@version (one of yours)")],
+    split: Annotated[str | None, typer.Option(help="test or val (default: test, else val)")] = None,
+    as_json: JsonOutput = False,
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Judge the model's `if_better` runs on a split of this dataset from now on (owner or admin)."""
+    body = request(
+        server, api_key, "PUT", f"/v1/models/{name}/evaluation-set", json={"dataset": dataset, "split": split}
+    )
+    emit(
+        body,
+        as_json,
+        lambda view: typer.echo(
+            f"{name}: if_better runs are judged on {view['n']} {view['split']} images of dataset {view['dataset_id']}"
+        ),
+    )
+
+
 def model_table(body: list[dict[str, Any]]) -> None:
     print_table(
-        ("model", "version", "active", "architecture", "classes", "accuracy", "roc-auc", "created"),
+        ("model", "owner", "version", "active", "architecture", "classes", "accuracy", "roc-auc", "created"),
         [
-            (model["name"], v["version"], "*" if v["is_active"] else "", v["architecture"], ",".join(v["classes"]))
+            (model["name"], model.get("owner") or "shared", v["version"], "*" if v["is_active"] else "")
+            + (v["architecture"], ",".join(v["classes"]))
             + version_figures(v)
             + (v["created_at"][:19],)
             for model in body

@@ -242,6 +242,7 @@ def test_models_list_show_promote_rollback(stack) -> None:
     table = api_cli(stack, "models", "list").stdout.splitlines()
     assert table[0].split() == [
         "MODEL",
+        "OWNER",
         "VERSION",
         "ACTIVE",
         "ARCHITECTURE",
@@ -250,8 +251,11 @@ def test_models_list_show_promote_rollback(stack) -> None:
         "ROC-AUC",
         "CREATED",
     ]
-    rows = sorted(line.split()[:4] for line in table if line.startswith(f"{name} "))
-    assert rows == [[name, "1", "*", "mobilenet_v3_small"], [name, "2", "mobilenet_v3_small", "NORMAL,PNEUMONIA"]]
+    rows = sorted(line.split()[:5] for line in table if line.startswith(f"{name} "))
+    assert rows == [
+        [name, "shared", "1", "*", "mobilenet_v3_small"],  # trained with the admin key: a shared model
+        [name, "shared", "2", "mobilenet_v3_small", "NORMAL,PNEUMONIA"],
+    ]
     listed = {m["name"]: m for m in json.loads(api_cli(stack, "models", "list", "--json").stdout)}
     assert listed[name]["active_version"] == 1 and listed["chest-xray"]["classes"] == ["NORMAL", "PNEUMONIA"]
 
@@ -266,6 +270,13 @@ def test_models_list_show_promote_rollback(stack) -> None:
     assert stack.http.get(f"/v1/models/{name}/versions/2").json()["is_active"] is True
     assert api_cli(stack, "models", "rollback", name).stdout.strip() == f"{name}@1 is now active"
     assert stack.http.get(f"/v1/models/{name}/versions/1").json()["is_active"] is True
+
+    dataset_id = stack.http.get(f"/v1/models/{name}/versions/2").json()["dataset_id"]
+    said = api_cli(stack, "models", "evaluation-set", name, dataset_id).stdout.strip()
+    assert said.startswith(f"{name}: if_better runs are judged on ") and said.endswith(f"of dataset {dataset_id}")
+    chosen = json.loads(api_cli(stack, "models", "evaluation-set", name, dataset_id, "--json").stdout)
+    listed = {m["name"]: m for m in stack.http.get("/v1/models").json()}
+    assert listed[name]["evaluation_set"]["dataset_id"] == chosen["dataset_id"] == dataset_id
 
     no_version = api_cli(stack, "models", "promote", name, expect=1)
     assert no_version.stderr.startswith("invalid_parameter: Give the version as name@version")

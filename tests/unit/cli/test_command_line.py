@@ -39,6 +39,7 @@ DOCUMENTED = {
     "models show",
     "models promote",
     "models rollback",
+    "models evaluation-set",
 }
 
 
