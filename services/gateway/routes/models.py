@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import PrincipalDep, SessionDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
 from shared.core.errors import XrayqError
@@ -12,7 +13,7 @@ from shared.models.registry import activation_history, find_version, promote, pr
 from shared.models.views import activation_view, model_views, version_view
 from shared.schemas import ModelActivationView, ModelVersionView, ModelView, PromoteRequest
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=GuardedRoute)
 
 
 @router.get("", response_model=list[ModelView], responses=PROBLEMS)
