@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from shared.db.models import Batch, Dataset, Job, TrainingRun
 from shared.db.session import database_for
-from tests.conftest import ADMIN_HEADERS, scratch_database, settings_from_env, train_tiny_model
+from tests.conftest import ADMIN_HEADERS, services_env_of_its_own, settings_from_env
 from tests.integration.test_training_runs import TINY_RUN, chest_zip
 from tests.security.gateway_process import running_gateway
 
@@ -37,21 +37,7 @@ LIST_PATHS = ("/v1/jobs", "/v1/datasets", "/v1/training-runs")
 
 @pytest.fixture(scope="module")
 def fuzz_env(services_env, tmp_path_factory, data_dir):
-    from shared.core.storage import S3ObjectStore
-    from shared.db.migrate import upgrade_database
-
-    with scratch_database() as database_url:
-        env = {
-            **services_env,
-            "XRAYQ_HOME": str(tmp_path_factory.mktemp("fuzz-home")),
-            "XRAYQ_DATABASE_URL": database_url,
-            "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + "fuzz:",
-            "XRAYQ_S3_BUCKET": "xrayq-fuzz",
-        }
-        settings = settings_from_env(env)
-        upgrade_database(settings)
-        S3ObjectStore(settings).ensure_bucket()
-        train_tiny_model(settings, data_dir)
+    with services_env_of_its_own(services_env, tmp_path_factory.mktemp("fuzz-home"), "fuzz", data_dir) as env:
         yield env
 
 
