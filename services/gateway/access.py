@@ -78,6 +78,11 @@ class PrincipalCache:
                 self._entries.clear()
             self._entries[hash_key(token)] = (principal, time.monotonic() + self.ttl_s)
 
+    def vouches_for(self, token: str) -> bool:
+        """The key authenticated here before (expired or not): its owner is not held up by others' guesses
+        from the same address (a NAT, a proxy). It is still looked up, never let through unchecked."""
+        return hash_key(token) in self._entries
+
     def forget_all(self) -> None:
         self._entries.clear()
 
@@ -149,9 +154,10 @@ class Gatekeeper:
         if principal is not None:
             return principal
         address = scope["client"][0] if scope.get("client") else "unknown"
-        throttled = await self.limits.failed_authentication_wait(address)
-        if throttled is not None:
-            raise throttled
+        if not (token and self.principals.vouches_for(token)):
+            throttled = await self.limits.failed_authentication_wait(address)
+            if throttled is not None:
+                raise throttled
         try:
             principal = await run_in_threadpool(self._authenticate_in_database, token)
         except XrayqError:
