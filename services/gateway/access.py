@@ -29,6 +29,7 @@ from shared.core.settings import Settings
 from shared.db.session import Database
 
 PRINCIPAL_SCOPE_KEY = "xrayq.principal"
+MISSING_KEY = "Send an API key: `Authorization: Bearer <key>`."
 # A route's requirement: the roles it needs (empty: any valid key), or None for an open route.
 Requirement = frozenset[str] | None
 
@@ -49,7 +50,7 @@ class RoleRequirement:
     ) -> Principal:
         principal: Principal | None = request.scope.get(PRINCIPAL_SCOPE_KEY)
         if principal is None:
-            raise XrayqError("unauthorized", "Send an API key: `Authorization: Bearer <key>`.")
+            raise XrayqError("unauthorized", MISSING_KEY)
         if self.role:
             require(principal, self.role)
         return principal
@@ -150,11 +151,14 @@ class Gatekeeper:
 
     async def _authenticate(self, scope: Scope) -> Principal:
         token = _bearer_token(Headers(scope=scope).get("authorization"))
-        principal = self.principals.get(token) if token else None
+        if token is None:  # nothing to look up, so nothing to throttle
+            raise XrayqError("unauthorized", MISSING_KEY)
+        principal = self.principals.get(token)
         if principal is not None:
             return principal
+        # Guessing keys costs a lookup each: throttled per address, except for keys known here.
         address = scope["client"][0] if scope.get("client") else "unknown"
-        if not (token and self.principals.vouches_for(token)):
+        if not self.principals.vouches_for(token):
             throttled = await self.limits.failed_authentication_wait(address)
             if throttled is not None:
                 raise throttled
@@ -163,11 +167,10 @@ class Gatekeeper:
         except XrayqError:
             await self.limits.record_failed_authentication(address)
             raise
-        if token:
-            self.principals.put(token, principal)
+        self.principals.put(token, principal)
         return principal
 
-    def _authenticate_in_database(self, token: str | None) -> Principal:
+    def _authenticate_in_database(self, token: str) -> Principal:
         with self.database.session() as session:
             return authenticate(session, self.settings, token)
 

@@ -1,4 +1,4 @@
-"""Request limits: failed authentications per client address, requests and a daily quota per API key.
+"""Request limits: wrong API keys per client address, requests and a daily quota per API key.
 
 Counted with `limits` (fixed windows) in Redis in services mode, so every gateway process shares one
 count, and in process memory in embedded mode. A limiter that cannot reach Redis lets requests through
@@ -36,7 +36,7 @@ class RequestLimits:
             self._failures,
             ("auth-failures", address),
             "too_many_failed_authentications",
-            "Too many requests with a missing or wrong API key from this address.",
+            "Too many requests with a wrong API key from this address.",
         )
 
     async def record_failed_authentication(self, address: str) -> None:

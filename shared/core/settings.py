@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # process stops working within this time (0: every request queries the database).
     auth_cache_s: float = Field(default=5.0, ge=0)
 
-    # Failed authentications a client address may make per minute before it gets 429s (0: unlimited).
+    # Wrong API keys a client address may send per minute before it gets 429s (0: unlimited).
     auth_failures_per_minute: int = Field(default=30, ge=0)
     # Requests one API key may make per minute, and state-changing requests (submissions, uploads,
     # runs) per day; 0: unlimited. Counted in Redis in services mode, so every gateway shares them.
