@@ -166,6 +166,7 @@ class Problem(BaseModel):
     instance: str | None = None
     errors: list[dict[str, Any]] | None = None
     files: list[Any] | None = Field(None, description="The files a dataset upload was refused for, by name.")
+    retry_after_s: int | None = Field(None, description="429: seconds to wait, as in the `Retry-After` header.")
 
 
 class ReadinessView(BaseModel):

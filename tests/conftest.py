@@ -178,3 +178,25 @@ def train_tiny_model(settings: Settings, data_dir: Path, name: str = "chest-xray
 @pytest.fixture(scope="session")
 def services_model(services_settings, data_dir) -> dict:
     return train_tiny_model(services_settings, data_dir)
+
+
+@contextlib.contextmanager
+def services_env_of_its_own(services_env: dict[str, str], home: Path, name: str, data_dir: Path) -> Iterator[dict]:
+    """The services mode with a database, Redis key prefix and bucket of its own (named `name`), and a
+    tiny model: for real processes whose workers, trainers or fuzzers must not touch other tests' data."""
+    from shared.core.storage import S3ObjectStore
+    from shared.db.migrate import upgrade_database
+
+    with scratch_database() as database_url:
+        env = {
+            **services_env,
+            "XRAYQ_HOME": str(home),
+            "XRAYQ_DATABASE_URL": database_url,
+            "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + f"{name}:",
+            "XRAYQ_S3_BUCKET": f"xrayq-{name}",
+        }
+        settings = settings_from_env(env)
+        upgrade_database(settings)
+        S3ObjectStore(settings).ensure_bucket()
+        train_tiny_model(settings, data_dir)
+        yield env

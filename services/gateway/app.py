@@ -12,8 +12,9 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
+from services.gateway.access import Gatekeeper, PrincipalCache
 from services.gateway.admission import AdmissionQueue
-from services.gateway.deps import PrincipalCache
+from services.gateway.browsers import BrowserGuard
 from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
 from services.gateway.problems import install_problem_handlers
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings, "xrayq-gateway")
     app.state.waiter = CompletionWaiter(app.state.database)
     app.state.principals = PrincipalCache(settings.auth_cache_s)
+    app.state.gatekeeper = Gatekeeper(settings, app.state.principals, app.state.database)
     app.state.admission = AdmissionQueue(settings, app.state.database, app.state.store, app.state.celery)
     _register_state_collector(settings, app.state.database)
 
@@ -67,17 +69,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routes = (jobs, batches, studies, callbacks, dicomweb, datasets, training_runs, models, api_keys, sr_destinations)
     for module in (*routes, health):
         app.include_router(module.router)
+    # Outermost last: metrics, CORS, the browser guard, the body cap (keys are checked by `GuardedRoute`).
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
         overrides={"/v1/datasets": settings.max_dataset_upload_bytes},
     )
+    app.add_middleware(BrowserGuard, settings=settings)
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
     if origins:  # restrictive by default: no cross-origin browser access unless configured
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(RequestMetrics)

@@ -6,7 +6,6 @@ pool, and on the submit path those hops cost more than the work itself.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,9 +14,10 @@ from fastapi import Depends, Form, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from services.gateway.access import PrincipalCache, RoleRequirement
 from services.gateway.admission import AdmissionQueue
 from services.gateway.waiter import CompletionWaiter
-from shared.auth import OPEN, Principal, authenticate, hash_key, require
+from shared.auth import Principal
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.session import Database
@@ -63,75 +63,16 @@ async def get_waiter(request: Request) -> CompletionWaiter:
     return request.app.state.waiter
 
 
-class PrincipalCache:
-    """Recently seen API keys (by hash) and who they act for, so a request does not cost a query.
-
-    Entries live `ttl_s` seconds: a key revoked through another gateway process stops working within
-    that time; one revoked through this process stops at once (`forget_all`).
-    """
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[Principal, float]] = {}
-
-    def get(self, token: str) -> Principal | None:
-        entry = self._entries.get(hash_key(token))
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
-
-    def put(self, token: str, principal: Principal) -> None:
-        if self.ttl_s > 0:
-            if len(self._entries) >= 10_000:  # bounded; each key is looked up again on its next use
-                self._entries.clear()
-            self._entries[hash_key(token)] = (principal, time.monotonic() + self.ttl_s)
-
-    def forget_all(self) -> None:
-        self._entries.clear()
-
-
 async def get_principal_cache(request: Request) -> PrincipalCache:
     return request.app.state.principals
 
 
-async def get_principal(
-    request: Request,
-    authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
-) -> Principal:
-    settings: Settings = request.app.state.settings
-    if not settings.auth_enabled:
-        return OPEN
-    token = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        token = value.strip() if scheme.lower() == "bearer" else None
-    cache = await get_principal_cache(request)
-    principal = cache.get(token) if token else None
-    if principal is None:
-        principal = await run_in_threadpool(_authenticate, request.app.state.database, settings, token)
-        if token:
-            cache.put(token, principal)
-    return principal
-
-
-def _authenticate(database: Database, settings: Settings, token: str | None) -> Principal:
-    with database.session() as session:
-        return authenticate(session, settings, token)
-
-
-def requires(role: str):  # type: ignore[no-untyped-def]
-    async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-        require(principal, role)
-        return principal
-
-    return check
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-PrincipalDep = Annotated[Principal, Depends(get_principal)]
-SubmitterDep = Annotated[Principal, Depends(requires("submit"))]
-TrainerDep = Annotated[Principal, Depends(requires("train"))]
-AdminDep = Annotated[Principal, Depends(requires("admin"))]
+# Who calls, and the role each route needs: read by `AccessControl` before the body (see access.py).
+PrincipalDep = Annotated[Principal, Depends(RoleRequirement(None))]
+SubmitterDep = Annotated[Principal, Depends(RoleRequirement("submit"))]
+TrainerDep = Annotated[Principal, Depends(RoleRequirement("train"))]
+AdminDep = Annotated[Principal, Depends(RoleRequirement("admin"))]
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 # For the OpenAPI document: which error statuses a route may answer, and their body.
 PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "content": {PROBLEM_JSON: {}}} for status in (400, 401, 403, 404, 409, 413, 415, 422)
+    status: {"model": Problem, "content": {PROBLEM_JSON: {}}}
+    for status in (400, 401, 403, 404, 409, 413, 415, 421, 422, 429)
 }
 
 _CODE_FOR_STATUS = {
@@ -51,13 +52,20 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
+def error_response(error: XrayqError, instance: str | None) -> JSONResponse:
+    """An error value as its problem, with the headers its status calls for."""
+    response = problem_response(error.http_status, error.code, error.detail, instance, **error.extra)
+    if error.http_status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="xrayq"'
+    if "retry_after_s" in error.extra:
+        response.headers["Retry-After"] = str(error.extra["retry_after_s"])
+    return response
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(XrayqError)
     async def _xrayq_error(request: Request, exc: XrayqError) -> JSONResponse:
-        response = problem_response(exc.http_status, exc.code, exc.detail, request.url.path, **exc.extra)
-        if exc.http_status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="xrayq"'
-        return response
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -44,8 +44,18 @@ class Settings(BaseSettings):
     # process stops working within this time (0: every request queries the database).
     auth_cache_s: float = Field(default=5.0, ge=0)
 
+    # Wrong API keys a client address may send per minute before it gets 429s (0: unlimited).
+    auth_failures_per_minute: int = Field(default=30, ge=0)
+    # Requests one API key may make per minute, and state-changing requests (submissions, uploads,
+    # runs) per day; 0: unlimited. Counted in Redis in services mode, so every gateway shares them.
+    rate_limit_per_key: int = Field(default=0, ge=0)
+    daily_quota_per_key: int = Field(default=0, ge=0)
+
     # Browsers: origins allowed to call the API from a web page (comma-separated); none by default.
     cors_origins: str = ""
+    # Host names the open mode answers besides `host`, the `public_url`'s host and loopback names
+    # (comma-separated): a foreign Host header is a DNS-rebinding page reaching the unauthenticated API.
+    allowed_hosts: str = ""
     # Inputs of finished jobs are deleted from storage after this many days (0: kept forever).
     input_retention_days: float = 30.0
 

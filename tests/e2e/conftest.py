@@ -19,9 +19,7 @@ from tests.conftest import (
     CHEST_TRAIN,
     TINY_TRAIN_ARGS,
     free_port,
-    scratch_database,
-    settings_from_env,
-    train_tiny_model,
+    services_env_of_its_own,
 )
 
 pytestmark = pytest.mark.e2e
@@ -176,21 +174,8 @@ def e2e_services_env(services_env, tmp_path_factory, data_dir):
     The stacks live for the whole session: sharing the integration tests' namespaces, their workers
     and trainer would consume the messages those tests publish and inspect.
     """
-    from shared.core.storage import S3ObjectStore
-    from shared.db.migrate import upgrade_database
-
-    with scratch_database() as database_url:
-        env = {
-            **services_env,
-            "XRAYQ_HOME": str(tmp_path_factory.mktemp("e2e-services-home")),
-            "XRAYQ_DATABASE_URL": database_url,
-            "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + "e2e:",
-            "XRAYQ_S3_BUCKET": "xrayq-e2e",
-        }
-        settings = settings_from_env(env)
-        upgrade_database(settings)
-        S3ObjectStore(settings).ensure_bucket()
-        train_tiny_model(settings, data_dir)
+    home = tmp_path_factory.mktemp("e2e-services-home")
+    with services_env_of_its_own(services_env, home, "e2e", data_dir) as env:
         yield env
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import AdminDep, PrincipalCacheDep, SessionDep
 from services.gateway.problems import PROBLEMS
 from shared.auth import create_key, key_view, list_keys, revoke_key
 from shared.db.session import after_commit
 from shared.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyView
 
-router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
+router = APIRouter(prefix="/v1/api-keys", tags=["api keys"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=201, response_model=ApiKeyCreated, responses=PROBLEMS)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import (
     CallbackSecretForm,
     CallbackUrlForm,
@@ -29,7 +30,7 @@ from shared.jobs.submissions import submit_images
 from shared.jobs.views import batch_view, study_report
 from shared.schemas import BatchAccepted, BatchView, JobAccepted
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=202, response_model=BatchAccepted, responses=PROBLEMS)

@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import SettingsDep, SubmitterDep
 from services.gateway.problems import PROBLEMS
 from shared.core.errors import XrayqError
 from shared.jobs.callbacks import organisation_secret
 from shared.schemas import CallbackSecretView
 
-router = APIRouter(prefix="/v1/callbacks", tags=["callbacks"])
+router = APIRouter(prefix="/v1/callbacks", tags=["callbacks"], route_class=GuardedRoute)
 
 
 @router.get("/secret", response_model=CallbackSecretView, responses=PROBLEMS)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import SessionDep, SettingsDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
 from shared.db.models import Dataset
@@ -14,7 +15,7 @@ from shared.schemas import DatasetView
 from shared.training.datasets import check_dataset_name, create_dataset, find_dataset, read_upload
 from shared.training.views import dataset_view
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=201, response_model=DatasetView, responses=PROBLEMS)

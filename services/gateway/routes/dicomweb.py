@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydicom import Dataset
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import CeleryDep, DatabaseDep, SettingsDep, StoreDep, SubmitterDep
 from services.gateway.problems import PROBLEMS
 from shared.core.errors import XrayqError
@@ -30,7 +31,7 @@ from shared.intake.upload import Upload
 from shared.intake.uploads import check_file_count
 from shared.jobs.studies import add_instances
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], route_class=GuardedRoute)
 DICOM_JSON = "application/dicom+json"
 
 # PS3.18 Table 10.5.3-3 failure reasons, by the xrayq code of the refusal.

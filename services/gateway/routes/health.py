@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import CeleryDep, DatabaseDep, SettingsDep, StoreDep
 from services.gateway.metrics import REGISTRY
 from shared.core.settings import Settings
@@ -20,7 +21,7 @@ from shared.db.session import Database
 from shared.models.registry import any_active_version
 from shared.schemas import ReadinessView
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=GuardedRoute)
 
 
 @router.get("/healthz")

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import (
     AdmissionDep,
     CeleryDep,
@@ -38,7 +39,7 @@ from shared.jobs.submissions import Submitted, submit_images
 from shared.jobs.views import get_job, job_view
 from shared.schemas import JobAccepted, JobView
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=PROBLEMS)

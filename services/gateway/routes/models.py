@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlalchemy.orm import Session
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import PrincipalDep, SessionDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
 from shared.auth import Principal
@@ -28,7 +29,7 @@ from shared.schemas import (
 from shared.training.datasets import find_dataset
 from shared.training.held_out import set_from_dataset
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=GuardedRoute)
 
 
 def actor_of(principal: Principal) -> Actor:

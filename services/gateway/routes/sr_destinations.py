@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import AdminDep, SessionDep
 from services.gateway.problems import PROBLEMS
 from shared.jobs.sr_destinations import create_destination, delete_destination, destination_view, list_destinations
 from shared.schemas import SrDestinationCreate, SrDestinationView
 
-router = APIRouter(prefix="/v1/sr-destinations", tags=["sr destinations"])
+router = APIRouter(prefix="/v1/sr-destinations", tags=["sr destinations"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=201, response_model=SrDestinationView, responses=PROBLEMS)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Path, Response, UploadFile
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import (
     CallbackSecretForm,
     CallbackUrlForm,
@@ -25,7 +26,7 @@ from shared.jobs.studies import StudyIntake, add_instances, study_batch_ids
 from shared.jobs.views import batch_view
 from shared.schemas import BatchView, RefusedInstance, StudiesAccepted, StudyAccepted
 
-router = APIRouter(prefix="/v1/studies", tags=["studies"])
+router = APIRouter(prefix="/v1/studies", tags=["studies"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=202, response_model=StudiesAccepted, responses=PROBLEMS)

@@ -6,13 +6,14 @@ from functools import partial
 
 from fastapi import APIRouter, Response
 
+from services.gateway.access import GuardedRoute
 from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, TrainerDep
 from services.gateway.problems import PROBLEMS
 from shared.db.session import after_commit
 from shared.schemas import TrainingRunCreate, TrainingRunView
 from shared.training.runs import cancel_run, create_run, find_run, list_runs, publish_run, run_view
 
-router = APIRouter(prefix="/v1/training-runs", tags=["training runs"])
+router = APIRouter(prefix="/v1/training-runs", tags=["training runs"], route_class=GuardedRoute)
 
 
 @router.post("", status_code=202, response_model=TrainingRunView, responses=PROBLEMS)
