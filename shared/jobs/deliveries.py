@@ -160,7 +160,8 @@ def _completion_failed(
     detail = exc.detail if isinstance(exc, XrayqError) else f"{type(exc).__name__}: {exc}"
     state: dict[str, Any] = {"status": "failed", "attempts": attempts, "code": code, "last_error": detail[:500]}
     log.warning("completing batch %s failed (attempt %d): %s: %s", batch_id, attempts, code, detail)
-    if code == "report_failed" or attempts >= settings.delivery_attempts:
+    made_by_the_instances = isinstance(exc, XrayqError)  # `build_report`'s own: the same on every try
+    if made_by_the_instances or attempts >= settings.delivery_attempts:
         _record_completion(settings, database, batch_id, None, None, failure=state)
         return False
     pause = settings.delivery_retry_after_s * 2 ** (attempts - 1)
