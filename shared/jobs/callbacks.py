@@ -51,9 +51,7 @@ def check_callback(url: str | None, secret: str | None, settings: Settings) -> t
         if secret:
             raise XrayqError("invalid_callback", "`callback_secret` without a `callback_url`.")
         return None, None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
-        raise XrayqError("invalid_callback", "`callback_url` must be an http(s) URL with a host.")
+    check_callback_url(url)
     secret = secret or settings.callback_secret
     if not secret or len(secret) < MIN_SECRET_LENGTH:
         raise XrayqError(
@@ -61,6 +59,25 @@ def check_callback(url: str | None, secret: str | None, settings: Settings) -> t
             f"A callback needs a `callback_secret` of at least {MIN_SECRET_LENGTH} characters to sign it with.",
         )
     return url, secret
+
+
+def check_callback_url(url: str) -> None:
+    """An http(s) URL that can be sent to: refused now, never a delivery that fails on every retry.
+
+    `urlsplit` alone takes URLs no HTTP client can send to: an unclosed IPv6 bracket, a space or a
+    control character in the host, a port past 65535, a host name DNS cannot carry."""
+    invalid = XrayqError("invalid_callback", "`callback_url` must be an http(s) URL with a host.")
+    if len(url) > 2048 or any(not ch.isprintable() or ch.isspace() for ch in url):
+        raise invalid
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError when it is not 0-65535)
+        httpx.URL(url)
+        host = (parts.hostname or "").encode("idna")  # a label over 63 characters, an empty label: UnicodeError
+    except (ValueError, httpx.InvalidURL):  # UnicodeError is a ValueError
+        raise invalid from None
+    if parts.scheme not in ("http", "https") or not host or len(host) > 253 or parts.port == 0:
+        raise invalid
 
 
 def post_callback(
