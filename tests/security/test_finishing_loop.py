@@ -20,7 +20,6 @@ from pydicom.uid import generate_uid
 
 from services.worker.inference import ModelCache, Predictor
 from shared.core.errors import XrayqError
-from shared.core.queue import make_celery
 from shared.core.storage import S3ObjectStore, make_object_store
 from shared.db.models import Batch, as_utc, utcnow
 from shared.db.session import database_for
@@ -28,11 +27,10 @@ from shared.imaging.dicom import identifying_tags
 from shared.intake.instances import check_instance
 from shared.intake.upload import Upload
 from shared.jobs.deliveries import complete_batch, finish_pass
-from shared.jobs.studies import add_instances
 from shared.jobs.views import COMPLETION, batch_view
 from tests.conftest import settings_from_env
 from tests.dicom_samples import part10, with_changes
-from tests.integration.conftest import client  # noqa: F401  (the real gateway app, for GET /v1/batches)
+from tests.integration.conftest import add_to_study, client  # noqa: F401  (the real gateway app, for GET /v1/batches)
 
 pytestmark = pytest.mark.integration
 
@@ -51,23 +49,6 @@ def sample(data_dir, **changes) -> bytes:
     return with_changes(part10(ds), **changes)
 
 
-def into_study(settings, upload: Upload, organisation: str) -> tuple[str, list[str]]:
-    """Study intake as every path does it after its checks: the batch id and the new job ids."""
-    with database_for(settings).session() as session:
-        intake = add_instances(
-            session,
-            make_object_store(settings),
-            make_celery(settings),
-            settings,
-            [upload],
-            organisation=organisation,
-            source="dimse",
-            model_ref="chest-xray",
-        )
-        batch = intake.batches[0]
-        return batch.id, [job.id for job in intake.jobs[batch.id]]
-
-
 def classify(settings, job_ids: list[str]) -> None:
     store = make_object_store(settings)
     predictor = Predictor(settings, database_for(settings), store, ModelCache(store, torch.device("cpu")))
@@ -76,7 +57,7 @@ def classify(settings, job_ids: list[str]) -> None:
 
 def planted_behind_intake(settings, data: bytes, organisation: str) -> tuple[str, list[str]]:
     header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return into_study(
+    return add_to_study(
         settings, Upload("planted.dcm", data, "application/dicom", dicom=identifying_tags(header)), organisation
     )
 
@@ -89,7 +70,7 @@ def test_a_study_that_cannot_make_its_report_fails_alone(settings, data_dir, cli
 
     bad, bad_jobs = planted_behind_intake(settings, bad_data, "org-mallory")  # ... so plant it behind intake
     good_data = sample(data_dir)
-    good, good_jobs = into_study(settings, check_instance("good.dcm", good_data, settings), "org-alice")
+    good, good_jobs = add_to_study(settings, check_instance("good.dcm", good_data, settings), "org-alice")
     classify(settings, bad_jobs + good_jobs)
 
     database, store = database_for(settings), make_object_store(settings)
@@ -122,7 +103,7 @@ def test_type_2_attributes_a_sender_left_out_still_make_a_report(settings, data_
     # DICOM lets these be empty; a sender that leaves them out made the SR builder raise on every pass.
     left_out = dict.fromkeys(("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID"), None)
     data = sample(data_dir, **left_out, PatientName=None, PatientID=None)
-    batch_id, job_ids = into_study(settings, check_instance("bare.dcm", data, settings), "org-bare")
+    batch_id, job_ids = add_to_study(settings, check_instance("bare.dcm", data, settings), "org-bare")
     classify(settings, job_ids)
     assert complete_batch(settings, database_for(settings), make_object_store(settings), batch_id)
     report = pydicom.dcmread(io.BytesIO(make_object_store(settings).get(f"reports/{batch_id}.dcm")))
@@ -130,7 +111,7 @@ def test_type_2_attributes_a_sender_left_out_still_make_a_report(settings, data_
 
 
 def test_a_completion_that_fails_for_a_passing_reason_is_retried_later_not_first(settings, data_dir) -> None:
-    batch_id, job_ids = into_study(settings, check_instance("a.dcm", sample(data_dir), settings), "org-bob")
+    batch_id, job_ids = add_to_study(settings, check_instance("a.dcm", sample(data_dir), settings), "org-bob")
     classify(settings, job_ids)
     database = database_for(settings)
     # Object storage that fails (a bucket that is not there): nothing wrong with the study itself.
