@@ -113,6 +113,11 @@ class BatchView(BaseModel):
     study: StudyView | None = Field(None, description="Set for study batches (DIMSE, STOW-RS, /v1/studies).")
     completed_at: datetime | None = Field(None, description="When the result (report, deliveries) was made.")
     report: ReportView | None = Field(None, description="The study's DICOM Structured Report, once made.")
+    result_error: JobError | None = Field(
+        None,
+        description="Why the batch's result could not be made (`report_failed`): completed without a report, "
+        "or, while `completed_at` is null, retried later.",
+    )
     deliveries: dict[str, DeliveryView] = Field(
         default_factory=dict,
         description="`sr_store:<destination name>` (C-STORE to each SR destination of the batch's organisation) "

@@ -17,6 +17,7 @@ from services.gateway.admission import AdmissionQueue
 from services.gateway.browsers import BrowserGuard
 from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
+from services.gateway.printable_urls import PrintableUrls
 from services.gateway.problems import install_problem_handlers
 from services.gateway.routes import (
     api_keys,
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         overrides={"/v1/datasets": settings.max_dataset_upload_bytes},
     )
     app.add_middleware(BrowserGuard, settings=settings)
+    app.add_middleware(PrintableUrls)
     origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
     if origins:  # restrictive by default: no cross-origin browser access unless configured
         app.add_middleware(

@@ -89,10 +89,17 @@ IdempotencyKeyHeader = Annotated[
         "the same key with a different request is a 409.",
     ),
 ]
+# Text a client names things with: no control characters (Postgres refuses NUL in any text; the others
+# have no place in a name, and would reach logs and other clients).
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+ClientRefForm = Annotated[
+    str | None, Form(max_length=256, pattern=PRINTABLE, description="Your own reference, returned with the job.")
+]
 CallbackUrlForm = Annotated[
     str | None,
     Form(
         max_length=2048,
+        pattern=PRINTABLE,
         description="POSTed the batch result, HMAC-signed (`X-Xrayq-Signature`), once every job has finished: "
         "https, to a public address (or a network the administrator allows), a host the organisation may use.",
     ),
@@ -102,10 +109,15 @@ CallbackSecretForm = Annotated[
     Form(
         min_length=16,
         max_length=256,
+        pattern=PRINTABLE,
         description="Secret the callback is signed with (default: the organisation's, `GET /v1/callbacks/secret`).",
     ),
 ]
 ModelForm = Annotated[
     str | None,
-    Form(description="Model name, or name@version to pin one (default: XRAYQ_DEFAULT_MODEL).", max_length=160),
+    Form(
+        description="Model name, or name@version to pin one (default: XRAYQ_DEFAULT_MODEL).",
+        max_length=160,
+        pattern=PRINTABLE,
+    ),
 ]

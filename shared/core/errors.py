@@ -17,6 +17,9 @@ ERROR_STATUS: dict[str, int] = {
     "dicom_required": 415,
     "dicom_sop_class_not_supported": 415,
     "dicom_missing_study_uid": 422,
+    "dicom_missing_uid": 422,
+    "dicom_invalid_uid": 422,
+    "dicom_invalid_attribute": 422,
     "dicom_sop_class_mismatch": 422,
     "dicom_invalid_lut": 422,
     "dicom_dimension_mismatch": 422,
@@ -86,6 +89,8 @@ ERROR_STATUS: dict[str, int] = {
     # Failures recorded on a training run.
     "trainer_lost": 500,
     "training_failed": 500,
+    # Failures recorded on a batch: its result could not be made (no report), or not sent.
+    "report_failed": 500,
     "delivery_failed": 502,  # a result that could not be sent (C-STORE, callback); retried
     "internal_error": 500,
 }

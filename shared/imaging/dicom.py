@@ -11,6 +11,7 @@ refused with its own code, never turned into a wrong image.
 from __future__ import annotations
 
 import io
+import re
 import uuid
 import warnings
 from typing import Any
@@ -36,6 +37,8 @@ def read_header(data: bytes) -> pydicom.Dataset:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
         raise XrayqError("dicom_unreadable", f"The DICOM file could not be parsed: {exc}") from None
+    except RecursionError:  # pydicom parses nested sequences recursively: hundreds of levels exhaust the stack
+        raise XrayqError("dicom_unreadable", "The DICOM file nests its sequences too deeply.") from None
     if not _has_pixel_data(data):
         raise XrayqError("dicom_no_pixel_data", "The DICOM object holds no image (no Pixel Data).")
     for keyword in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
@@ -118,8 +121,31 @@ def derived_uid(*parts: str) -> str:
 
 
 def identifying_tags(ds: pydicom.Dataset) -> dict[str, str]:
-    """What an integration needs to file the result: study, series, instance, accession, and what it shows."""
-    return {keyword: str(ds.get(keyword)).strip() for keyword in IDENTIFYING_TAGS if ds.get(keyword) not in (None, "")}
+    """What an integration needs to file the result: study, series, instance, accession, and what it shows.
+
+    Control characters are left out: a sender may put them in any text, but no database or client
+    should receive them (Postgres refuses NUL outright)."""
+    tags = {}
+    for keyword in IDENTIFYING_TAGS:
+        value = "".join(ch for ch in str(ds.get(keyword, "") or "") if ch.isprintable()).strip()
+        if value:
+            tags[keyword] = value
+    return tags
+
+
+# PS3.5 9.1: components of digits separated by dots, no component empty or with a leading zero
+# (a lone "0" is fine), 64 characters at most.
+UID_MAX_LENGTH = 64
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def uid_problem(value: str) -> str | None:
+    """Why `value` is not a valid UID, or None if it is one."""
+    if len(value) > UID_MAX_LENGTH:
+        return f"is {len(value)} characters long; a UID has at most {UID_MAX_LENGTH}"
+    if not _UID.fullmatch(value):
+        return "is not digits separated by dots without leading zeros"
+    return None
 
 
 def suitability_warnings(

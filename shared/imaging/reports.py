@@ -10,16 +10,22 @@ the same instance, never a second one.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import highdicom as hd
 import pydicom
+from highdicom.enum import PatientSexValues, SpecificCharacterSetValues
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
 
-from shared.imaging.dicom import derived_uid
+from shared.core.errors import XrayqError
+from shared.imaging.dicom import derived_uid, uid_problem
 
 MANUFACTURER = "xrayq"
 SR_SERIES_NUMBER = 9901
@@ -72,9 +78,23 @@ def _probability_code(label: str) -> Code:
 
 
 def build_report(batch_id: str, instances: list[ClassifiedInstance]) -> tuple[bytes, str]:
-    """The SR as Part-10 bytes, and its SOP Instance UID. `instances` must be of one study."""
+    """The SR as Part-10 bytes, and its SOP Instance UID. `instances` must be of one study.
+
+    Raises `report_failed` (never anything else) when the instances cannot make a report, so the
+    caller can record why on the batch instead of failing again on every pass."""
     if not instances:
         raise ValueError("a report needs at least one classified instance")
+    try:
+        checked = [replace(item, header=evidence_header(item.header)) for item in instances]
+        return _build(batch_id, checked)
+    except XrayqError:
+        raise
+    except Exception as exc:  # highdicom and pydicom raise many types on odd data; none may escape
+        detail = f"The structured report could not be built: {type(exc).__name__}: {exc}"
+        raise XrayqError("report_failed", detail[:500]) from None
+
+
+def _build(batch_id: str, instances: list[ClassifiedInstance]) -> tuple[bytes, str]:
     series_uid, instance_uid = report_uids(batch_id)
     groups = [_measurement_group(batch_id, index, item) for index, item in enumerate(instances)]
     first = instances[0]
@@ -138,3 +158,48 @@ def _measurement_group(
         qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(header.SOPClassUID), sop_instance)],
     )
+
+
+# What the SR copies from its first source instance (PS3.3 C.7.1.1, C.7.2.1): type 2 attributes, which
+# DICOM lets be empty -- and so a sender may leave out or fill with a value highdicom refuses.
+_TYPE_2_TEXT = ("PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName")
+_TYPE_2_CHECKED: dict[str, Callable[[Any], object]] = {
+    "PatientBirthDate": DA,
+    "StudyDate": DA,
+    "StudyTime": TM,
+    "PatientSex": lambda value: PatientSexValues(value) if value else None,
+}
+# The UIDs the SR references an instance by (type 1): without them there is nothing to reference.
+_EVIDENCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def evidence_header(header: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of a source instance's header that the SR can cite: type 2 attributes that are missing
+    or unusable become empty, an unknown character set is dropped; a missing or malformed UID is
+    `report_failed`."""
+    for keyword in _EVIDENCE_UIDS:
+        value = str(header.get(keyword, "") or "")
+        problem = uid_problem(value) if value else "is missing"
+        if problem is not None:
+            raise XrayqError(
+                "report_failed", f"Instance {header.get('SOPInstanceUID') or '?'!s:.64}: {keyword} {problem}."
+            )
+    cited = copy.deepcopy(header)
+    for keyword in _TYPE_2_TEXT:
+        if keyword not in cited:
+            setattr(cited, keyword, "")
+    for keyword, check in _TYPE_2_CHECKED.items():
+        try:
+            check(cited.get(keyword, ""))
+        except (ValueError, TypeError):
+            setattr(cited, keyword, "")
+        if keyword not in cited:
+            setattr(cited, keyword, "")
+    charsets = cited.get("SpecificCharacterSet")
+    if charsets is not None:
+        try:
+            for charset in [charsets] if isinstance(charsets, str) else list(charsets):
+                SpecificCharacterSetValues(charset)
+        except ValueError:
+            del cited.SpecificCharacterSet
+    return cited

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pydicom
+
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.imaging import dicom
@@ -28,6 +30,7 @@ DATASET_MIN_SIDE = 8
 class Inspected:
     media_type: MediaType
     dicom: dict[str, str] | None = None  # identifying tags of a DICOM instance
+    header: pydicom.Dataset | None = None  # a DICOM instance's data set, without its pixels
 
 
 def image_limits(settings: Settings) -> ImageLimits:
@@ -52,7 +55,7 @@ def inspect(filename: str, data: bytes, settings: Settings, limits: ImageLimits 
     header = dicom.read_header(data)
     check_sop_class(header)
     check_dicom(data, header, limits)
-    return Inspected(media_type, dicom.identifying_tags(header))
+    return Inspected(media_type, dicom.identifying_tags(header), header)
 
 
 def check_file(filename: str, data: bytes, settings: Settings) -> Upload:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pydicom
+
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.imaging import dicom
@@ -32,10 +34,31 @@ def check_instance(filename: str, data: bytes, settings: Settings) -> Upload:
     within_limit(data, settings.max_file_bytes, filename)
     if data and sniff_media_type(data) != "application/dicom":  # an empty file is `empty_file`, as anywhere
         raise refusals.dicom_required()
-    tags = inspect(filename, data, settings).dicom or {}
-    if not tags.get("StudyInstanceUID"):
-        raise refusals.missing_study_uid()
-    return Upload(filename, data, "application/dicom", dicom=tags)
+    inspected = inspect(filename, data, settings)
+    assert inspected.header is not None  # a DICOM file that passed `inspect`
+    check_report_attributes(inspected.header)
+    return Upload(filename, data, "application/dicom", dicom=inspected.dicom or {})
+
+
+# The UIDs a study's report references its instances by, and grouping by study needs (the SR's evidence
+# and source images: PS3.3 C.17.2). Each must be in the data set itself, not only in the meta header.
+REPORT_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# Study batches keep the AccessionNumber in a column (and in the key of the open study) of this width.
+MAX_ACCESSION_LENGTH = 64
+
+
+def check_report_attributes(header: pydicom.Dataset) -> None:
+    """Refuse now what would make the study's report fail later: a UID missing, too long or malformed."""
+    for keyword in REPORT_UIDS:
+        value = str(header.get(keyword, "") or "").strip()
+        if not value:
+            raise refusals.missing_study_uid() if keyword == "StudyInstanceUID" else refusals.missing_uid(keyword)
+        problem = dicom.uid_problem(value)
+        if problem is not None:
+            raise refusals.invalid_uid(keyword, problem)
+    accession = str(header.get("AccessionNumber", "") or "")
+    if len(accession) > MAX_ACCESSION_LENGTH:
+        raise refusals.invalid_attribute("AccessionNumber", f"is longer than {MAX_ACCESSION_LENGTH} characters")
 
 
 def refusal(filename: str, data: bytes, error: XrayqError) -> Refused:

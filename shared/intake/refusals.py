@@ -50,3 +50,15 @@ def sop_class_not_supported(name: str) -> XrayqError:
 
 def missing_study_uid() -> XrayqError:
     return XrayqError("dicom_missing_study_uid", "The instance has no StudyInstanceUID to group it by.")
+
+
+def missing_uid(keyword: str) -> XrayqError:
+    return XrayqError("dicom_missing_uid", f"The instance has no {keyword}; its result could not be filed.")
+
+
+def invalid_uid(keyword: str, problem: str) -> XrayqError:
+    return XrayqError("dicom_invalid_uid", f"The instance's {keyword} {problem} (PS3.5 9.1).")
+
+
+def invalid_attribute(keyword: str, problem: str) -> XrayqError:
+    return XrayqError("dicom_invalid_attribute", f"The instance's {keyword} {problem}.")

@@ -47,11 +47,17 @@ def check_file_count(count: int, settings: Settings) -> None:
         raise refusals.too_many_files(count, settings.max_batch_files)
 
 
+MAX_NAME_LENGTH = 255  # a job's file name column holds 512
+
+
 def clean_filename(name: str | None, fallback: str) -> str:
-    """Keep the client's name for the job (it is how they match results), minus control characters."""
-    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1] if name else ""
-    name = "".join(ch for ch in name if ch.isprintable())[:255]
-    return name or fallback
+    """Keep the client's name for the job (it is how they match results), minus its folders."""
+    return printable_name((name or "").replace("\\", "/").rsplit("/", 1)[-1], fallback)
+
+
+def printable_name(name: str, fallback: str) -> str:
+    """A name as a client gave it, minus control characters, at most `MAX_NAME_LENGTH` characters."""
+    return "".join(ch for ch in name if ch.isprintable())[:MAX_NAME_LENGTH] or fallback
 
 
 def batch_uploads(files: Sequence[SubmittedFile], settings: Settings) -> list[Upload]:
@@ -85,13 +91,14 @@ def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
         archive, max_files=settings.max_batch_files, max_expanded_bytes=settings.max_zip_expanded_bytes
     )
     uploads = []
-    for info in entries:
+    for index, info in enumerate(entries):
+        name = printable_name(info.filename, f"entry-{index}")  # entries keep their folders
         try:
             content = read_entry(archive, info, settings.max_file_bytes)
         except XrayqError as error:
-            uploads.append(Upload(info.filename, b"", None, error))
+            uploads.append(Upload(name, b"", None, error))
             continue
-        uploads.append(check_file(info.filename, content, settings))
+        uploads.append(check_file(name, content, settings))
     return uploads
 
 

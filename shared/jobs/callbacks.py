@@ -20,8 +20,10 @@ import logging
 import ssl
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
+import httpx
 
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
@@ -76,8 +78,7 @@ def check_callback(
         if secret:
             raise XrayqError("invalid_callback", "`callback_secret` without a `callback_url`.")
         return None, None
-    if len(url) > 2048:
-        raise XrayqError("invalid_callback", "`callback_url` is longer than 2048 characters.")
+    check_callback_url(url)
     if secret is None and organisation_secret(settings, organisation) is None:
         raise XrayqError(
             "invalid_callback",
@@ -91,6 +92,25 @@ def check_callback(
         log.warning("callback destination refused for organisation %r: %s", organisation, refused)
         raise XrayqError("callback_destination_refused", REFUSED) from None
     return url, secret
+
+
+def check_callback_url(url: str) -> None:
+    """An http(s) URL that can be sent to: refused now, never a delivery that fails on every retry.
+
+    `urlsplit` alone takes URLs no HTTP client can send to: an unclosed IPv6 bracket, a space or a
+    control character in the host, a port past 65535, a host name DNS cannot carry."""
+    invalid = XrayqError("invalid_callback", "`callback_url` must be an http(s) URL with a host.")
+    if len(url) > 2048 or any(not ch.isprintable() or ch.isspace() for ch in url):
+        raise invalid
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError when it is not 0-65535)
+        httpx.URL(url)
+        host = (parts.hostname or "").encode("idna")  # a label over 63 characters, an empty label: UnicodeError
+    except (ValueError, httpx.InvalidURL):  # UnicodeError is a ValueError
+        raise invalid from None
+    if parts.scheme not in ("http", "https") or not host or len(host) > 253 or parts.port == 0:
+        raise invalid
 
 
 def post_callback(

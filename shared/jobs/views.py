@@ -117,8 +117,20 @@ def batch_view(
         report=ReportView(location=f"/v1/batches/{batch.id}/report", sop_instance_uid=batch.report_sop_instance_uid)
         if batch.report_key and batch.report_sop_instance_uid
         else None,
-        deliveries={name: DeliveryView(**state) for name, state in (batch.deliveries or {}).items()},
+        result_error=_result_error(batch),
+        deliveries={
+            name: DeliveryView(**state) for name, state in (batch.deliveries or {}).items() if name != COMPLETION
+        },
     )
+
+
+# The key of `Batch.deliveries` that records a failed completion (making the report), not a delivery.
+COMPLETION = "completion"
+
+
+def _result_error(batch: Batch) -> JobError | None:
+    failure = (batch.deliveries or {}).get(COMPLETION)
+    return JobError(code=failure["code"], detail=failure.get("last_error")) if failure else None
 
 
 def _study_view(batch: Batch) -> StudyView | None:

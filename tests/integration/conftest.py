@@ -45,3 +45,25 @@ def submit(settings, uploads, *, as_batch: bool = False) -> list:
             as_batch=as_batch,
         )
         return submitted.jobs
+
+
+def add_to_study(settings, upload, organisation: str | None, source: str = "dimse") -> tuple[str, list[str]]:
+    """A checked instance through study intake, as the DICOM receiver adds it: its batch id and new job ids."""
+    from shared.core.queue import make_celery
+    from shared.core.storage import make_object_store
+    from shared.db.session import database_for
+    from shared.jobs.studies import add_instances
+
+    with database_for(settings).session() as session:
+        intake = add_instances(
+            session,
+            make_object_store(settings),
+            make_celery(settings),
+            settings,
+            [upload],
+            organisation=organisation,
+            source=source,
+            model_ref="chest-xray",
+        )
+        batch = intake.batches[0]
+        return batch.id, [job.id for job in intake.jobs[batch.id]]

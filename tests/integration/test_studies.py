@@ -10,15 +10,15 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from shared.core.queue import make_celery
 from shared.core.storage import make_object_store
 from shared.db.models import Batch
 from shared.db.session import database_for
 from shared.intake.instances import check_instance
 from shared.jobs.deliveries import finish_pass
-from shared.jobs.studies import add_instances, seal_stable_studies
+from shared.jobs.studies import seal_stable_studies
 from shared.jobs.views import batch_view
 from tests.conftest import settings_from_env
+from tests.integration.conftest import add_to_study
 
 pytestmark = pytest.mark.integration
 
@@ -39,19 +39,7 @@ def instance(data_dir, name: str = "RG3_UNCR.dcm", study_uid: str | None = None,
 
 def arrive(settings, data: bytes, organisation: str) -> str:
     """One instance through study intake, as the DICOM receiver does it; its batch id."""
-    upload = check_instance("x.dcm", data, settings)
-    with database_for(settings).session() as session:
-        intake = add_instances(
-            session,
-            make_object_store(settings),
-            make_celery(settings),
-            settings,
-            [upload],
-            organisation=organisation,
-            source="dimse",
-            model_ref="chest-xray",
-        )
-    return intake.batches[0].id
+    return add_to_study(settings, check_instance("x.dcm", data, settings), organisation)[0]
 
 
 def post(client, *files: bytes):

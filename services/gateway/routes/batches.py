@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from services.gateway.access import GuardedRoute
@@ -12,6 +12,7 @@ from services.gateway.deps import (
     CallbackSecretForm,
     CallbackUrlForm,
     CeleryDep,
+    ClientRefForm,
     DatabaseDep,
     IdempotencyKeyHeader,
     ModelForm,
@@ -43,7 +44,7 @@ def submit_batch(
     celery: CeleryDep,
     files: Annotated[list[UploadFile], File(description="PNG/JPEG images, or a single ZIP of them.")],
     model: ModelForm = None,
-    client_ref: Annotated[str | None, Form(max_length=256)] = None,
+    client_ref: ClientRefForm = None,
     callback_url: CallbackUrlForm = None,
     callback_secret: CallbackSecretForm = None,
     idempotency_key: IdempotencyKeyHeader = None,

@@ -6,7 +6,7 @@ from functools import partial
 from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
@@ -15,6 +15,7 @@ from services.gateway.access import GuardedRoute
 from services.gateway.deps import (
     AdmissionDep,
     CeleryDep,
+    ClientRefForm,
     DatabaseDep,
     IdempotencyKeyHeader,
     ModelForm,
@@ -53,7 +54,7 @@ async def submit_job(
     celery: CeleryDep,
     file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
     model: ModelForm = None,
-    client_ref: Annotated[str | None, Form(max_length=256)] = None,
+    client_ref: ClientRefForm = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:
     filename = clean_filename(file.filename, "upload")
