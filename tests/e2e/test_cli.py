@@ -237,7 +237,7 @@ def test_train_with_server_runs_watch_show_list(stack) -> None:
     assert stack.http.get(f"/v1/models/{name}/versions/2").json()["is_active"] is False
 
 
-def test_models_list_show_promote_rollback(stack) -> None:
+def test_models_list_show_promote_rollback(stack, chest_images, tmp_path) -> None:
     name = f"cli-{stack.mode}"  # trained by the test above: v1 active, v2 not
     table = api_cli(stack, "models", "list").stdout.splitlines()
     assert table[0].split() == [
@@ -271,7 +271,13 @@ def test_models_list_show_promote_rollback(stack) -> None:
     assert api_cli(stack, "models", "rollback", name).stdout.strip() == f"{name}@1 is now active"
     assert stack.http.get(f"/v1/models/{name}/versions/1").json()["is_active"] is True
 
-    dataset_id = stack.http.get(f"/v1/models/{name}/versions/2").json()["dataset_id"]
+    holdout = tmp_path / "holdout"  # a dataset with a test split: the images if_better runs are judged on
+    for split, chosen in (("train", slice(0, 3)), ("test", slice(3, 6))):
+        for label, paths in chest_images.items():
+            (holdout / split / label).mkdir(parents=True)
+            for path in paths[chosen]:
+                shutil.copy(path, holdout / split / label / path.name)
+    dataset_id = json.loads(api_cli(stack, "datasets", "upload", str(holdout), "--json").stdout)["id"]
     said = api_cli(stack, "models", "evaluation-set", name, dataset_id).stdout.strip()
     assert said.startswith(f"{name}: if_better runs are judged on ") and said.endswith(f"of dataset {dataset_id}")
     chosen = json.loads(api_cli(stack, "models", "evaluation-set", name, dataset_id, "--json").stdout)

@@ -95,9 +95,9 @@ def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path)
     rolled_back = predict(stack, chest_images["NORMAL"][1])
     assert rolled_back["result"]["model"] == {"name": "chest-xray", "version": old_version}
     listing = cli(stack, "models", "list").stdout.splitlines()
-    assert listing[0].split()[:3] == ["MODEL", "VERSION", "ACTIVE"]
-    active = [line.split()[:3] for line in listing[1:] if line.startswith("chest-xray ")]
-    assert [version for _, version, marker in active if marker == "*"] == [str(old_version)]
+    assert listing[0].split()[:4] == ["MODEL", "OWNER", "VERSION", "ACTIVE"]
+    active = [line.split()[:4] for line in listing[1:] if line.startswith("chest-xray ")]
+    assert [version for _, _, version, marker in active if marker == "*"] == [str(old_version)]
 
 
 def test_another_label_set_becomes_another_model(stack, data_dir) -> None:

@@ -99,9 +99,10 @@ def test_internal_destinations_are_refused_before_any_connection(
     assert problem["code"] == "callback_destination_refused"
     assert problem["detail"] == REFUSED  # one sentence for every reason: nothing about our network
     assert str(receiver.port) not in response.text and host not in problem["detail"]
-    assert not GUARD.reached(host) and not any(
-        isinstance(address, tuple) and address[1] == receiver.port for address in GUARD.attempts
-    )
+    # Postgres, Redis and the S3 server live on 127.0.0.1 too (a fresh pool connection is fine): there,
+    # only the receiver's port tells a callback attempt.
+    assert host == "127.0.0.1" or not GUARD.reached(host)
+    assert not any(isinstance(address, tuple) and address[1] == receiver.port for address in GUARD.attempts)
     assert receiver.connections == 0 and batches_calling(settings, url) == 0  # nothing stored to send later
 
 

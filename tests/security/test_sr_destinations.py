@@ -21,7 +21,7 @@ from services.worker.inference import ModelCache, Predictor
 from shared.core.storage import make_object_store
 from shared.db.models import Job
 from shared.db.session import database_for
-from shared.jobs.deliveries import complete_batch, deliver_due, finish_pass
+from shared.jobs.deliveries import complete_batch, deliver_due, finish_pass, gateway_dispatcher
 from shared.jobs.studies import seal_stable_studies, study_batch_ids
 from tests.conftest import ADMIN_HEADERS
 from tests.e2e.conftest import SrReceiver
@@ -138,9 +138,12 @@ def classify(settings, batch_ids: list[str]) -> None:
 
 
 def classify_and_finish(settings, batch_ids: list[str]) -> None:
-    """The worker's step, then the finishing pass: seal, report, deliver."""
+    """The worker's step, then the finishing pass: seal, report, start the deliveries -- and wait for
+    them: the gateway's dispatcher sends them on threads of its own."""
     classify(settings, batch_ids)
-    finish_pass(settings, database_for(settings), make_object_store(settings))
+    database, store = database_for(settings), make_object_store(settings)
+    finish_pass(settings, database, store)
+    assert gateway_dispatcher(settings, database, store).wait_idle(60)
 
 
 def batches_of(settings, study_uid: str, organisation: str) -> list[str]:
@@ -238,6 +241,7 @@ def test_a_destination_removed_before_sending_receives_nothing(gateway, keys, se
     assert complete_batch(settings, database, store, batch_id)  # the report is made, to go to both
     assert gateway.delete(f"/v1/sr-destinations/{made.json()['id']}").status_code == 200
     deliver_due(settings, database, store)
+    assert gateway_dispatcher(settings, database, store).wait_idle(60)  # deliveries run on its threads
 
     deliveries = gateway.get(f"/v1/batches/{batch_id}").json()["deliveries"]
     assert deliveries["sr_store:org-a-pacs"]["status"] == "delivered"
