@@ -101,7 +101,8 @@ def _store(destination: Destination, parts: list[RelatedPart]) -> Response:
                 raise refusals.dicom_required(f"Part {index + 1} is {content_type}, not application/dicom.")
             accepted.append(check_instance(filename, data, settings))
         except XrayqError as error:
-            refused.append(refusal(filename, data, error))
+            # Without its traceback: its frames would keep every refused part's bytes alive until the answer.
+            refused.append(refusal(filename, data, error.with_traceback(None)))
     intake = None
     if accepted:
         with destination.database.session() as session:
