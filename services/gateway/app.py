@@ -8,8 +8,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 
 from services.gateway.access import Gatekeeper, PrincipalCache
@@ -60,7 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database = database_for(settings)
     app.state.store = make_object_store(settings)
     app.state.celery = make_celery(settings, "xrayq-gateway")
-    app.state.waiter = CompletionWaiter(app.state.database)
+    app.state.waiter = CompletionWaiter(
+        app.state.database, max_waiters=settings.max_long_polls, read_threads=settings.long_poll_threads
+    )
     app.state.principals = PrincipalCache(settings.auth_cache_s)
     app.state.gatekeeper = Gatekeeper(settings, app.state.principals, app.state.database)
     app.state.admission = AdmissionQueue(settings, app.state.database, app.state.store, app.state.celery)
@@ -93,9 +96,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    tasks = [asyncio.create_task(_finish_batches_forever(app))]
+    # Housekeeping and deliveries run on threads of their own: a slow pass (a PACS that trickles, a big
+    # purge) then waits for its own pool, never for, or instead of, the one request handlers share.
+    housekeeping = anyio.CapacityLimiter(settings.housekeeping_threads)
+    tasks = [asyncio.create_task(_finish_batches_forever(app, housekeeping))]
     if settings.reconcile_interval_s > 0:
-        tasks.append(asyncio.create_task(_reconcile_forever(app)))
+        tasks.append(asyncio.create_task(_reconcile_forever(app, housekeeping)))
     yield
     for task in tasks:
         task.cancel()
@@ -103,26 +109,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await task
 
 
-async def _reconcile_forever(app: FastAPI) -> None:
+async def _reconcile_forever(app: FastAPI, limiter: anyio.CapacityLimiter) -> None:
     state = app.state
     while True:
         await asyncio.sleep(state.settings.reconcile_interval_s)
         try:
-            await run_in_threadpool(reconcile_once, state.settings, state.database, state.celery)
-            await run_in_threadpool(reconcile_runs, state.settings, state.database, state.celery)
-            await run_in_threadpool(purge_old_inputs, state.settings, state.database)
+            queue = (state.settings, state.database, state.celery)
+            await anyio.to_thread.run_sync(reconcile_once, *queue, limiter=limiter)
+            await anyio.to_thread.run_sync(reconcile_runs, *queue, limiter=limiter)
+            await anyio.to_thread.run_sync(purge_old_inputs, state.settings, state.database, limiter=limiter)
         except Exception:
             log.exception("housekeeping pass failed")
 
 
-async def _finish_batches_forever(app: FastAPI) -> None:
+async def _finish_batches_forever(app: FastAPI, limiter: anyio.CapacityLimiter) -> None:
     """Seal stable studies, make their reports, send results out: a study's stability timeout is short,
     so this runs on its own, quicker interval."""
     state = app.state
     while True:
         await asyncio.sleep(state.settings.study_check_interval_s)
         try:
-            await run_in_threadpool(finish_pass, state.settings, state.database, state.store)
+            await anyio.to_thread.run_sync(finish_pass, state.settings, state.database, state.store, limiter=limiter)
         except Exception:
             log.exception("finishing batches failed")
 

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from fastapi.concurrency import run_in_threadpool
+import anyio
+import anyio.to_thread
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import selectinload
 
@@ -35,12 +37,40 @@ FEW_WAITERS = 4
 
 
 class CompletionWaiter:
-    def __init__(self, database: Database, interval_s: float = 0.005) -> None:
+    """Long-polls are capped per process (`max_waiters`) and read the database on threads of their own
+    (`read_threads`), so however many clients wait, the request handlers keep their thread pool."""
+
+    def __init__(
+        self, database: Database, interval_s: float = 0.005, *, max_waiters: int = 256, read_threads: int = 8
+    ) -> None:
         self.database = database
         self.interval_s = interval_s
+        self.max_waiters = max_waiters
+        self.read_threads = read_threads
+        self._waiting = 0
+        self._limiter: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
         self._jobs: dict[str, set[asyncio.Future[JobView]]] = defaultdict(set)
         self._batches: dict[str, set[asyncio.Future[bool]]] = defaultdict(set)
         self._loop_task: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def long_poll(self, timeout_s: float) -> Iterator[float]:
+        """The seconds this long-poll may wait: `timeout_s`, or 0 when `max_waiters` already wait (the
+        client then gets the current state at once, and polls again)."""
+        if timeout_s <= 0 or self._waiting >= self.max_waiters:
+            yield 0.0
+            return
+        self._waiting += 1
+        try:
+            yield timeout_s
+        finally:
+            self._waiting -= 1
+
+    async def read(self, function: Callable[..., _T], *args: object) -> _T:
+        """`function(*args)` on the long-polls' own threads, never the pool request handlers share."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.read_threads)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
 
     async def wait(self, job_id: str, timeout_s: float) -> JobView | None:
         """The job's view once it is terminal, or None if `timeout_s` passed first.
@@ -73,7 +103,7 @@ class CompletionWaiter:
     async def _watch(self) -> None:
         while self._jobs or self._batches:
             try:
-                views, batches = await run_in_threadpool(self._finished, list(self._jobs), list(self._batches))
+                views, batches = await self.read(self._finished, list(self._jobs), list(self._batches))
             except Exception:  # keep serving the waiters; they fall back to their own timeouts
                 log.warning("could not check finished jobs", exc_info=True)
                 views, batches = {}, []

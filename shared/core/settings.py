@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     max_batch_files: int = 1000
     max_zip_expanded_bytes: int = 512 * 1024 * 1024
     max_wait_seconds: float = 60.0
+    # Threads: long-polls beyond `max_long_polls` per process answer at once; long-polls and housekeeping read
+    # the database on pools of their own, so neither can take the threads a submission needs.
+    max_long_polls: int = Field(default=256, ge=0)
+    long_poll_threads: int = Field(default=8, ge=1)
+    housekeeping_threads: int = Field(default=2, ge=1)
     # Dataset uploads (POST /v1/datasets): bigger than any batch, still bounded.
     max_dataset_upload_bytes: int = 4 * 1024 * 1024 * 1024
     max_dataset_files: int = 200_000

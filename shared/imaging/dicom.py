@@ -14,6 +14,7 @@ import io
 import re
 import uuid
 import warnings
+import zlib
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ import pydicom
 from PIL import Image
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import get_expected_length, pixel_dtype
@@ -31,8 +33,16 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR")
 
 
-def read_header(data: bytes) -> pydicom.Dataset:
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+# A deflated data set may inflate to this many times the per-file limit (real ones compress 2-4x).
+INFLATION_FACTOR = 4
+DEFAULT_MAX_INFLATED_BYTES = INFLATION_FACTOR * 32 * 1024 * 1024  # with the default XRAYQ_MAX_FILE_BYTES
+_INFLATE_CHUNK = 1024 * 1024
+
+
+def read_header(data: bytes, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> pydicom.Dataset:
     """The data set without its pixels, checked for what decoding will need."""
+    check_inflated_size(data, max_inflated_bytes)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
@@ -59,6 +69,32 @@ def read_header(data: bytes) -> pydicom.Dataset:
         name = getattr(syntax, "name", str(syntax))
         raise XrayqError("dicom_unsupported_transfer_syntax", f"No decoder for the transfer syntax {name}.")
     return ds
+
+
+def check_inflated_size(data: bytes, limit: int) -> None:
+    """Refuse (`file_too_large`) a Deflated Explicit VR Little Endian data set that inflates past `limit`.
+
+    pydicom inflates such a data set whole, in one call, before reading a tag: a few kilobytes of
+    deflate can declare gigabytes. Here the inflated bytes are counted a chunk at a time, none kept.
+    """
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+    except Exception:  # not Part 10, or a broken meta header: read_header reports it
+        return
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_EXPLICIT_VR_LE:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, inflated = data[stream.tell() :], 0
+    try:
+        while pending and not inflater.eof:
+            inflated += len(inflater.decompress(pending, _INFLATE_CHUNK))
+            pending = inflater.unconsumed_tail
+            if inflated > limit:
+                raise XrayqError("file_too_large", f"The deflated data set inflates past {limit} bytes.")
+    except zlib.error as exc:
+        raise XrayqError("dicom_unreadable", f"The deflated data set could not be inflated: {exc}") from None
 
 
 def read_complete(data: bytes, header: pydicom.Dataset) -> pydicom.Dataset:

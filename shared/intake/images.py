@@ -52,7 +52,7 @@ def inspect(filename: str, data: bytes, settings: Settings, limits: ImageLimits 
         raise refusals.nested_archive()
     if media_type != "application/dicom":
         return Inspected(check_image(data, limits))
-    header = dicom.read_header(data)
+    header = dicom.read_header(data, settings.max_file_bytes * dicom.INFLATION_FACTOR)
     check_sop_class(header)
     check_dicom(data, header, limits)
     return Inspected(media_type, dicom.identifying_tags(header), header)

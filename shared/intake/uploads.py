@@ -73,14 +73,21 @@ def batch_uploads(files: Sequence[SubmittedFile], settings: Settings) -> list[Up
         if file.size is not None and file.size > limit:
             uploads.append(_too_large(filename, settings))
             continue
+        if lone and _is_zip(file.file):
+            # Read from the spooled upload where it lies: the archive is never copied into memory.
+            return expand_zip(file.file, settings)
         data = file.file.read(limit + 1)
-        if lone and sniff_media_type(data) == "application/zip":
-            return expand_zip(data, settings)
         uploads.append(check_file(filename, data, settings))
     return uploads
 
 
-def expand_zip(data: bytes, settings: Settings) -> list[Upload]:
+def _is_zip(stream: BinaryIO) -> bool:
+    head = stream.read(8)
+    stream.seek(0)
+    return sniff_media_type(head + b"\0" * 124) == "application/zip"
+
+
+def expand_zip(data: bytes | BinaryIO, settings: Settings) -> list[Upload]:
     """The images of a ZIP, in archive order, refusing path escapes, bombs and too many entries.
 
     The whole archive is refused if any entry is unsafe, so nothing of it is half-submitted; an entry

@@ -10,19 +10,15 @@ and a version that extends another simply lists the other's files too.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import secrets
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import IO, Any
 
-import numpy as np
-from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -36,39 +32,13 @@ from shared.intake import refusals
 from shared.intake.archives import checked_entries, open_zip, read_entry
 from shared.intake.images import check_dataset_member
 from shared.training.dataset_layout import SPLITS, check_splits, parse_layout
+from shared.training.manifest import ManifestEntry, NewDataset, blob_key
+from shared.training.npz_upload import read_npz
 
 MANIFEST_FORMAT = "xrayq-dataset/1"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # How many unreadable files a refusal lists by name.
 _LISTED = 50
-
-
-@dataclass
-class ManifestEntry:
-    path: str
-    split: str
-    label: str
-    sha256: str
-    bytes: int
-    media_type: str
-    # DICOM only: what PS3.15 de-identification did to it before it was stored.
-    deidentification: dict[str, Any] | None = None
-
-    @property
-    def key(self) -> str:
-        return blob_key(self.sha256)
-
-
-@dataclass
-class NewDataset:
-    entries: list[ManifestEntry]
-    details: dict[str, Any]
-    # Yields (sha256, bytes) of each distinct file, for storing once the whole upload is accepted.
-    files: Callable[[], Iterator[tuple[str, bytes]]]
-
-
-def blob_key(sha256: str) -> str:
-    return f"datasets/blobs/{sha256}"
 
 
 def check_dataset_name(name: str) -> str:
@@ -93,7 +63,8 @@ def read_upload(
     archive = open_zip(stream)
     names = [info.filename for info in archive.infolist()]
     if names and all(name.endswith(".npy") for name in names):
-        return _read_npz(stream, archive, settings, classes)
+        _dataset_entries(archive, settings)  # an .npz is a ZIP: the same bomb checks apply
+        return read_npz(archive, settings, classes)
     return _read_class_folders(archive, settings, skip_unreadable=skip_unreadable)
 
 
@@ -164,63 +135,6 @@ def _dataset_entries(archive: zipfile.ZipFile, settings: Settings) -> list[zipfi
         max_expanded_bytes=settings.max_dataset_expanded_bytes,
         empty_code="dataset_empty",
     )
-
-
-def _read_npz(stream: IO[bytes], archive: zipfile.ZipFile, settings: Settings, classes: list[str] | None) -> NewDataset:
-    """MedMNIST layout: `{split}_images` (N x H x W [x 3], uint8) and `{split}_labels` (N or N x 1)."""
-    _dataset_entries(archive, settings)  # an .npz is a ZIP: the same bomb checks apply
-    stream.seek(0)
-    try:
-        npz = np.load(stream, allow_pickle=False)
-        arrays = {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise refusals.archive_unreadable(f"The .npz could not be read: {exc}") from None
-    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key in arrays:
-        if not key.endswith("_images"):
-            continue
-        prefix = key[: -len("_images")]
-        split = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}.get(prefix)
-        labels_key = f"{prefix}_labels"
-        if split is None or labels_key not in arrays:
-            raise XrayqError("dataset_invalid_layout", f"{key!r}: expected train/val/test _images with _labels.")
-        splits[split] = (arrays[key], arrays[labels_key])
-    if not splits:
-        raise XrayqError("dataset_empty", "The .npz has no '<split>_images' arrays.")
-    all_labels = np.concatenate([labels.reshape(-1) for _, labels in splits.values()])
-    if all_labels.size == 0:
-        raise XrayqError("dataset_empty", "The .npz holds no images.")
-    if not np.issubdtype(all_labels.dtype, np.integer) or all_labels.min() < 0:
-        raise XrayqError("dataset_invalid_layout", "Labels must be non-negative integers (one per image).")
-    n_classes = int(all_labels.max()) + 1
-    if classes is not None and len(classes) < n_classes:
-        raise XrayqError(
-            "dataset_invalid_layout", f"The labels go up to {n_classes - 1} but only {len(classes)} class names came."
-        )
-    names = classes or [str(i) for i in range(n_classes)]
-    entries: list[ManifestEntry] = []
-    blobs: dict[str, bytes] = {}
-    for split, (images, labels) in splits.items():
-        labels = labels.reshape(-1)
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
-            raise XrayqError(
-                "dataset_invalid_layout",
-                f"{split}_images must be uint8 N x H x W (x 3) with one label each; got {images.dtype} {images.shape}.",
-            )
-        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-            png = _png_bytes(image)
-            sha256 = hashlib.sha256(png).hexdigest()
-            blobs.setdefault(sha256, png)  # small: MedMNIST-sized arrays are in memory anyway
-            path = f"{split}/{names[int(label)]}/{split}_{index:06d}.png"
-            entries.append(ManifestEntry(path, split, names[int(label)], sha256, len(png), "image/png"))
-    details = {"source": "npz", "layout": "npz", "arrays": sorted(arrays)}
-    return NewDataset(entries, details, lambda: iter(blobs.items()))
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # --- storing and describing -----------------------------------------------------------------------

@@ -99,11 +99,12 @@ async def read_batch(
     ] = 0,
 ) -> BatchView:
     args = (database, batch_id, int(cursor or 0), limit, principal.scope)
-    view = await run_in_threadpool(_load_batch_view, *args)
-    timeout = min(wait, settings.max_wait_seconds)
-    finished = view.status in FINISHED_BATCH_STATUSES
-    if timeout > 0 and not finished and await waiter.wait_batch(batch_id, timeout):
-        view = await run_in_threadpool(_load_batch_view, *args)
+    with waiter.long_poll(min(wait, settings.max_wait_seconds)) as timeout:
+        load = waiter.read if timeout > 0 else run_in_threadpool
+        view = await load(_load_batch_view, *args)
+        finished = view.status in FINISHED_BATCH_STATUSES
+        if timeout > 0 and not finished and await waiter.wait_batch(batch_id, timeout):
+            view = await load(_load_batch_view, *args)
     return view
 
 

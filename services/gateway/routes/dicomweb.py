@@ -20,6 +20,7 @@ from pydicom import Dataset
 from services.gateway.access import GuardedRoute
 from services.gateway.deps import CeleryDep, DatabaseDep, SettingsDep, StoreDep, SubmitterDep
 from services.gateway.problems import PROBLEMS
+from services.gateway.related_parts import RelatedPart, close_parts, read_related_parts
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
@@ -65,10 +66,15 @@ async def store_instances(
     """Store Instances (STOW-RS). Send `Content-Type: multipart/related; type="application/dicom";
     boundary=...`, one Part-10 instance per part."""
     boundary = _boundary(request.headers.get("content-type", ""))
-    parts = split_multipart(await request.body(), boundary)
-    check_file_count(len(parts), settings)
-    destination = Destination(settings, database, store, celery, principal.organisation)
-    return await run_in_threadpool(_store, destination, parts)
+    # Streamed into one spooled file per part (the request cap applies as it arrives): the body is never
+    # in memory whole, and each part is read only when its turn comes.
+    parts = await read_related_parts(request.stream(), boundary)
+    try:
+        check_file_count(len(parts), settings)
+        destination = Destination(settings, database, store, celery, principal.organisation)
+        return await run_in_threadpool(_store, destination, parts)
+    finally:
+        close_parts(parts)
 
 
 @dataclass(frozen=True)
@@ -82,19 +88,21 @@ class Destination:
     organisation: str | None
 
 
-def _store(destination: Destination, parts: list[tuple[str, bytes]]) -> Response:
+def _store(destination: Destination, parts: list[RelatedPart]) -> Response:
     settings = destination.settings
     accepted: list[Upload] = []
     refused: list[Refused] = []
-    for index, (content_type, data) in enumerate(parts):
-        filename = f"stow-part-{index + 1}"
+    for index, part in enumerate(parts):
+        filename, content_type = f"stow-part-{index + 1}", part.content_type
+        data = part.read()
         try:
             # A part without a Content-Type takes the request's type="application/dicom".
             if content_type and content_type.split(";")[0].strip().lower() != "application/dicom":
                 raise refusals.dicom_required(f"Part {index + 1} is {content_type}, not application/dicom.")
             accepted.append(check_instance(filename, data, settings))
         except XrayqError as error:
-            refused.append(refusal(filename, data, error))
+            # Without its traceback: its frames would keep every refused part's bytes alive until the answer.
+            refused.append(refusal(filename, data, error.with_traceback(None)))
     intake = None
     if accepted:
         with destination.database.session() as session:
@@ -152,28 +160,3 @@ def _boundary(content_type: str) -> str:
     if match is None:
         raise XrayqError("multipart_unreadable", "The multipart/related Content-Type has no boundary.")
     return match.group(1) or match.group(2)
-
-
-def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
-    """The (content type, bytes) of each part of a multipart body (RFC 2046), binary-safe."""
-    delimiter = b"--" + boundary.encode()
-    chunks = body.split(delimiter)
-    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
-        raise XrayqError("multipart_unreadable", "The body is not a complete multipart message for its boundary.")
-    parts = []
-    for chunk in chunks[1:-1]:
-        # Each part: CRLF, headers, CRLF CRLF, content, CRLF (the CRLF belongs to the next delimiter).
-        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk
-        head, separator, content = chunk.partition(b"\r\n\r\n")
-        if not separator:
-            raise XrayqError("multipart_unreadable", "A part has no header/content separator.")
-        content = content[:-2] if content.endswith(b"\r\n") else content
-        content_type = ""
-        for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-type":
-                content_type = value.strip()
-        parts.append((content_type, content))
-    if not parts:
-        raise XrayqError("multipart_unreadable", "The multipart body has no parts.")
-    return parts

@@ -109,13 +109,12 @@ async def read_job(
     principal: SubmitterDep,
     wait: Annotated[float, Query(ge=0, description="Long-poll: seconds to wait for a terminal state.")] = 0,
 ) -> JobView:
-    view = await run_in_threadpool(_load_view, database, job_id, principal.scope)
-    timeout = min(wait, settings.max_wait_seconds)
-    if timeout > 0 and view.status not in TERMINAL_NAMES:
-        finished = await waiter.wait(job_id, timeout)
-        view = (
-            finished if finished is not None else await run_in_threadpool(_load_view, database, job_id, principal.scope)
-        )
+    with waiter.long_poll(min(wait, settings.max_wait_seconds)) as timeout:
+        load = waiter.read if timeout > 0 else run_in_threadpool
+        view = await load(_load_view, database, job_id, principal.scope)
+        if timeout > 0 and view.status not in TERMINAL_NAMES:
+            finished = await waiter.wait(job_id, timeout)
+            view = finished if finished is not None else await load(_load_view, database, job_id, principal.scope)
     return view
 
 
