@@ -82,6 +82,8 @@ class DeliveryDispatcher:
         self._lock = threading.Lock()
         self._destinations: Counter[str] = Counter()
         self._organisations: Counter[str] = Counter()
+        # The most deliveries ever in flight at once to each destination: what its share bounds.
+        self.most_in_flight: Counter[str] = Counter()
         self._running: dict[str, Future[int]] = {}
         self._breakers: dict[str, Breaker] = {}
 
@@ -139,6 +141,7 @@ class DeliveryDispatcher:
                 return None
             for key in send.values():
                 self._destinations[key] += 1
+                self.most_in_flight[key] = max(self.most_in_flight[key], self._destinations[key])
                 breaker = self._breakers.get(key)
                 if breaker is not None and breaker.open_until is not None:
                     breaker.trial_running = True  # the cool-down is over: this one delivery tries it
