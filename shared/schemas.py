@@ -172,6 +172,11 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
     files: list[Any] | None = Field(None, description="The files a dataset upload was refused for, by name.")
     retry_after_s: int | None = Field(None, description="429: seconds to wait, as in the `Retry-After` header.")
+    tensors: dict[str, list[str]] | None = Field(
+        None,
+        description="Imported weights refused: the offending tensors (first 20 of each kind): `missing`, "
+        "`unexpected`, `mismatched` (name: dtype and shape given where the architecture has another), `not_finite`.",
+    )
 
 
 class ReadinessView(BaseModel):

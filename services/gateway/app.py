@@ -77,7 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
-        overrides={"/v1/datasets": settings.max_dataset_upload_bytes},
+        overrides={
+            "/v1/datasets": settings.max_dataset_upload_bytes,
+            "/v1/models/[^/]+/import": settings.max_weights_upload_bytes,
+        },
     )
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(PrintableUrls)

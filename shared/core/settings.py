@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     max_dataset_upload_bytes: int = 4 * 1024 * 1024 * 1024
     max_dataset_files: int = 200_000
     max_dataset_expanded_bytes: int = 16 * 1024 * 1024 * 1024
+    # Imported weights (POST /v1/models/{name}/import): a request body, held twice in memory while checked.
+    max_weights_upload_bytes: int = 1024 * 1024 * 1024
     # Secret for the keyed UIDs and patient pseudonyms of DICOM training data (PS3.15 de-identification).
     # Set it to keep one patient's pseudonym stable across uploads; empty: a new random key per upload.
     deidentification_key: str = ""

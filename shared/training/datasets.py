@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
 import zipfile
 from collections import Counter
@@ -31,18 +30,18 @@ from shared.imaging.deidentify import deidentify
 from shared.intake import refusals
 from shared.intake.archives import checked_entries, open_zip, read_entry
 from shared.intake.images import check_dataset_member
+from shared.models.names import MODEL_NAME
 from shared.training.dataset_layout import SPLITS, check_splits, parse_layout
 from shared.training.manifest import ManifestEntry, NewDataset, blob_key
 from shared.training.npz_upload import read_npz
 
 MANIFEST_FORMAT = "xrayq-dataset/1"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # How many unreadable files a refusal lists by name.
 _LISTED = 50
 
 
 def check_dataset_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not MODEL_NAME.match(name):  # a dataset's name is the default name of its model
         raise XrayqError(
             "invalid_parameter", f"A dataset name is 1-64 lower-case letters, digits, '.', '_' or '-'; not {name!r}."
         )
