@@ -92,6 +92,7 @@ def import_version(
             "metadata": _bounded_metadata(header.metadata),
         },
     }
+    del data  # the file's bytes go before `register_version` serialises the tensors: two copies at most
     return register_version(
         session,
         store,
@@ -138,17 +139,30 @@ def checked_state_dict(
     return {name: tensors[name].to(dtype) for name, (_, dtype) in expected.items()}, header
 
 
-@functools.lru_cache(maxsize=16)
 def expected_tensors(architecture: str, num_classes: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of the architecture's state dict: built on the meta device, no memory
-    for weights (one build at a time; the answer is kept). Do not change the dict: it is shared."""
+    """Name -> (shape, dtype) of the architecture's state dict with `num_classes` outputs.
+
+    Read off the network built with one output and with two: a size that is 1 and then 2 is the class
+    count (the heads are linear in it). So each architecture is built twice per process at most,
+    whatever class counts imports ask for.
+    """
+    one, two = _built_tensors(architecture, 1), _built_tensors(architecture, 2)
+    return {
+        name: (tuple(num_classes if (a, b) == (1, 2) else a for a, b in zip(shape, two[name][0], strict=True)), dtype)
+        for name, (shape, dtype) in one.items()
+    }
+
+
+@functools.cache  # bounded: two entries per listed architecture, names and shapes only
+def _built_tensors(architecture: str, num_classes: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """On the meta device (no memory for weights), one build at a time."""
     with _BUILDING:
         try:
             with torch.device("meta"):
                 module = build_model(architecture, num_classes)
         except NotImplementedError:
             # RegNets compute their stage widths with tensors while they are built: meta tensors have no
-            # values to give, so these are built for real.
+            # values to give, so these are built for real (regnet_y_128gf: 2.6 GB, once per process).
             module = build_model(architecture, num_classes)
     return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in module.state_dict().items()}
 

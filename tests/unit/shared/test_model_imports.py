@@ -35,11 +35,14 @@ def refusal(state: dict[str, torch.Tensor], code: str, architecture: str = "mobi
     return caught.value
 
 
-@pytest.mark.parametrize("architecture", ["mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf"])
-def test_the_expected_tensors_are_the_real_networks(architecture: str) -> None:
-    """Built on the meta device (RegNets for real): the same names, shapes and dtypes as a built network."""
-    real = build_model(architecture, 3).state_dict()
-    assert expected_tensors(architecture, 3) == {name: (tuple(t.shape), t.dtype) for name, t in real.items()}
+@pytest.mark.parametrize(
+    ("architecture", "classes"), [("mobilenet_v3_small", 3), ("squeezenet1_1", 7), ("regnet_x_400mf", 1000)]
+)
+def test_the_expected_tensors_are_the_real_networks(architecture: str, classes: int) -> None:
+    """Read off meta-device builds (RegNets real ones) with 1 and 2 outputs: the names, shapes and dtypes
+    of the network built with that many classes (a linear head, a convolution head, a RegNet)."""
+    real = build_model(architecture, classes).state_dict()
+    assert expected_tensors(architecture, classes) == {name: (tuple(t.shape), t.dtype) for name, t in real.items()}
 
 
 def test_weights_that_fit_come_back_as_they_were_and_half_precision_is_widened() -> None:
