@@ -2,9 +2,9 @@
 
 Every file is stored once, by content (`datasets/blobs/<sha256>`); a version's manifest lists its files
 with label, split and sha256. An archive is read twice from its spooled file: once to check every
-entry (nothing is stored if one fails), once to store them, one file in memory at a time. The manifest
-and the row come last, so a crash mid-way leaves no dataset behind (at most blobs nothing refers to),
-and a version that extends another simply lists the other's files too.
+entry (nothing is stored if one fails), once to store them as they are read (at most 4 MiB in
+flight). The manifest and the row come last, so a crash mid-way leaves no dataset behind (at most
+blobs nothing refers to), and a version that extends another simply lists the other's files too.
 """
 
 from __future__ import annotations
