@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -135,7 +136,7 @@ class Predictor:
             metrics.BATCH_SIZE.labels(model.name).observe(batch_size)
         self._write(predictions=predictions, failures=failures)
 
-    def _forward(self, images: list[torch.Tensor], model: LoadedModel) -> tuple[list[list[float] | XrayqError], int]:
+    def _forward(self, images: list[torch.Tensor], model: LoadedModel) -> tuple[list[ModelOutput | XrayqError], int]:
         """Each image's class probabilities (or why there are none), and the tensor batch size used.
 
         One pass for the whole chunk; if that pass fails (an input that breaks an operator, memory
@@ -154,7 +155,7 @@ class Predictor:
                 model.version,
                 exc_info=True,
             )
-        outputs: list[list[float] | XrayqError] = []
+        outputs: list[ModelOutput | XrayqError] = []
         for image in images:
             try:
                 outputs.extend(_probabilities(model, [image]))
@@ -227,15 +228,25 @@ def _guarded(code: str, what: str, step: Callable[..., T], *args: Any) -> T:
         raise XrayqError(code, f"{what}: {type(exc).__name__}: {exc}"[:500]) from None
 
 
-def _probabilities(model: LoadedModel, images: list[torch.Tensor]) -> list[list[float] | XrayqError]:
+@dataclass
+class ModelOutput:
+    """One image's forward pass: its class probabilities and the features its head saw."""
+
+    probabilities: list[float]
+    features: torch.Tensor  # 1-D, on the CPU
+
+
+def _probabilities(model: LoadedModel, images: list[torch.Tensor]) -> list[ModelOutput | XrayqError]:
     with torch.inference_mode():
         batch = normalize(torch.stack(images), model.spec).to(model.device)  # once per chunk, not per image
-        rows = torch.softmax(model.module(batch).float(), dim=1).cpu().tolist()
+        outputs = model.head.forward(batch)
+        rows = torch.softmax(outputs.logits, dim=1).cpu().tolist()
+        features = outputs.features.cpu()
     return [
-        row
+        ModelOutput(row, features[i])
         if all(math.isfinite(p) for p in row)
         else XrayqError("inference_failed", "The model gave no finite answer.")
-        for row in rows
+        for i, row in enumerate(rows)
     ]
 
 
@@ -243,17 +254,18 @@ def _inference_failed(exc: Exception) -> XrayqError:
     return XrayqError("inference_failed", f"The model failed: {type(exc).__name__}")
 
 
-def _guarded_prediction(job: ClaimedJob, model: LoadedModel, probabilities: list[float]) -> Prediction | XrayqError:
+def _guarded_prediction(job: ClaimedJob, model: LoadedModel, output: ModelOutput) -> Prediction | XrayqError:
     try:
-        return prediction_for(job, model, probabilities)
+        return prediction_for(job, model, output)
     except Exception as exc:
         log.exception("could not build the result of job %s", job.id)
         return XrayqError("inference_failed", f"The result could not be built: {type(exc).__name__}")
 
 
-def prediction_for(job: ClaimedJob, model: LoadedModel, probabilities: list[float]) -> Prediction:
+def prediction_for(job: ClaimedJob, model: LoadedModel, output: ModelOutput) -> Prediction:
     """The answer for one job: the most probable class, every class's probability, and why the model
     may not suit this input (from the DICOM tags and the model's intended use)."""
+    probabilities = output.probabilities
     best = max(range(len(probabilities)), key=probabilities.__getitem__)
     return Prediction(
         job,

@@ -21,6 +21,7 @@ from shared.core.errors import XrayqError
 from shared.core.storage import ObjectStore
 from shared.db.models import ModelVersion, utcnow
 from shared.imaging.preprocess import PreprocessSpec
+from shared.models.heads import Head
 from shared.models.nets import build_model
 from shared.models.ownership import claim_model
 from shared.models.registry import activate_version, any_active_version
@@ -114,6 +115,8 @@ class LoadedModel:
     module: torch.nn.Module
     device: torch.device
     intended_use: dict[str, list[str]]
+    head: Head  # the tap for features (out-of-distribution checks) and dropout samples (uncertainty)
+    card: dict[str, Any]
 
 
 def load_model(row: ModelVersion, store: ObjectStore, device: torch.device) -> LoadedModel:
@@ -133,4 +136,6 @@ def load_model(row: ModelVersion, store: ObjectStore, device: torch.device) -> L
         module=module,
         device=device,
         intended_use=dict(row.card.get("intended_use") or {}),
+        head=Head(module),
+        card=dict(row.card),
     )

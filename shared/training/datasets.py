@@ -2,9 +2,9 @@
 
 Every file is stored once, by content (`datasets/blobs/<sha256>`); a version's manifest lists its files
 with label, split and sha256. An archive is read twice from its spooled file: once to check every
-entry (nothing is stored if one fails), once to store them, one file in memory at a time. The manifest
-and the row come last, so a crash mid-way leaves no dataset behind (at most blobs nothing refers to),
-and a version that extends another simply lists the other's files too.
+entry (nothing is stored if one fails), once to store them as they are read (at most 4 MiB in
+flight). The manifest and the row come last, so a crash mid-way leaves no dataset behind (at most
+blobs nothing refers to), and a version that extends another simply lists the other's files too.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import secrets
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import IO, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
+from shared.core.parallel_puts import STREAM_IN_FLIGHT_BYTES, ParallelPuts
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Dataset, new_id
@@ -211,18 +211,12 @@ def _counts(entries: list[ManifestEntry]) -> dict[str, dict[str, int]]:
     }
 
 
-def _put_files(store: ObjectStore, files: Iterator[tuple[str, bytes]], in_flight: int = 16) -> None:
-    """Store files concurrently (S3 round trips), with a bounded number of them in memory at once."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        pending: set[Future[None]] = set()
+def _put_files(store: ObjectStore, files: Iterator[tuple[str, bytes]]) -> None:
+    """Store files as they are read: in parallel, with a bounded amount of them in memory at once."""
+    with ParallelPuts(store, STREAM_IN_FLIGHT_BYTES) as puts:
         for sha256, data in files:
-            if len(pending) >= in_flight:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-            pending.add(pool.submit(store.put, blob_key(sha256), data))
-        for future in pending:
-            future.result()
+            puts.put(blob_key(sha256), data)
+        puts.wait()
 
 
 def load_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any]:
