@@ -25,7 +25,7 @@ const lineChart = (() => {
       root.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "chart-empty" }, "no data yet"));
       return root;
     }
-    const m = { left: 48, right: 12, top: 12, bottom: 40 };
+    const m = { left: 48, right: 12, top: 24, bottom: 40 };
     const xs = drawn.flatMap((s) => s.points.map((p) => p[0]));
     const ys = drawn.flatMap((s) => s.points.map((p) => p[1]));
     let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
@@ -42,7 +42,7 @@ const lineChart = (() => {
       root.append(svg("text", { x: X(t), y: height - m.bottom + 16, "text-anchor": "middle", class: "tick" }, label(t)));
     }
     root.append(svg("text", { x: width - m.right, y: height - 6, "text-anchor": "end", class: "axis-label" }, xLabel));
-    root.append(svg("text", { x: 12, y: m.top + 2, class: "axis-label" }, yLabel));
+    root.append(svg("text", { x: 4, y: 12, class: "axis-label" }, yLabel));
     drawn.forEach((s, i) => {
       const colour = COLOURS[i % COLOURS.length];
       const d = s.points.map((p, j) => `${j ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" ");

@@ -75,8 +75,12 @@
     const epochs = p.epochs ? `epoch ${p.epoch ?? 0} / ${p.epochs}` : "";
     const step = p.steps ? ` · step ${p.step ?? 0} / ${p.steps}` : "";
     const eta = p.eta_seconds ? ` · about ${Math.round(p.eta_seconds)} s left` : "";
+    const history = run.history || [];
     const lossChart = el("div", { class: "chart loss-chart" });
     const metricChart = el("div", { class: "chart metric-chart" });
+    const charts = history.length
+      ? el("div", { class: "columns" }, lossChart, metricChart)
+      : el("p", { class: "muted", text: ACTIVE.has(run.status) ? "Curves appear after the first epoch." : "No epoch finished." });
     const card = el("article", { class: `card run status-${run.status}`, dataset: { runId: run.id, status: run.status } },
       el("header", { class: "run-head" },
         el("strong", { text: run.model_name }), statusBadge(run.status),
@@ -88,11 +92,15 @@
       el("div", { class: "run-progress" }, el("span", { class: "phase", text: p.phase ?? run.status }),
         progressBar((p.percent ?? (run.status === "succeeded" ? 100 : 0)) / 100, `${number(p.percent ?? 0, 0)}%`),
         el("span", { class: "muted", text: `${epochs}${step}${eta}` })),
-      el("div", { class: "columns" }, lossChart, metricChart));
+      charts);
     if (run.error) card.append(el("p", { class: "error" }, el("strong", { text: run.error.code }), ` — ${run.error.detail ?? ""}`));
     if (run.model) card.append(el("p", { text: `Registered ${run.model.name} v${run.model.version}.` }));
-    if (run.promotion_decision) card.append(el("p", { class: "muted", text: `Promotion: ${JSON.stringify(run.promotion_decision)}` }));
-    const history = run.history || [];
+    const decision = run.promotion_decision;
+    if (decision) {
+      const verdict = decision.promote === undefined ? "" : decision.promote ? "promoted" : "not promoted";
+      card.append(el("p", { class: "muted", text: `Promotion (${decision.policy ?? run.promotion}): ${verdict}${decision.reason ? ` — ${decision.reason}` : ""}` }));
+    }
+    if (!history.length) return card;
     lineChart(lossChart, curves(history, ["train_loss", "val_loss"]), { xLabel: "epoch", yLabel: "loss" });
     lineChart(metricChart, curves(history, ["val_accuracy", "val_roc_auc"]), { xLabel: "epoch", yLabel: "validation" });
     return card;
