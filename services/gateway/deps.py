@@ -126,7 +126,9 @@ ModelForm = Annotated[
 
 
 async def get_list_filter(
-    model: Annotated[str | None, Query(max_length=128, description="Only this model name's.")] = None,
+    model: Annotated[
+        str | None, Query(max_length=128, pattern=PRINTABLE, description="Only this model name's.")
+    ] = None,
     client_ref: Annotated[
         str | None, Query(max_length=256, pattern=PRINTABLE, description="Only those with this client reference.")
     ] = None,

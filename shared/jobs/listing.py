@@ -76,7 +76,12 @@ def _stored(session: Session, where: ListFilter) -> ListFilter:
         return where
 
     def naive(moment: datetime | None) -> datetime | None:
-        return moment.astimezone(UTC).replace(tzinfo=None) if moment and moment.tzinfo else moment
+        if moment is None or moment.tzinfo is None:
+            return moment
+        try:
+            return moment.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # year 1 east of UTC, year 9999 west of it: past either end anyway
+            return datetime.min if moment.year == 1 else datetime.max
 
     return replace(where, created_after=naive(where.created_after), created_before=naive(where.created_before))
 

@@ -38,7 +38,9 @@ const lineChart = (() => {
       root.append(svg("line", { x1: m.left, x2: width - m.right, y1: Y(t), y2: Y(t), class: "grid-line" }));
       root.append(svg("text", { x: m.left - 6, y: Y(t) + 4, "text-anchor": "end", class: "tick" }, label(t)));
     }
-    for (const t of ticks(x0, x1)) {
+    // Whole numbers on the x axis (epochs) get whole ticks.
+    const xTicks = xs.every(Number.isInteger) && x1 - x0 <= 12 ? Array.from({ length: x1 - x0 + 1 }, (_, i) => x0 + i) : ticks(x0, x1);
+    for (const t of xTicks) {
       root.append(svg("text", { x: X(t), y: height - m.bottom + 16, "text-anchor": "middle", class: "tick" }, label(t)));
     }
     root.append(svg("text", { x: width - m.right, y: height - 6, "text-anchor": "end", class: "axis-label" }, xLabel));

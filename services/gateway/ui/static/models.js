@@ -47,7 +47,7 @@
     return el("div", { class: "plot-columns" }, model.versions.map((v) =>
       el("div", { class: "plot-column" }, el("h4", { text: `v${v.version}` }),
         Object.keys(v.plots).length ? Object.entries(v.plots).map(([name, url]) =>
-          el("figure", {}, el("img", { src: url, alt: `${model.name} v${v.version} ${name}`, loading: "lazy" }),
+          el("figure", {}, el("img", { src: url, alt: `${model.name} v${v.version} ${name}` }),
             el("figcaption", { text: name.replaceAll("_", " ") }))) : el("p", { class: "muted", text: "no plots" }))));
   }
 
