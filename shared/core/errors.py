@@ -45,6 +45,8 @@ ERROR_STATUS: dict[str, int] = {
     "quota_exceeded": 429,
     "host_not_allowed": 421,
     "cross_site_request": 403,
+    "session_expired": 401,
+    "csrf_token_invalid": 403,
     "api_key_not_found": 404,
     "job_not_found": 404,
     "job_not_cancellable": 409,
