@@ -2,7 +2,9 @@
 
 What it measures, all in one run, against the model version the stack serves:
 - model_only: decode + preprocess + forward of that model in this one process, on the worker's
-  device, at batch sizes 1..64, best of three repeats (the ceiling on this machine);
+  device, at batch sizes 1..64, best of three repeats (the ceiling on this machine); and the forward
+  pass as the worker serves it (calibrated, `shared.models.answers`) with and without the per-result
+  uncertainty (the head's Monte Carlo dropout samples): what uncertainty costs;
 - pipeline: images/s through the batch API (N images as concurrent ZIP batches), from the first byte
   sent until the last job finished; the median of three rounds, each on images of its own;
 - single: single-image jobs at concurrency 1, 8 and 32 (submit, then long-poll), with latencies;
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,11 +75,12 @@ def best_decode_and_forward_ips(model: LoadedModel, payloads: list[bytes], size:
     return round(max(rates), 1)
 
 
-def best_forward_only_ips(model: LoadedModel, size: int) -> float:
-    """The network alone, on random input already on the device."""
+def best_forward_only_ips(model: LoadedModel, size: int, forward: Callable[[Any], object] | None = None) -> float:
+    """The network alone (or `forward`), on random input already on the device."""
     import torch
 
     device = model.device
+    forward = forward or model.module
 
     def sync() -> None:
         if device.type == "cuda":
@@ -85,13 +89,13 @@ def best_forward_only_ips(model: LoadedModel, size: int) -> float:
     x = torch.randn(size, 3, model.spec.size, model.spec.size, device=device)
     passes = max(3, 64 // size)
     with torch.inference_mode():
-        model.module(x)
+        forward(x)
         rates = []
         for _ in range(3):
             sync()
             started = time.perf_counter()
             for _ in range(passes):
-                model.module(x)
+                forward(x)
             sync()  # CUDA runs asynchronously: without this the clock stops before the work does
             rates.append(size * passes / (time.perf_counter() - started))
     return round(max(rates), 1)
@@ -123,9 +127,38 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
         "ips": per_batch[best],
         "ips_by_batch": per_batch,
         "forward_only_ips_by_batch": forward_only,
+        "uncertainty_cost": measure_uncertainty_cost(model),
         "one_image_ms_p50": round(statistics.median(one), 2),
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+def served_forward(model: LoadedModel, uncertainty: bool) -> Callable[[Any], object]:
+    """The worker's forward pass (`services.worker.inference`): features tapped, answers calibrated as the
+    card says, and, with `uncertainty`, the head re-run under its dropout masks; probabilities to the host."""
+    from shared.models.answers import answers
+
+    card = model.card if uncertainty else {k: v for k, v in model.card.items() if k != "uncertainty"}
+
+    def forward(x: Any) -> object:
+        outputs = model.head.forward(x)
+        served = answers(model.head, card, outputs.logits, outputs.features)
+        return served.probabilities.cpu(), None if served.uncertainty is None else served.uncertainty.cpu()
+
+    return forward
+
+
+def measure_uncertainty_cost(model: LoadedModel, sizes: tuple[int, ...] = (1, 8, 64)) -> dict[str, Any]:
+    """Images/s of the served forward pass with and without the uncertainty, per batch size."""
+    without = {size: best_forward_only_ips(model, size, served_forward(model, False)) for size in sizes}
+    with_it = {size: best_forward_only_ips(model, size, served_forward(model, True)) for size in sizes}
+    return {
+        "method": (model.card.get("uncertainty") or {}).get("method"),
+        "samples": model.head.samples if model.head.sampled else 1,
+        "without_ips_by_batch": without,
+        "with_ips_by_batch": with_it,
+        "overhead_by_batch": {size: round(without[size] / with_it[size] - 1, 3) for size in sizes},
     }
 
 

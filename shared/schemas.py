@@ -20,8 +20,25 @@ class ModelRef(BaseModel):
 
 class JobResult(BaseModel):
     label: str
-    probabilities: dict[str, float]
+    probabilities: dict[str, float] = Field(
+        description="Each class's probability, calibrated on the version's validation split when `calibrated`."
+    )
     model: ModelRef
+    confidence: float = Field(description="The probability of `label` (calibrated when `calibrated`).")
+    calibrated: bool = Field(
+        description="Whether the answering version was calibrated (temperature scaling); false: plain softmax."
+    )
+    uncertainty: float | None = Field(
+        None,
+        description="0 (sure) to 1 (every class equally likely): the normalised predictive entropy, over Monte "
+        "Carlo dropout samples of the head where the architecture has a dropout. Null when the version's card "
+        "records no uncertainty threshold.",
+    )
+    uncertain: bool | None = Field(
+        None,
+        description="Whether `uncertainty` is above the version's threshold (chosen on its validation split); "
+        "then `warnings` also has an `uncertain` entry. Null when `uncertainty` is.",
+    )
 
 
 class JobError(BaseModel):
@@ -42,7 +59,9 @@ class JobView(BaseModel):
     result: JobResult | None = None
     error: JobError | None = None
     warnings: list[dict[str, str]] = Field(
-        default_factory=list, description="Why the model may not suit this input, e.g. `body_part_mismatch`."
+        default_factory=list,
+        description="`{code, detail}` entries: why the model may not suit this input or answer, e.g. "
+        "`body_part_mismatch`, `uncertain`.",
     )
     dicom: dict[str, str] | None = Field(None, description="Identifying tags of a DICOM input.")
     attempts: int = 0
@@ -143,6 +162,14 @@ class ModelVersionView(BaseModel):
     )
     plots: dict[str, str] = Field(default_factory=dict, description="Plot name -> URL of its PNG.")
     card: dict[str, Any] = Field(default_factory=dict, description="The model card, as stored beside the weights.")
+    calibration: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`calibrated` and the card's temperature-scaling record, or `reason`: why results are not.",
+    )
+    uncertainty: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`flags` and the card's uncertainty record (measure, threshold, how it was chosen), or `reason`.",
+    )
 
 
 class ModelView(BaseModel):

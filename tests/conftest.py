@@ -16,6 +16,15 @@ from loadtest.harness.images import CHEST_TRAIN
 from loadtest.harness.processes import free_port
 from shared.core.settings import Settings
 
+# The warnings about a model's intended use (DICOM tags against the card); a result may carry others
+# (`uncertain`, ...) that depend on the model's weights, not on the input's tags.
+SUITABILITY_CODES = ("body_part_mismatch", "modality_mismatch")
+
+
+def suitability_codes(job: dict) -> list[str]:
+    """The codes of a job view's intended-use warnings, in order."""
+    return [w["code"] for w in job["warnings"] if w["code"] in SUITABILITY_CODES]
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

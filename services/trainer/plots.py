@@ -1,4 +1,5 @@
-"""The evaluation plots stored with every trained version: confusion matrix, ROC curve, learning curves."""
+"""The evaluation plots stored with every trained version: confusion matrix, ROC curve, learning curves,
+reliability diagram."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-PLOT_NAMES = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png")
+PLOT_NAMES = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "reliability.png")
 
 
 def render_plots(
@@ -24,6 +25,7 @@ def render_plots(
         "confusion_matrix.png": _png(_confusion_matrix(report, title)),
         "roc_curve.png": _png(_roc_curve(report, roc, title)),
         "learning_curves.png": _png(_learning_curves(history, title)),
+        "reliability.png": _png(_reliability(report["calibration"], title)),
     }
 
 
@@ -71,6 +73,37 @@ def _learning_curves(history: list[dict[str, Any]], title: str) -> Figure:
     scores.set_xlabel("epoch")
     scores.legend(fontsize=8)
     figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def _reliability(calibration: dict[str, Any], title: str) -> Figure:
+    """Accuracy against confidence per bin (`calibration` as `services.trainer.evaluation.calibration`
+    makes it), after temperature scaling and, when the report has it, before; the diagonal is perfect."""
+    figure, axes = plt.subplots(figsize=(4.5, 4.2), dpi=110)
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    curves = [("before", calibration.get("before"), "tab:orange"), ("calibrated", calibration, "tab:blue")]
+    for name, curve, colour in curves:
+        if not curve or not curve.get("table"):
+            continue
+        rows = curve["table"]
+        total = sum(row["n"] for row in rows)
+        axes.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], color=colour, alpha=0.8)
+        axes.scatter(
+            [r["confidence"] for r in rows],
+            [r["accuracy"] for r in rows],
+            s=[20 + 300 * r["n"] / total for r in rows],  # area: the bin's share of the images
+            color=colour,
+            alpha=0.8,
+            label=f"{name}: ECE {curve['ece']:.3f}",
+        )
+    temperature = calibration.get("temperature")
+    suffix = f", temperature {temperature:.2f}" if temperature else ", not calibrated"
+    axes.set_title(f"{title}\nreliability ({calibration.get('bins', 15)} bins){suffix}", fontsize=9)
+    axes.set_xlabel("confidence (probability of the answered class)")
+    axes.set_ylabel("accuracy")
+    axes.set_xlim(0, 1.02)
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="upper left", fontsize=8)
     return figure
 
 

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from sqlalchemy.orm import Session
 
+from services.trainer.calibration import calibrate, calibrated_evaluation
 from services.trainer.comparison import (
     choose_held_out,
     compare_with_active,
@@ -48,7 +49,7 @@ from services.trainer.evaluation import classification_report, roc_points
 from services.trainer.held_out import record_model_set
 from services.trainer.plots import render_plots
 from services.trainer.reporter import RunCancelled, RunReporter
-from services.trainer.training import ProgressCallback, TrainConfig, TrainResult, fit, predict_probabilities
+from services.trainer.training import ProgressCallback, TrainConfig, TrainResult, fit
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore, make_object_store
@@ -112,7 +113,8 @@ def _run_steps(
     reporter.phase("training", percent=0.0)
     result = fit(data.train, data.val, run.config, reporter.on_training_event, initial_state=run.base_weights)
     reporter.phase("evaluating", percent=100.0)
-    evaluation = evaluate(run, data, result, reporter.history)
+    calibrated = calibrate_on_validation(run, data, result)
+    evaluation = evaluate(run, data, result, reporter.history, calibrated)
     held_out, recorded, rescore = choose_held_out(database, store, run, data)
     champion = compare_with_active(settings, database, store, run, held_out, reporter)
     candidate = score_candidate(run, data, result, held_out, reporter) if rescore else evaluation.report
@@ -120,7 +122,9 @@ def _run_steps(
     decision["evaluated_on"] = {**held_out.describe(), "model_held_out_set": recorded}
     reporter.phase("registering", percent=100.0)
     with database.session() as session:
-        row = register(session, store, run, data, result, evaluation, champion, decision, reporter.history)
+        row = register(
+            session, store, run, data, result, evaluation, champion, decision, reporter.history, extra_card=calibrated
+        )
         record_model_set(session, store, run.name, held_out)
         promote(session, row, run, decision)
         finish_run(
@@ -285,15 +289,26 @@ class Evaluation:
     plots: dict[str, bytes]
 
 
-def evaluate(run: RunInputs, data: RunData, result: TrainResult, history: list[dict[str, Any]]) -> Evaluation:
-    """The trained model's report and plots on the evaluation images."""
+def calibrate_on_validation(run: RunInputs, data: RunData, result: TrainResult) -> dict[str, Any]:
+    """The card's `calibration` (temperature) and `uncertainty` (flag threshold), fitted on validation."""
+    device = pick_device(run.config.device)
+    return calibrate(trained_model(run, data.classes, result, device), data.val, run.config.spec(), device)
+
+
+def evaluate(
+    run: RunInputs, data: RunData, result: TrainResult, history: list[dict[str, Any]], calibrated: dict[str, Any]
+) -> Evaluation:
+    """The trained model's report and plots on the evaluation images, its probabilities calibrated as
+    the version will serve them (`calibrated`: the card's calibration sections)."""
     spec = run.config.spec()
     device = pick_device(run.config.device)
     model = trained_model(run, data.classes, result, device)
     images = data.evaluation.images
-    probabilities = predict_probabilities(model, images, spec, device)
+    probabilities, calibration, flags = calibrated_evaluation(model, images, spec, device, calibrated)
     labels = images.labels.numpy()
     report = classification_report(labels, probabilities, data.classes)
+    report["calibration"] = calibration  # before and after, on the evaluation images
+    report["uncertainty"] = flags
     plots = render_plots(
         report,
         roc_points(labels, probabilities, data.classes),
@@ -316,8 +331,10 @@ def register(
     champion: dict[str, Any] | None,
     decision: dict[str, Any],
     history: list[dict[str, Any]],
+    extra_card: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """The new version (inactive) with its card, evaluation report and plots."""
+    """The new version (inactive) with its card, evaluation report and plots; `extra_card`: more
+    sections of the card (calibration, uncertainty)."""
     config = run.config
     return register_version(
         session,
@@ -360,6 +377,7 @@ def register(
             },
         },
         files={plot: (content, "image/png") for plot, content in evaluation.plots.items()},
+        extra_card=extra_card,
     )
 
 

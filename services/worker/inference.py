@@ -29,7 +29,9 @@ from shared.imaging.dicom import suitability_warnings
 from shared.imaging.preprocess import normalize, to_model_pixels
 from shared.intake.images import image_limits
 from shared.jobs.lifecycle import ClaimedJob, Prediction, claim_jobs, ms_since, record_outcomes
+from shared.models.answers import answers
 from shared.models.artifacts import LoadedModel, load_model
+from shared.models.calibration import card_threshold, uncertain_warning
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +72,9 @@ def warm_up(model: LoadedModel, batch_sizes: Sequence[int]) -> None:
     with torch.inference_mode():
         for size in batch_sizes:
             x = torch.zeros(size, 3, model.spec.size, model.spec.size, device=model.device)
-            torch.softmax(model.module(x).float(), dim=1).cpu()
+            outputs = model.head.forward(x)
+            served = answers(model.head, model.card, outputs.logits, outputs.features)  # the head's samples too
+            served.probabilities.cpu()
 
 
 class Predictor:
@@ -212,6 +216,8 @@ class Predictor:
             metrics.JOBS_FINISHED.labels(model_name, "succeeded" if ok else "failed").inc()
             if ok:
                 metrics.END_TO_END.labels(model_name).observe(ms_since(prediction.job.created_at, finished) / 1000)
+                for warning in prediction.warnings or ():
+                    metrics.RESULT_WARNINGS.labels(model_name, warning["code"]).inc()
         for job, _ in failures:
             metrics.JOBS_FINISHED.labels(job.model_name, "failed").inc()
 
@@ -232,21 +238,25 @@ def _guarded(code: str, what: str, step: Callable[..., T], *args: Any) -> T:
 class ModelOutput:
     """One image's forward pass: its class probabilities and the features its head saw."""
 
-    probabilities: list[float]
+    probabilities: list[float]  # calibrated when `calibrated`
     features: torch.Tensor  # 1-D, on the CPU
+    calibrated: bool = False
+    uncertainty: float | None = None  # see shared.models.answers
 
 
 def _probabilities(model: LoadedModel, images: list[torch.Tensor]) -> list[ModelOutput | XrayqError]:
     with torch.inference_mode():
         batch = normalize(torch.stack(images), model.spec).to(model.device)  # once per chunk, not per image
         outputs = model.head.forward(batch)
-        rows = torch.softmax(outputs.logits, dim=1).cpu().tolist()
+        served = answers(model.head, model.card, outputs.logits, outputs.features)
+        rows = served.probabilities.cpu().tolist()
+        uncertainties = served.uncertainty.cpu().tolist() if served.uncertainty is not None else [None] * len(rows)
         features = outputs.features.cpu()
     return [
-        ModelOutput(row, features[i])
-        if all(math.isfinite(p) for p in row)
+        ModelOutput(row, features[i], served.calibrated, uncertainty)
+        if all(math.isfinite(p) for p in row) and (uncertainty is None or math.isfinite(uncertainty))
         else XrayqError("inference_failed", "The model gave no finite answer.")
-        for i, row in enumerate(rows)
+        for i, (row, uncertainty) in enumerate(zip(rows, uncertainties, strict=True))
     ]
 
 
@@ -263,14 +273,26 @@ def _guarded_prediction(job: ClaimedJob, model: LoadedModel, output: ModelOutput
 
 
 def prediction_for(job: ClaimedJob, model: LoadedModel, output: ModelOutput) -> Prediction:
-    """The answer for one job: the most probable class, every class's probability, and why the model
-    may not suit this input (from the DICOM tags and the model's intended use)."""
+    """The answer for one job: the most probable class, every class's probability, how sure it is, and
+    why the model may not suit this input or answer (the DICOM tags against the model's intended use;
+    an uncertainty above the version's threshold)."""
     probabilities = output.probabilities
     best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    warnings = suitability_warnings(job.dicom, model.intended_use)
+    threshold = card_threshold(model.card)
+    uncertain = None
+    if output.uncertainty is not None and threshold is not None:
+        uncertain = output.uncertainty > threshold
+        if uncertain:
+            warnings.append(uncertain_warning(output.uncertainty, threshold))
     return Prediction(
         job,
         label=model.classes[best],
         probabilities={c: round(p, 6) for c, p in zip(model.classes, probabilities, strict=True)},
         model_version_id=model.id,
-        warnings=suitability_warnings(job.dicom, model.intended_use) or None,
+        warnings=warnings or None,
+        confidence=round(probabilities[best], 6),
+        calibrated=output.calibrated,
+        uncertainty=round(output.uncertainty, 6) if output.uncertainty is not None else None,
+        uncertain=uncertain,
     )

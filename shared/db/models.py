@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -129,6 +130,12 @@ class Job(Base):
 
     label: Mapped[str | None] = mapped_column(String(128))
     probabilities: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # How sure the answer is: the calibrated probability of `label`; whether the version was calibrated;
+    # its uncertainty in [0, 1] and whether that passed the version's threshold (null: no threshold).
+    confidence: Mapped[float | None] = mapped_column(Float)
+    calibrated: Mapped[bool | None] = mapped_column(Boolean)
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    uncertain: Mapped[bool | None] = mapped_column(Boolean)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

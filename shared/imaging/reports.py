@@ -2,7 +2,8 @@
 
 One measurement group (TID 1501) per classified instance: it references its source image, names the
 algorithm (TID 4019: model name and version), and holds the predicted class as its Finding (121071),
-the probability of each class as a measurement, and any "not made for this input" flag. The SR joins the
+the probability of each class, the confidence and uncertainty of the answer as measurements, and every
+warning on the input or the answer (outside the intended use, uncertain, ...). The SR joins the
 source study (patient and study attributes are copied from the evidence) as a series of its own, so
 a PACS files it beside the images. Its UIDs derive from the batch id: rebuilding it after a crash gives
 the same instance, never a second one.
@@ -37,7 +38,9 @@ _KNOWN_LABELS = {
     "NORMAL": Code("17621005", "SCT", "Normal"),
 }
 PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
-INPUT_WARNING = Code("INPUT-WARNING", PRIVATE_SCHEME, "Input outside the model's intended use")
+INPUT_WARNING = Code("INPUT-WARNING", PRIVATE_SCHEME, "Warning on the input or the answer")
+CONFIDENCE = Code("CONFIDENCE", PRIVATE_SCHEME, "Confidence in the finding (0 to 1)")
+UNCERTAINTY = Code("UNCERTAINTY", PRIVATE_SCHEME, "Uncertainty of the finding (0 to 1)")
 UNITLESS = Code("1", "UCUM", "no units")
 
 
@@ -51,6 +54,8 @@ class ClassifiedInstance:
     model_name: str
     model_version: int
     warnings: list[dict[str, str]]
+    confidence: float | None = None
+    uncertainty: float | None = None
 
 
 def report_uids(batch_id: str) -> tuple[str, str]:
@@ -145,6 +150,11 @@ def _measurement_group(
             name=_probability_code(label), value=float(probability), unit=UNITLESS, algorithm_id=algorithm
         )
         for label, probability in item.probabilities.items()
+    ]
+    measurements += [
+        hd.sr.Measurement(name=name, value=float(value), unit=UNITLESS, algorithm_id=algorithm)
+        for name, value in ((CONFIDENCE, item.confidence), (UNCERTAINTY, item.uncertainty))
+        if value is not None
     ]
     sop_instance = str(header.SOPInstanceUID)
     return hd.sr.MeasurementsAndQualitativeEvaluations(

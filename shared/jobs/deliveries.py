@@ -207,6 +207,8 @@ def _classified_instances(session: Session, store: ObjectStore, batch_id: str) -
                 model_name=job.model_version.name,
                 model_version=job.model_version.version,
                 warnings=job.warnings or [],
+                confidence=job.confidence,
+                uncertainty=job.uncertainty,
             )
         )
     return instances

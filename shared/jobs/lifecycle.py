@@ -274,7 +274,11 @@ class Prediction:
     label: str
     probabilities: dict[str, float]
     model_version_id: str
-    warnings: list[dict[str, str]] | None = None  # suitability flags (see shared.imaging.dicom)
+    warnings: list[dict[str, str]] | None = None  # {"code", "detail"}: suitability, uncertainty, ...
+    confidence: float | None = None  # the (calibrated) probability of `label`
+    calibrated: bool | None = None
+    uncertainty: float | None = None  # in [0, 1]; None: the version has no threshold to judge it by
+    uncertain: bool | None = None
 
 
 def record_outcomes(
@@ -332,6 +336,10 @@ def _outcome_row(
             "new_probabilities": prediction.probabilities,
             "new_model_version_id": prediction.model_version_id,
             "new_warnings": prediction.warnings or None,
+            "new_confidence": prediction.confidence,
+            "new_calibrated": prediction.calibrated,
+            "new_uncertainty": prediction.uncertainty,
+            "new_uncertain": prediction.uncertain,
             "new_error_code": None,
             "new_error_detail": None,
         }
@@ -349,6 +357,10 @@ def _failure_columns(error: XrayqError) -> dict[str, Any]:
         "new_probabilities": None,
         "new_model_version_id": None,
         "new_warnings": None,
+        "new_confidence": None,
+        "new_calibrated": None,
+        "new_uncertainty": None,
+        "new_uncertain": None,
         "new_error_code": error.code,
         "new_error_detail": error.detail,
     }
@@ -368,6 +380,10 @@ _OUTCOME_UPDATE = (
         error_detail=bindparam("new_error_detail"),
         timings=bindparam("new_timings"),
         warnings=bindparam("new_warnings"),
+        confidence=bindparam("new_confidence"),
+        calibrated=bindparam("new_calibrated"),
+        uncertainty=bindparam("new_uncertainty"),
+        uncertain=bindparam("new_uncertain"),
         finished_at=bindparam("new_finished_at"),
     )
 )

@@ -44,12 +44,18 @@ def job_view(job: Job) -> JobView:
     result = None
     if job.status == JobStatus.succeeded and job.label is not None:
         answered: ModelVersion | None = job.model_version
+        probabilities = job.probabilities or {}
         result = JobResult(
             label=job.label,
-            probabilities=job.probabilities or {},
+            probabilities=probabilities,
             model=ModelRef(
                 name=answered.name if answered else job.model_name, version=answered.version if answered else None
             ),
+            # Jobs answered before confidence was stored were answered uncalibrated: their probability is it.
+            confidence=job.confidence if job.confidence is not None else float(probabilities.get(job.label, 0.0)),
+            calibrated=bool(job.calibrated),
+            uncertainty=job.uncertainty,
+            uncertain=job.uncertain,
         )
     return JobView(
         id=job.id,

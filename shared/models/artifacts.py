@@ -44,13 +44,16 @@ def register_version(
     intended_use: dict[str, list[str]] | None = None,
     provenance: dict[str, Any] | None = None,
     files: dict[str, tuple[bytes, str]] | None = None,
+    extra_card: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Store weights, card and `files` (plots: name -> bytes, type), then add the version row.
 
     `scope`: whose request it is (`Principal.scope`): the owner of `name`, or an admin (None); the
     first version of a name makes `scope` its owner (None: shared). Anyone else: `model_not_owned`.
     `activate`: "always", "if_none_active" or "never". `provenance` says where the version came
-    from ({"dataset_id", "training_run_id", "evaluation", ...}) and goes into the card.
+    from ({"dataset_id", "training_run_id", "evaluation", ...}) and goes into the card. `extra_card`:
+    further sections of the card, each under its own key (e.g. "calibration", "uncertainty"); none may
+    replace a key this function writes.
 
     Objects are written before the row is committed, so a row never points at missing bytes; a crash
     in between leaves only an unreferenced object behind.
@@ -77,6 +80,10 @@ def register_version(
         "weights": {"format": "safetensors", "key": f"{prefix}/weights.safetensors", "sha256": weights_sha256},
         "created_at": utcnow().isoformat(),
     }
+    clashing = set(card) & set(extra_card or {})
+    if clashing:
+        raise ValueError(f"extra card sections may not replace {sorted(clashing)}")
+    card.update(extra_card or {})
     store.put(card["weights"]["key"], weights)
     for file_name, (content, content_type) in (files or {}).items():
         store.put(f"{prefix}/{file_name}", content, content_type)

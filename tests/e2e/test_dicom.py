@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from tests.conftest import suitability_codes
 from tests.dicom_samples import secondary_capture
 from tests.e2e.conftest import OTHER_SCU_AE_TITLE, SCU_AE_TITLE
 from tests.e2e.test_stack import wait_for_batch
@@ -97,7 +98,11 @@ def sr_findings(sr: pydicom.Dataset) -> dict[str, tuple[str, dict, str, str]]:
     findings = {}
     for group in document.content.get_image_measurement_groups():
         (source,) = group.source_images
-        probabilities = {m.name.meaning.removeprefix("Probability of "): m.value for m in group.get_measurements()}
+        probabilities = {
+            m.name.meaning.removeprefix("Probability of "): m.value
+            for m in group.get_measurements()
+            if m.name.value.startswith("P-")
+        }
         algorithm = text_values(group[0], {"111001", "111003"})  # TID 4019 Algorithm Name, Algorithm Version
         findings[source.referenced_sop_instance_uid] = (
             group.finding_type.meaning,
@@ -106,6 +111,18 @@ def sr_findings(sr: pydicom.Dataset) -> dict[str, tuple[str, dict, str, str]]:
             algorithm["111003"],
         )
     return findings
+
+
+def sr_measurements(sr: pydicom.Dataset, code: str) -> dict[str, float]:
+    """Referenced SOPInstanceUID -> the value of the measurement with this concept code, where there is one."""
+    document = hd.sr.ComprehensiveSR.from_dataset(sr)
+    values = {}
+    for group in document.content.get_image_measurement_groups():
+        (source,) = group.source_images
+        for measurement in group.get_measurements():
+            if measurement.name.value == code:
+                values[source.referenced_sop_instance_uid] = measurement.value
+    return values
 
 
 def text_values(item: pydicom.Dataset, codes: set[str]) -> dict[str, str]:
@@ -171,6 +188,11 @@ def test_c_store_study_over_two_associations_becomes_one_batch_with_a_structured
         label, expected = answers[sop_uid]
         assert finding.upper() == label and algorithm == model["name"] and version == str(model["version"])
         assert probabilities == pytest.approx(expected, abs=1e-6)
+    # The answer's confidence and uncertainty are measurements of the SR too.
+    for job in batch["jobs"]:
+        sop_uid = job["dicom"]["SOPInstanceUID"]
+        assert sr_measurements(sr, "CONFIDENCE")[sop_uid] == pytest.approx(job["result"]["confidence"], abs=1e-6)
+        assert sr_measurements(sr, "UNCERTAINTY")[sop_uid] == pytest.approx(job["result"]["uncertainty"], abs=1e-6)
 
     # The same SR went back to the configured destination AE by C-STORE (its organisation's: `dicom`).
     deadline = time.monotonic() + 30
@@ -187,7 +209,7 @@ def test_instances_from_a_mapped_ae_title_are_filed_under_its_organisation(stack
     assert c_store(stack, [instance], calling=OTHER_SCU_AE_TITLE) == [0x0000]
     batch = study_batch(stack, instance.StudyInstanceUID)
     job = stack.http.get(f"/v1/jobs/{batch['jobs'][0]['id']}").json()
-    assert [w["code"] for w in job["warnings"]] == ["body_part_mismatch"]  # an extremity, flagged in the SR too
+    assert suitability_codes(job) == ["body_part_mismatch"]  # an extremity, flagged in the SR too
     if stack.mode == "services":  # API keys and organisations are on: another organisation cannot see it
         key = stack.http.post(
             "/v1/api-keys", json={"name": "other", "organisation": "st-elsewhere", "roles": ["submit"]}
@@ -289,5 +311,5 @@ def test_a_film_stored_as_secondary_capture_is_classified_alike_on_every_path(st
     assert {job["result"]["label"] for job in jobs} == {jobs[0]["result"]["label"]}
     for job in jobs[1:]:
         assert job["result"]["probabilities"] == pytest.approx(jobs[0]["result"]["probabilities"], abs=1e-6)
-    assert [[w["code"] for w in job["warnings"]] for job in jobs] == [["modality_mismatch"]] * 4
+    assert [suitability_codes(job) for job in jobs] == [["modality_mismatch"]] * 4
     assert {job["dicom"]["Modality"] for job in jobs} == {"OT"}

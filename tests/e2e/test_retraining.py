@@ -36,10 +36,12 @@ def test_the_locally_trained_first_version_has_its_run_report_and_plots(stack) -
     assert run["promotion"] == "if_none_active" and run["promotion_decision"]["promote"] is True
     assert stack.http.get(f"/v1/datasets/{card['dataset_id']}").json()["files"] == 96  # --max-per-class 48
     assert card["evaluation"]["summary"]["split"] == "val" and card["evaluation"]["summary"]["n"] > 0
-    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves"}
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability"}
     for url in card["plots"].values():
         plot = stack.http.get(url)
         assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+    assert card["calibration"]["calibrated"] is True and card["calibration"]["fitted_on"] == "validation"
+    assert card["uncertainty"]["flags"] is True
 
 
 def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path) -> None:
@@ -79,6 +81,8 @@ def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path)
 
     card = stack.http.get(f"/v1/models/chest-xray/versions/{new_version}").json()
     assert card["is_active"] is False and card["evaluation"]["summary"]["n"] == 12
+    assert card["card"]["calibration"]["temperature"] > 0 and "reliability" in card["plots"]
+    assert card["metrics"]["evaluation"]["calibration"]["before"]["ece"] is not None
     for url in card["plots"].values():
         plot = stack.http.get(url)
         assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
@@ -87,6 +91,9 @@ def test_upload_train_watch_promote_and_roll_back(stack, chest_images, tmp_path)
     assert "is now active" in cli(stack, "models", "promote", f"chest-xray@{new_version}").stdout
     after = predict(stack, chest_images["PNEUMONIA"][1])
     assert after["result"]["model"] == {"name": "chest-xray", "version": new_version}
+    assert after["result"]["calibrated"] is True
+    assert after["result"]["confidence"] == max(after["result"]["probabilities"].values())
+    assert 0 <= after["result"]["uncertainty"] <= 1 and isinstance(after["result"]["uncertain"], bool)
     # The earlier result keeps the version that produced it.
     assert stack.http.get(f"/v1/jobs/{before['id']}").json()["result"]["model"]["version"] == old_version
 

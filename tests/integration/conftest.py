@@ -27,7 +27,7 @@ def redis_client(redis_prefix):
     client.close()
 
 
-def submit(settings, uploads, *, as_batch: bool = False) -> list:
+def submit(settings, uploads, *, as_batch: bool = False, model_ref: str = "chest-xray") -> list:
     """Jobs made as the gateway makes them (stored, committed, published to the settings' queue): their rows."""
     from shared.core.queue import make_celery
     from shared.core.storage import make_object_store
@@ -41,7 +41,7 @@ def submit(settings, uploads, *, as_batch: bool = False) -> list:
             make_celery(settings),
             settings,
             uploads,
-            model_ref="chest-xray",
+            model_ref=model_ref,
             as_batch=as_batch,
         )
         return submitted.jobs

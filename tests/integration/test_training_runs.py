@@ -213,7 +213,8 @@ def test_a_run_trains_evaluates_registers_and_promotes_if_better(client, chest_d
     for key in ("accuracy", "per_class", "sensitivity", "specificity", "roc_auc", "confusion_matrix", "threshold"):
         assert key in report
     assert 0.0 <= report["calibration"]["ece"] <= 1.0
-    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves"}
+    assert_calibrated(card, report)
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability"}
     for url in card["plots"].values():
         image = client.get(url)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
@@ -258,10 +259,30 @@ def test_a_locally_trained_version_has_a_dataset_a_run_a_report_and_plots(client
     assert run["evaluation"]["split"] == "val" and run["evaluation"]["n"] == card["card"]["data"]["counts"]["val"]
     assert card["evaluation"]["summary"] == run["evaluation"]
     assert services_model["validation"]["accuracy"] == card["metrics"]["validation"]["accuracy"]
-    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves"}
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability"}
     for url in card["plots"].values():
         image = client.get(url)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert_calibrated(card, card["metrics"]["evaluation"])
+
+
+def assert_calibrated(card: dict, report: dict) -> None:
+    """The card records the temperature and the uncertainty threshold fitted on validation; the
+    evaluation report shows calibration before and after, and what the flag catches."""
+    calibration = card["card"]["calibration"]
+    assert calibration["method"] == "temperature" and calibration["fitted_on"] == "validation"
+    assert calibration["n"] == card["card"]["data"]["counts"]["val"]
+    assert 0.05 <= calibration["temperature"] <= 20
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+    assert {"ece_before", "ece_after"} <= set(calibration)
+    assert card["calibration"] == {"calibrated": True, **calibration}
+    uncertainty = card["card"]["uncertainty"]
+    assert uncertainty["method"] == "mc_dropout" and uncertainty["chosen_on"] == "validation"  # MobileNet's head
+    assert 0 <= uncertainty["threshold"] <= 1 and card["uncertainty"]["flags"] is True
+    assert report["calibration"]["temperature"] == calibration["temperature"]
+    assert 0 <= report["calibration"]["before"]["ece"] <= 1 and report["calibration"]["calibrated"] is True
+    assert report["uncertainty"]["threshold"] == uncertainty["threshold"]
+    assert report["uncertainty"]["n"] == report["n"]
 
 
 def test_promotion_errors(client, chest_dataset, services_settings) -> None:

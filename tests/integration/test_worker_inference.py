@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import uuid
+
 import pytest
 import torch
-from sqlalchemy import update
+from prometheus_client import REGISTRY
+from safetensors.torch import load as load_safetensors
+from sqlalchemy import select, update
 
 from services.worker.inference import ModelCache, Predictor
 from shared.core.storage import make_object_store
-from shared.db.models import Job, JobStatus
+from shared.db.models import Job, JobStatus, ModelVersion
 from shared.db.session import database_for
+from shared.imaging.preprocess import PreprocessSpec
 from shared.intake.upload import Upload
-from shared.jobs.views import get_job
+from shared.jobs.views import get_job, job_view
+from shared.models.artifacts import register_version
+from shared.models.views import version_view
 from tests.integration.conftest import submit as submit_jobs
 
 
@@ -26,9 +34,9 @@ def predictor(services_settings, services_model) -> Predictor:
     return make_predictor(services_settings.model_copy(update={"coalesce_singles": False}))
 
 
-def submit(settings, uploads: list[Upload], as_batch: bool = True) -> list[str]:
+def submit(settings, uploads: list[Upload], as_batch: bool = True, model_ref: str = "chest-xray") -> list[str]:
     """No worker consumes the messages: the tests run the predictor on them themselves."""
-    return [job.id for job in submit_jobs(settings, uploads, as_batch=as_batch)]
+    return [job.id for job in submit_jobs(settings, uploads, as_batch=as_batch, model_ref=model_ref)]
 
 
 def test_one_forward_pass_serves_the_chunk_and_results_are_complete(
@@ -112,3 +120,112 @@ def test_a_single_jobs_message_takes_other_waiting_singles_into_its_forward_pass
         assert all(job.status == JobStatus.succeeded for job in jobs)
         assert min(job.timings["batch_size"] for job in jobs) >= 5
     assert all(predictor.run([job_id]) == {"claimed": 0} for job_id in ids[1:])  # their own messages: no-ops
+
+
+# --- confidence and uncertainty -------------------------------------------------------------------
+
+
+def register_copy(settings, services_model, extra_card: dict | None) -> str:
+    """The session's tiny model registered again under a name of its own, with these card sections
+    (None: a card as versions had before calibration); its name."""
+    store = make_object_store(settings)
+    name = f"chest-copy-{uuid.uuid4().hex[:8]}"
+    with database_for(settings).session() as session:
+        row = session.scalars(
+            select(ModelVersion).where(
+                ModelVersion.name == services_model["name"], ModelVersion.version == services_model["version"]
+            )
+        ).one()
+        register_version(
+            session, store, name=name, scope=None, architecture=row.architecture, classes=list(row.classes),
+            preprocessing=PreprocessSpec.from_dict(row.card["preprocessing"]),
+            state_dict=load_safetensors(store.get(row.weights_key)), metrics={}, data={}, training={},
+            activate="always", intended_use=row.card["intended_use"], extra_card=extra_card,
+        )  # fmt: skip
+    return name
+
+
+def views(settings, ids: list[str]) -> list[dict]:
+    with database_for(settings).session() as session:
+        return [job_view(get_job(session, job_id)).model_dump(mode="json") for job_id in ids]
+
+
+def chest_uploads(chest_images, count: int) -> list[Upload]:
+    paths = chest_images["NORMAL"][30 : 30 + count] + chest_images["PNEUMONIA"][30 : 30 + count]
+    assert len(paths) == 2 * count
+    return [Upload(p.name, p.read_bytes(), "image/jpeg") for p in paths]
+
+
+def test_results_carry_calibrated_confidence_and_uncertainty(
+    predictor, services_settings, services_model, chest_images
+) -> None:
+    with database_for(services_settings).session() as session:
+        card = version_card(session, services_model)
+    threshold = card["uncertainty"]["threshold"]
+    ids = submit(services_settings, chest_uploads(chest_images, 4))
+    assert predictor.run(ids) == {"claimed": 8}
+    for job in views(services_settings, ids):
+        result = job["result"]
+        assert job["status"] == "succeeded" and result["calibrated"] is True
+        assert result["confidence"] == result["probabilities"][result["label"]] == max(result["probabilities"].values())
+        assert 0 <= result["uncertainty"] <= 1
+        assert result["uncertain"] == (result["uncertainty"] > threshold)
+        assert ("uncertain" in [w["code"] for w in job["warnings"]]) == result["uncertain"]
+
+
+def test_a_version_with_an_old_card_still_answers_uncalibrated_and_says_why(
+    predictor, services_settings, services_model, chest_images
+) -> None:
+    name = register_copy(services_settings, services_model, extra_card=None)
+    ids = submit(services_settings, chest_uploads(chest_images, 2), model_ref=name)
+    assert predictor.run(ids) == {"claimed": 4}
+    for job in views(services_settings, ids):
+        result = job["result"]
+        assert job["status"] == "succeeded" and result["model"]["name"] == name
+        assert result["calibrated"] is False and result["confidence"] == max(result["probabilities"].values())
+        assert result["uncertainty"] is None and result["uncertain"] is None
+        assert "uncertain" not in [w["code"] for w in job["warnings"]]
+    with database_for(services_settings).session() as session:
+        row = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).one()
+        view = version_view(row)
+    assert view.calibration["calibrated"] is False and "no calibration" in view.calibration["reason"]
+    assert view.uncertainty["flags"] is False and "no uncertainty threshold" in view.uncertainty["reason"]
+
+
+def test_the_temperature_is_applied_and_every_result_past_the_threshold_is_flagged_and_counted(
+    predictor, services_settings, services_model, chest_images
+) -> None:
+    """The same weights served with and without a temperature: softmax(logits / T) against softmax(logits);
+    a threshold of 0 flags every answer that is not certain, and each flag is counted in /metrics."""
+    plain = register_copy(services_settings, services_model, extra_card=None)
+    flagging = register_copy(
+        services_settings,
+        services_model,
+        extra_card={
+            "calibration": {"method": "temperature", "temperature": 3.0, "fitted_on": "validation"},
+            "uncertainty": {"measure": "predictive_entropy", "threshold": 0.0},
+        },
+    )
+    uploads = chest_uploads(chest_images, 2)
+    plain_ids = submit(services_settings, uploads, model_ref=plain)
+    flagged_ids = submit(services_settings, uploads, model_ref=flagging)
+    assert predictor.run(plain_ids) == predictor.run(flagged_ids) == {"claimed": 4}
+    for before, after in zip(views(services_settings, plain_ids), views(services_settings, flagged_ids), strict=True):
+        logits = torch.tensor([math.log(p) for p in before["result"]["probabilities"].values()])
+        expected = torch.softmax(logits / 3.0, dim=0).tolist()
+        assert list(after["result"]["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+        assert after["result"]["label"] == before["result"]["label"]  # a temperature never changes the answer
+        assert after["result"]["calibrated"] is True and after["result"]["uncertain"] is True
+        (warning,) = [w for w in after["warnings"] if w["code"] == "uncertain"]
+        assert "have a person read this image" in warning["detail"]
+    counted = REGISTRY.get_sample_value("xrayq_result_warnings_total", {"model": flagging, "code": "uncertain"})
+    assert counted == len(flagged_ids)
+
+
+def version_card(session, services_model) -> dict:
+    row = session.scalars(
+        select(ModelVersion).where(
+            ModelVersion.name == services_model["name"], ModelVersion.version == services_model["version"]
+        )
+    ).one()
+    return dict(row.card)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import highdicom as hd
 import pydicom
 import pytest
 
@@ -37,6 +38,26 @@ def test_report_is_the_same_instance_when_rebuilt_and_references_its_sources(dat
     }
     assert referenced == {h.SOPInstanceUID for h in sources}
     assert sr.PatientID == sources[0].PatientID and sr.StudyInstanceUID == sources[0].StudyInstanceUID
+
+
+def test_confidence_uncertainty_and_every_warning_are_in_the_report(data_dir) -> None:
+    (source,) = headers(data_dir, "RG1_UNCR")
+    warnings = [{"code": "uncertain", "detail": "Uncertain answer (uncertainty 0.80, threshold 0.40)."}]
+    item = ClassifiedInstance(
+        source, "PNEUMONIA", {"NORMAL": 0.3, "PNEUMONIA": 0.7}, "chest-xray", 4, warnings, confidence=0.7,
+        uncertainty=0.8,
+    )  # fmt: skip
+    document = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(io.BytesIO(build_report("batch-3", [item])[0])))
+    (group,) = document.content.get_image_measurement_groups()
+    values = {m.name.value: m.value for m in group.get_measurements()}
+    assert values == {"P-NORMAL": 0.3, "P-PNEUMONIA": 0.7, "CONFIDENCE": 0.7, "UNCERTAINTY": 0.8}
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert evaluation.value.value == "uncertain"
+    # A result without them (a version with no uncertainty threshold) has the probabilities alone.
+    plain = ClassifiedInstance(source, "NORMAL", {"NORMAL": 0.9, "PNEUMONIA": 0.1}, "chest-xray", 4, [])
+    document = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(io.BytesIO(build_report("batch-4", [plain])[0])))
+    (group,) = document.content.get_image_measurement_groups()
+    assert {m.name.value for m in group.get_measurements()} == {"P-NORMAL", "P-PNEUMONIA"}
 
 
 def test_labels_get_standard_codes_where_known() -> None:
