@@ -143,6 +143,11 @@ class ModelVersionView(BaseModel):
     )
     plots: dict[str, str] = Field(default_factory=dict, description="Plot name -> URL of its PNG.")
     card: dict[str, Any] = Field(default_factory=dict, description="The model card, as stored beside the weights.")
+    checks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Which checks this version's results get (input_quality, out_of_distribution, "
+        "inverted_polarity): `on: how`, or `off: why`.",
+    )
 
 
 class ModelView(BaseModel):

@@ -46,6 +46,7 @@ from services.trainer.data import (
 )
 from services.trainer.evaluation import classification_report, roc_points
 from services.trainer.held_out import record_model_set
+from services.trainer.ood_reference import ReferenceArtifacts, build_reference
 from services.trainer.plots import render_plots
 from services.trainer.reporter import RunCancelled, RunReporter
 from services.trainer.training import ProgressCallback, TrainConfig, TrainResult, fit, predict_probabilities
@@ -55,7 +56,7 @@ from shared.core.storage import ObjectStore, make_object_store
 from shared.db.models import Dataset, ModelVersion, RunStatus, TrainingRun
 from shared.db.session import Database, database_for
 from shared.models.artifacts import register_version
-from shared.models.nets import pick_device
+from shared.models.nets import build_model, pick_device
 from shared.models.ownership import Actor, check_may_manage
 from shared.models.registry import activate_version
 from shared.training.datasets import blob_key, load_manifest
@@ -113,6 +114,7 @@ def _run_steps(
     result = fit(data.train, data.val, run.config, reporter.on_training_event, initial_state=run.base_weights)
     reporter.phase("evaluating", percent=100.0)
     evaluation = evaluate(run, data, result, reporter.history)
+    reference = fit_ood_reference(store, run, data, result, reporter)
     held_out, recorded, rescore = choose_held_out(database, store, run, data)
     champion = compare_with_active(settings, database, store, run, held_out, reporter)
     candidate = score_candidate(run, data, result, held_out, reporter) if rescore else evaluation.report
@@ -120,7 +122,7 @@ def _run_steps(
     decision["evaluated_on"] = {**held_out.describe(), "model_held_out_set": recorded}
     reporter.phase("registering", percent=100.0)
     with database.session() as session:
-        row = register(session, store, run, data, result, evaluation, champion, decision, reporter.history)
+        row = register(session, store, run, data, result, evaluation, champion, decision, reporter.history, reference)
         record_model_set(session, store, run.name, held_out)
         promote(session, row, run, decision)
         finish_run(
@@ -316,8 +318,9 @@ def register(
     champion: dict[str, Any] | None,
     decision: dict[str, Any],
     history: list[dict[str, Any]],
+    reference: ReferenceArtifacts,
 ) -> ModelVersion:
-    """The new version (inactive) with its card, evaluation report and plots."""
+    """The new version (inactive) with its card, evaluation report, plots and out-of-distribution reference."""
     config = run.config
     return register_version(
         session,
@@ -360,7 +363,19 @@ def register(
             },
         },
         files={plot: (content, "image/png") for plot, content in evaluation.plots.items()},
+        **reference.register_arguments(),
     )
+
+
+def fit_ood_reference(
+    store: ObjectStore, run: RunInputs, data: RunData, result: TrainResult, reporter: RunReporter
+) -> ReferenceArtifacts:
+    """The trained model's out-of-distribution reference (`services.trainer.ood_reference`)."""
+    device = pick_device(run.config.device)
+    module = build_model(run.config.architecture, len(data.classes))
+    module.load_state_dict(result.state_dict)
+    train_reads = [example.read for example in examples_by_split(store, run.manifest, data.classes).get("train", [])]
+    return build_reference(module, run.config.spec(), data.train, data.val, train_reads, device, beat=reporter.beat)
 
 
 def promote(session: Session, row: ModelVersion, run: RunInputs, decision: dict[str, Any]) -> None:

@@ -23,4 +23,6 @@ END_TO_END = Histogram(
 BATCH_SIZE = Histogram(
     "xrayq_batch_size", "Images per forward pass", ["model"], buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 )
+# One count per flag on a written result (`warnings`: input quality, out of distribution, suitability).
+RESULT_FLAGS = Counter("xrayq_result_flags", "Flags on results written by the worker", ["model", "code"])
 BUSY = Counter("xrayq_worker_busy_seconds", "Time spent running prediction messages")

@@ -14,13 +14,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db.models import ModelActivation, ModelVersion, RegisteredModel, as_utc
+from shared.models.ood import checks_of
 from shared.models.ownership import may_manage, may_use
 from shared.schemas import ModelActivationView, ModelVersionView, ModelView
 
 # What of a card every user of the model may read (an allow-list: new provenance stays private).
 PUBLIC_CARD_KEYS = (
     *("name", "version", "architecture", "classes", "preprocessing", "metrics", "intended_use"),
-    *("files", "weights", "created_at"),
+    *("files", "weights", "created_at", "ood"),
 )
 PUBLIC_DATA_KEYS = ("classes", "counts", "split")
 PUBLIC_TRAINING_KEYS = ("config", "seconds", "device", "torch")
@@ -61,6 +62,7 @@ def version_view(row: ModelVersion, *, provenance: bool = True) -> ModelVersionV
         evaluation=card.get("evaluation"),
         plots={name.removesuffix(".png"): f"{base}/{name}" for name in row.card.get("files", {})},
         card=card,
+        checks=checks_of(row.card),
     )
 
 
