@@ -42,7 +42,9 @@ class JobView(BaseModel):
     result: JobResult | None = None
     error: JobError | None = None
     warnings: list[dict[str, str]] = Field(
-        default_factory=list, description="Why the model may not suit this input, e.g. `body_part_mismatch`."
+        default_factory=list,
+        description="Flags for an input the model may not suit ({code, detail}), e.g. `out_of_distribution`, "
+        "`underexposed`, `body_part_mismatch` (README: Flags on results).",
     )
     dicom: dict[str, str] | None = Field(None, description="Identifying tags of a DICOM input.")
     attempts: int = 0
