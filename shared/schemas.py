@@ -179,6 +179,11 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
     files: list[Any] | None = Field(None, description="The files a dataset upload was refused for, by name.")
     retry_after_s: int | None = Field(None, description="429: seconds to wait, as in the `Retry-After` header.")
+    tensors: dict[str, list[str]] | None = Field(
+        None,
+        description="Imported weights refused: the offending tensors (first 20 of each kind): `missing`, "
+        "`unexpected`, `mismatched` (name: dtype and shape given where the architecture has another), `not_finite`.",
+    )
 
 
 class ReadinessView(BaseModel):
@@ -366,3 +371,72 @@ class StudiesAccepted(BaseModel):
         default_factory=list, description="Files whose SOP instance was already in its open study batch."
     )
     refused: list[RefusedInstance] = Field(default_factory=list, description="Files that joined no study, and why.")
+
+
+# --- the dashboard ------------------------------------------------------------------------------------
+
+
+class SessionView(BaseModel):
+    """Who the dashboard acts for. The session token itself is only ever in the HttpOnly cookie."""
+
+    open_mode: bool = Field(description="No API keys (the embedded mode on loopback): no session is needed.")
+    organisation: str | None = None
+    roles: list[str]
+    expires_at: datetime | None = None
+    csrf_token: str | None = Field(
+        None, description="Send as `X-Xrayq-CSRF` with every state change made with the session cookie."
+    )
+
+
+class ModelDownloadView(BaseModel):
+    name: str
+    version: int
+    file: Literal["weights", "card"]
+    api_key_id: str | None = Field(None, description="The key that downloaded it (null: the bootstrap admin key).")
+    organisation: str | None = None
+    created_at: datetime
+
+
+class BatchSummary(BaseModel):
+    """A batch as a list shows it: its counts and progress, not its jobs (`GET /v1/batches/{id}`)."""
+
+    id: str
+    status: BatchStatusName
+    model: ModelRef
+    client_ref: str | None = None
+    created_at: datetime
+    total: int
+    counts: BatchCounts
+    progress: float
+    study_instance_uid: str | None = None
+    completed_at: datetime | None = None
+
+
+class RouteLatency(BaseModel):
+    method: str
+    route: str = Field(description="The route's template, e.g. `/v1/jobs/{job_id}`.")
+    count: float
+    p50: float | None = Field(None, description="Seconds (from the histogram's buckets, as Prometheus computes it).")
+    p90: float | None = None
+    p99: float | None = None
+
+
+class ActiveVersionView(BaseModel):
+    model: str
+    version: int
+    architecture: str
+
+
+class OperationsView(BaseModel):
+    """The numbers `/metrics` serves, summarised; rates are the difference of two snapshots."""
+
+    jobs_by_status: dict[str, float] = Field(description="Jobs in the database by status (every organisation).")
+    jobs_finished: float = Field(description="succeeded + failed + cancelled: its change over time is throughput.")
+    job_error_rate: float | None = Field(None, description="failed / (succeeded + failed); null before any.")
+    jobs_submitted: dict[str, float] = Field(description="Accepted by this gateway process since it started, by kind.")
+    http_requests: float = Field(description="Answered by this gateway process since it started.")
+    http_error_rate: float | None = Field(None, description="Share of those answered with a 5xx.")
+    latency: list[RouteLatency] = Field(description="This process's busiest routes first.")
+    queue_depths: dict[str, float]
+    workers: dict[str, float] = Field(description="Worker processes answering a ping, by queue (predict, train).")
+    active_versions: list[ActiveVersionView]

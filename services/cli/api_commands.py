@@ -5,6 +5,7 @@ Every command prints a table or a summary for people, or the API's JSON with --j
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,11 +13,13 @@ import typer
 
 from services.cli.api_client import ApiError, ApiKeyOption, ServerOption, call, connect, dataset_name, follow_run
 from services.cli.api_client import upload_dataset as upload_dataset_file
-from services.cli.output import JsonOutput, emit, figure, print_fields, print_table
+from services.cli.output import JsonOutput, emit, fail, figure, print_fields, print_table
 
 datasets = typer.Typer(help="Upload and list labelled datasets (through the API)", no_args_is_help=True)
 runs = typer.Typer(help="List, show, watch or cancel training runs (through the API)", no_args_is_help=True)
-models = typer.Typer(help="List, show, promote or roll back model versions (through the API)", no_args_is_help=True)
+models = typer.Typer(
+    help="List, show, import, promote or roll back model versions (through the API)", no_args_is_help=True
+)
 
 
 def request(server: str | None, api_key: str | None, method: str, path: str, **options: Any) -> Any:
@@ -240,6 +243,37 @@ def set_evaluation_set(
     )
 
 
+@models.command("import")
+def import_model(
+    name: Annotated[str, typer.Argument(help="model name: a new one, or one of yours")],
+    path: Annotated[Path, typer.Argument(help="the state dict as a .safetensors file")],
+    architecture: Annotated[str, typer.Option(help="the torchvision model it is for, e.g. resnet18")],
+    classes: Annotated[str, typer.Option(help="its outputs' class names in order, comma-separated")],
+    sha256: Annotated[
+        str | None, typer.Option(help="the SHA-256 you expect (default: the file's own, checking the transfer)")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="input size in px (default: the recipe's)")] = None,
+    color: Annotated[str | None, typer.Option(help="grayscale (default) or rgb")] = None,
+    as_json: JsonOutput = False,
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Register weights made elsewhere as a new, inactive version (promote it, or fine-tune from it)."""
+    if not path.is_file():
+        raise fail(f"{path} is not a file.")
+    form = {"architecture": architecture, "classes": classes, "sha256": sha256 or file_sha256(path)}
+    form |= {key: str(value) for key, value in {"image_size": image_size, "color": color}.items() if value}
+    with connect(server, api_key) as client, path.open("rb") as handle:
+        files = {"file": (path.name, handle, "application/octet-stream")}
+        body = call(client, "POST", f"/v1/models/{name}/import", files=files, data=form)
+    emit(body, as_json, version_summary)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def model_table(body: list[dict[str, Any]]) -> None:
     print_table(
         ("model", "owner", "version", "active", "architecture", "classes", "accuracy", "roc-auc", "created"),
@@ -266,6 +300,7 @@ def version_summary(version: dict[str, Any]) -> None:
             ("ROC-AUC", roc_auc),
             ("dataset", version.get("dataset_id")),
             ("training run", version.get("training_run_id")),
+            ("imported from", (version.get("card", {}).get("import") or {}).get("original_filename")),
             *((f"plot {plot}", url) for plot, url in version.get("plots", {}).items()),
         ]
     )

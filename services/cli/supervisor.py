@@ -187,6 +187,7 @@ def _announce(settings: Settings) -> None:
     print(
         f"""
 xrayq is up in {mode} mode: {url}  (API docs: {url}/docs)
+Dashboard: {url}/{"  (sign in with an API key)" if settings.auth_enabled else ""}
 DICOM receiver: {dicom}; STOW-RS at {url}/dicomweb/studies
 Access: {access}
 State lives in {settings.home.resolve()} unless XRAYQ_DATABASE_URL / XRAYQ_BROKER_URL / XRAYQ_S3_ENDPOINT_URL

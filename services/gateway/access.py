@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
 from starlette.types import Scope
 
 from services.gateway.problems import error_response
@@ -27,9 +28,15 @@ from shared.auth import OPEN, Principal, authenticate, hash_key, require
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.db.session import Database
+from shared.sessions import csrf_matches, session_principal
 
 PRINCIPAL_SCOPE_KEY = "xrayq.principal"
 MISSING_KEY = "Send an API key: `Authorization: Bearer <key>`."
+# The dashboard's session (shared/sessions.py): an HttpOnly cookie stands in for the key, and every
+# state change made with it carries the session's CSRF token in this header.
+SESSION_COOKIE = "xrayq_session"
+CSRF_HEADER = "X-Xrayq-CSRF"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # A route's requirement: the roles it needs (empty: any valid key), or None for an open route.
 Requirement = frozenset[str] | None
 
@@ -83,6 +90,9 @@ class PrincipalCache:
         """The key authenticated here before (expired or not): its owner is not held up by others' guesses
         from the same address (a NAT, a proxy). It is still looked up, never let through unchecked."""
         return hash_key(token) in self._entries
+
+    def forget(self, token: str) -> None:
+        self._entries.pop(hash_key(token), None)
 
     def forget_all(self) -> None:
         self._entries.clear()
@@ -150,9 +160,31 @@ class Gatekeeper:
         return principal
 
     async def _authenticate(self, scope: Scope) -> Principal:
-        token = _bearer_token(Headers(scope=scope).get("authorization"))
-        if token is None:  # nothing to look up, so nothing to throttle
-            raise XrayqError("unauthorized", MISSING_KEY)
+        headers = Headers(scope=scope)
+        token = _bearer_token(headers.get("authorization"))
+        if token is None:
+            cookie = session_cookie(headers)
+            if cookie is None:  # nothing to look up, so nothing to throttle
+                raise XrayqError("unauthorized", MISSING_KEY)
+            # A cookie goes with every request the browser makes to us, whichever page asked for it.
+            if scope["method"] not in SAFE_METHODS and not csrf_matches(cookie, headers.get(CSRF_HEADER)):
+                raise XrayqError("csrf_token_invalid", f"A change made with the session cookie needs {CSRF_HEADER}.")
+            return await self._look_up(scope, SESSION_PREFIX + cookie, self._session_in_database)
+        return await self._look_up(scope, token, self._authenticate_in_database)
+
+    async def session_of(self, scope: Scope) -> Principal | None:
+        """Who the session cookie of a page request acts for (None: no session, or one that ended)."""
+        if not self.settings.auth_enabled:
+            return OPEN
+        cookie = session_cookie(Headers(scope=scope))
+        if cookie is None:
+            return None
+        try:
+            return await self._look_up(scope, SESSION_PREFIX + cookie, self._session_in_database)
+        except XrayqError:
+            return None
+
+    async def _look_up(self, scope: Scope, token: str, look_up: Callable[[str], Principal]) -> Principal:
         principal = self.principals.get(token)
         if principal is not None:
             return principal
@@ -163,7 +195,7 @@ class Gatekeeper:
             if throttled is not None:
                 raise throttled
         try:
-            principal = await run_in_threadpool(self._authenticate_in_database, token)
+            principal = await run_in_threadpool(look_up, token)
         except XrayqError:
             await self.limits.record_failed_authentication(address)
             raise
@@ -173,6 +205,21 @@ class Gatekeeper:
     def _authenticate_in_database(self, token: str) -> Principal:
         with self.database.session() as session:
             return authenticate(session, self.settings, token)
+
+    def _session_in_database(self, token: str) -> Principal:
+        with self.database.session() as session:
+            return session_principal(session, self.settings, token.removeprefix(SESSION_PREFIX))[0]
+
+
+# Sessions share the cache of checked keys; the prefix keeps a session token from passing as a key.
+SESSION_PREFIX = "session:"
+
+
+def session_cookie(headers: Headers) -> str | None:
+    cookies = headers.get("cookie")
+    if not cookies or SESSION_COOKIE not in cookies:
+        return None
+    return cookie_parser(cookies).get(SESSION_COOKIE) or None
 
 
 def _bearer_token(authorization: str | None) -> str | None:

@@ -102,7 +102,13 @@ class AdmissionQueue:
         ]
         with self.database.session() as session:
             created = create_jobs(
-                session, self.store, self.celery, requests, chunk_size=self.settings.predict_chunk_size
+                session,
+                self.store,
+                self.celery,
+                requests,
+                chunk_size=self.settings.predict_chunk_size,
+                # Each upload is in memory already, held by its waiting request: store them all at once.
+                in_flight_bytes=None,
             )
         for pending, outcome in zip(group, created, strict=True):
             if outcome.error is not None:

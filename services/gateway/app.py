@@ -17,7 +17,7 @@ from services.gateway.access import Gatekeeper, PrincipalCache
 from services.gateway.admission import AdmissionQueue
 from services.gateway.browsers import BrowserGuard
 from services.gateway.limits import BodySizeLimit
-from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector
+from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector, WorkerCensus
 from services.gateway.printable_urls import PrintableUrls
 from services.gateway.problems import install_problem_handlers
 from services.gateway.routes import (
@@ -28,17 +28,21 @@ from services.gateway.routes import (
     dicomweb,
     health,
     jobs,
+    model_files,
     models,
+    operations,
+    sessions,
     sr_destinations,
     studies,
     training_runs,
 )
+from services.gateway.ui import pages
 from services.gateway.waiter import CompletionWaiter
 from shared.core.logs import configure_logging
 from shared.core.queue import make_celery
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
-from shared.db.session import Database, database_for
+from shared.db.session import database_for
 from shared.jobs.deliveries import finish_pass
 from shared.jobs.reconciler import purge_old_inputs, reconcile_once
 from shared.training.reconciler import reconcile_runs
@@ -67,17 +71,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.principals = PrincipalCache(settings.auth_cache_s)
     app.state.gatekeeper = Gatekeeper(settings, app.state.principals, app.state.database)
     app.state.admission = AdmissionQueue(settings, app.state.database, app.state.store, app.state.celery)
-    _register_state_collector(settings, app.state.database)
+    _register_state_collector(StateCollector(settings, app.state.database, WorkerCensus(app.state.celery)))
 
     install_problem_handlers(app)
-    routes = (jobs, batches, studies, callbacks, dicomweb, datasets, training_runs, models, api_keys, sr_destinations)
-    for module in (*routes, health):
+    routes = (jobs, batches, studies, callbacks, dicomweb, datasets, training_runs, models, model_files, api_keys)
+    for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
     # Outermost last: metrics, CORS, the browser guard, the body cap (keys are checked by `GuardedRoute`).
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
-        overrides={"/v1/datasets": settings.max_dataset_upload_bytes},
+        overrides={
+            "/v1/datasets": settings.max_dataset_upload_bytes,
+            "/v1/models/[^/]+/import": settings.max_weights_upload_bytes,
+        },
     )
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(PrintableUrls)
@@ -134,10 +141,10 @@ async def _finish_batches_forever(app: FastAPI, limiter: anyio.CapacityLimiter) 
             log.exception("finishing batches failed")
 
 
-def _register_state_collector(settings: Settings, database: Database) -> None:
+def _register_state_collector(collector: StateCollector) -> None:
     # The registry is process-wide; tests build several apps in one process.
     previous = _collectors.pop("state", None)
     if previous is not None:
         REGISTRY.unregister(previous)
-    _collectors["state"] = StateCollector(settings, database)
-    REGISTRY.register(_collectors["state"])
+    _collectors["state"] = collector
+    REGISTRY.register(collector)

@@ -7,10 +7,11 @@ pool, and on the submit path those hops cost more than the work itself.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Form, Header, Request
+from fastapi import Depends, Form, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
@@ -21,6 +22,7 @@ from shared.auth import Principal
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.session import Database
+from shared.jobs.listing import ListFilter
 
 
 async def get_settings_dep(request: Request) -> Settings:
@@ -121,3 +123,19 @@ ModelForm = Annotated[
         pattern=PRINTABLE,
     ),
 ]
+
+
+async def get_list_filter(
+    model: Annotated[
+        str | None, Query(max_length=128, pattern=PRINTABLE, description="Only this model name's.")
+    ] = None,
+    client_ref: Annotated[
+        str | None, Query(max_length=256, pattern=PRINTABLE, description="Only those with this client reference.")
+    ] = None,
+    created_after: Annotated[datetime | None, Query(description="Submitted at or after (ISO 8601).")] = None,
+    created_before: Annotated[datetime | None, Query(description="Submitted before (ISO 8601).")] = None,
+) -> ListFilter:
+    return ListFilter(model=model, client_ref=client_ref, created_after=created_after, created_before=created_before)
+
+
+ListFilterDep = Annotated[ListFilter, Depends(get_list_filter)]

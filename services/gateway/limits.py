@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,14 +18,19 @@ class BodySizeLimit:
     def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        # Paths with their own cap (dataset uploads are far bigger than any batch).
-        self.overrides = overrides or {}
+        # Paths with their own cap (dataset uploads and weights are far bigger than any batch): regular
+        # expressions of whole paths, e.g. "/v1/models/[^/]+/import".
+        self.overrides = [(re.compile(pattern), limit) for pattern, limit in (overrides or {}).items()]
+
+    def limit_for(self, path: str) -> int:
+        path = path.rstrip("/")
+        return next((limit for pattern, limit in self.overrides if pattern.fullmatch(path)), self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.overrides.get(scope.get("path", "").rstrip("/"), self.max_bytes)
+        limit = self.limit_for(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(scope, receive, send, limit)

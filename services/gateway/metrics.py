@@ -8,9 +8,12 @@ timings are served by each `xrayq worker` (see services/worker/metrics.py).
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Iterator
 
+from celery import Celery
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -39,12 +42,37 @@ HTTP_LATENCY = Histogram(
 )
 
 
-class StateCollector(Collector):
-    """Read at scrape time from the sources of truth: jobs by status, active versions, queue depths."""
+class WorkerCensus:
+    """The worker and trainer processes that answer a broadcast ping, by the queue they consume.
 
-    def __init__(self, settings: Settings, database: Database) -> None:
+    Each `xrayq worker` and `xrayq trainer` is a Celery worker named `<queue>-<pid>@<host>`. A ping
+    waits its whole timeout for replies, so an answer is kept for `max_age_s`: scrapes and the
+    dashboard's polls then cost a ping every few seconds at most, not one each."""
+
+    def __init__(self, celery: Celery, timeout_s: float = 0.5, max_age_s: float = 10.0) -> None:
+        self.celery = celery
+        self.timeout_s = timeout_s
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._counted: tuple[float, dict[str, int]] | None = None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            if self._counted is None or time.monotonic() - self._counted[0] > self.max_age_s:
+                replies = self.celery.control.ping(timeout=self.timeout_s) or []
+                names = [name for reply in replies for name in reply]
+                self._counted = (time.monotonic(), dict(Tally(name.split("@")[0].rsplit("-", 1)[0] for name in names)))
+            return self._counted[1]
+
+
+class StateCollector(Collector):
+    """Read at scrape time from the sources of truth: jobs by status, active versions, queue depths,
+    and the workers that answer."""
+
+    def __init__(self, settings: Settings, database: Database, workers: WorkerCensus) -> None:
         self.settings = settings
         self.database = database
+        self.workers = workers
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("xrayq_jobs", "Jobs in the database by status and model", labels=["status", "model"])
@@ -52,6 +80,7 @@ class StateCollector(Collector):
             "xrayq_model_active_info", "The active version of each model", labels=["model", "version", "architecture"]
         )
         depth = GaugeMetricFamily("xrayq_queue_depth", "Messages waiting in the broker", labels=["queue"])
+        workers = GaugeMetricFamily("xrayq_workers", "Worker processes answering a ping, by queue", labels=["queue"])
         try:
             with self.database.session() as session:
                 rows = session.execute(
@@ -73,7 +102,12 @@ class StateCollector(Collector):
                 depth.add_metric([queue], count)
         except Exception:
             log.warning("could not read queue depths for /metrics", exc_info=True)
-        yield from (jobs, active, depth)
+        try:
+            for queue, count in self.workers.counts().items():
+                workers.add_metric([queue], count)
+        except Exception:
+            log.warning("could not ping the workers for /metrics", exc_info=True)
+        yield from (jobs, active, depth, workers)
 
 
 class RequestMetrics:

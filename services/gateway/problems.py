@@ -73,7 +73,10 @@ def install_problem_handlers(app: FastAPI) -> None:
             {"loc": [str(part) for part in err.get("loc", ())], "msg": err.get("msg"), "type": err.get("type")}
             for err in exc.errors()
         ]
-        missing_file = any(e["type"] == "missing" and e["loc"][:1] == ["body"] for e in errors)
+        # No body at all, or no file part; another missing form field is an invalid request.
+        missing_file = any(
+            e["type"] == "missing" and e["loc"] in (["body"], ["body", "file"], ["body", "files"]) for e in errors
+        )
         code = "missing_file" if missing_file else "invalid_request"
         status = 400 if missing_file else 422
         return problem_response(status, code, "The request is not valid.", request.url.path, errors=errors)

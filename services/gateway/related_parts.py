@@ -17,7 +17,9 @@ from python_multipart.multipart import MultipartParser
 
 from shared.core.errors import XrayqError
 
-SPOOL_IN_MEMORY_BYTES = 1024 * 1024
+# Parts stay in memory only while they are this small: a body of many modest instances (each read
+# and stored in turn by study intake) is not held in memory part by part.
+SPOOL_IN_MEMORY_BYTES = 64 * 1024
 
 
 @dataclass

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from services.trainer.data import LabelledImages
 from services.trainer.evaluation import classification_report
-from shared.imaging.preprocess import PreprocessSpec, normalize
+from shared.imaging.preprocess import PreprocessSpec, normalize, recipe_spec
 from shared.models.nets import DEFAULT_ARCHITECTURE, build_model, pick_device
 
 
@@ -39,10 +39,7 @@ class TrainConfig:
     max_per_class: int | None = None  # cap per class, for quick runs and tests
 
     def spec(self) -> PreprocessSpec:
-        # Fixed, data-independent normalisation: X-ray intensities are spread around mid-grey.
-        if self.color == "rgb":
-            return PreprocessSpec(size=self.image_size, color="rgb", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-        return PreprocessSpec(size=self.image_size, color="grayscale", mean=(0.5,), std=(0.25,))
+        return recipe_spec(self.image_size, self.color)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

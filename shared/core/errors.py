@@ -45,6 +45,8 @@ ERROR_STATUS: dict[str, int] = {
     "quota_exceeded": 429,
     "host_not_allowed": 421,
     "cross_site_request": 403,
+    "session_expired": 401,
+    "csrf_token_invalid": 403,
     "api_key_not_found": 404,
     "job_not_found": 404,
     "job_not_cancellable": 409,
@@ -74,6 +76,14 @@ ERROR_STATUS: dict[str, int] = {
     "no_previous_version": 409,
     "model_corrupt": 500,
     "unknown_architecture": 422,
+    "invalid_model_name": 422,
+    "invalid_classes": 422,
+    # Importing weights (POST /v1/models/{name}/import).
+    "weights_pickled": 415,  # a pickle or ZIP (torch.save): never unpickled
+    "weights_unreadable": 422,
+    "weights_sha256_mismatch": 422,
+    "weights_mismatch": 422,  # tensor names, shapes or kinds that do not fit the architecture
+    "weights_not_finite": 422,
     "no_active_model": 409,
     "sr_destination_not_found": 404,
     "sr_destination_exists": 409,

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Seconds a gateway process remembers a checked API key; a key revoked through another gateway
     # process stops working within this time (0: every request queries the database).
     auth_cache_s: float = Field(default=5.0, ge=0)
+    # How long the dashboard's session cookie (an API key exchanged at POST /v1/session) stays valid: a
+    # working shift, after which the page asks for the key again.
+    session_ttl_s: float = Field(default=8 * 3600, gt=0, le=7 * 24 * 3600)
 
     # Wrong API keys a client address may send per minute before it gets 429s (0: unlimited).
     auth_failures_per_minute: int = Field(default=30, ge=0)
@@ -81,6 +84,8 @@ class Settings(BaseSettings):
     max_dataset_upload_bytes: int = 4 * 1024 * 1024 * 1024
     max_dataset_files: int = 200_000
     max_dataset_expanded_bytes: int = 16 * 1024 * 1024 * 1024
+    # Imported weights (POST /v1/models/{name}/import): a request body, held twice in memory while checked.
+    max_weights_upload_bytes: int = 1024 * 1024 * 1024
     # Secret for the keyed UIDs and patient pseudonyms of DICOM training data (PS3.15 de-identification).
     # Set it to keep one patient's pseudonym stable across uploads; empty: a new random key per upload.
     deidentification_key: str = ""

@@ -312,3 +312,34 @@ class RegisteredModel(Base):
     # {"key", "sha256", "dataset_id", "split", "n", "classes"}; None until a version records one.
     evaluation_set: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BrowserSession(Base):
+    """A web page's stand-in for an API key: the key is exchanged once for a random session token kept
+    in an HttpOnly cookie; only the token's sha256 is stored, and it expires on its own."""
+
+    __tablename__ = "browser_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The key it was opened with: revoking the key ends its sessions. None: the bootstrap admin key,
+    # whose hash is then kept, so a changed XRAYQ_ADMIN_KEY ends them too.
+    api_key_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    bootstrap_key_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ModelDownload(Base):
+    """Who took a model version's files out of the registry (weights, card), and when."""
+
+    __tablename__ = "model_downloads"
+    __table_args__ = (Index("ix_model_downloads_name_created", "name", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    file: Mapped[str] = mapped_column(String(16))  # "weights" or "card"
+    api_key_id: Mapped[str | None] = mapped_column(String(36))  # None: the bootstrap admin key or open mode
+    organisation: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -45,6 +45,14 @@ class PreprocessSpec:
         )
 
 
+def recipe_spec(size: int, color: str) -> PreprocessSpec:
+    """xrayq's preprocessing at `size` px: fixed, data-independent normalisation (X-ray intensities are
+    spread around mid-grey); "rgb" keeps colour, anything else ("grayscale", "auto") is grey."""
+    if color == "rgb":
+        return PreprocessSpec(size=size, color="rgb", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return PreprocessSpec(size=size, color="grayscale", mean=(0.5,), std=(0.25,))
+
+
 def to_model_pixels(image: Image.Image | np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """A decoded image -> uint8 C x size x size in the model's colour (no normalisation yet).
 

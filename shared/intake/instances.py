@@ -3,8 +3,10 @@ plus what grouping by study needs -- DICOM only, and a StudyInstanceUID."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import pydicom
 
@@ -17,6 +19,8 @@ from shared.intake.images import inspect
 from shared.intake.sop_classes import sop_class_of
 from shared.intake.upload import Upload
 from shared.intake.uploads import SubmittedFile, check_file_count, clean_filename, within_limit
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,22 +79,35 @@ def refusal(filename: str, data: bytes, error: XrayqError) -> Refused:
     return Refused(filename, error, sop_class, sop_instance)
 
 
-def check_instances(named: Sequence[tuple[str, bytes]], settings: Settings) -> tuple[list[Upload], list[Refused]]:
-    """(filename, bytes) pairs sorted into instances to add and refusals to report, in order."""
-    accepted: list[Upload] = []
-    refused: list[Refused] = []
+def accepted_instances(
+    named: Iterable[tuple[str, bytes]], settings: Settings, refused: list[Refused]
+) -> Iterator[Upload]:
+    """The usable instances of (filename, bytes) pairs, checked one at a time as they are taken; the
+    others are appended to `refused` (with their UIDs, not their bytes), in order."""
     for filename, data in named:
         try:
-            accepted.append(check_instance(filename, data, settings))
+            yield check_instance(filename, data, settings)
         except XrayqError as error:
-            refused.append(refusal(filename, data, error))
-    return accepted, refused
+            # Without its traceback: its frames would keep the refused instance's bytes alive.
+            refused.append(refusal(filename, data, error.with_traceback(None)))
 
 
-def study_files(files: Sequence[SubmittedFile], settings: Settings) -> list[tuple[str, bytes]]:
-    """A `/v1/studies` request's files, named and read up to one byte past the file limit."""
+def nonempty(items: Iterator[T]) -> Iterator[T] | None:
+    """`items` unchanged if it yields anything, None if it yields nothing: whether any instance is
+    usable is known before anything is made of them (only the first is taken ahead)."""
+    first = next(items, _NOTHING)
+    if first is _NOTHING:
+        return None
+    return itertools.chain((cast(T, first),), items)
+
+
+_NOTHING = object()
+
+
+def study_files(files: Sequence[SubmittedFile], settings: Settings) -> Iterator[tuple[str, bytes]]:
+    """A `/v1/studies` request's files, named, each read (up to one byte past the file limit) when taken."""
     check_file_count(len(files), settings)
-    return [
+    return (
         (clean_filename(file.filename, f"file-{index}"), file.file.read(settings.max_file_bytes + 1))
         for index, file in enumerate(files)
-    ]
+    )

@@ -6,7 +6,8 @@ size (Starlette's `UploadFile` is one); the gateway only adapts its async reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
 from shared.core.errors import XrayqError
@@ -60,25 +61,32 @@ def printable_name(name: str, fallback: str) -> str:
     return "".join(ch for ch in name if ch.isprintable())[:MAX_NAME_LENGTH] or fallback
 
 
-def batch_uploads(files: Sequence[SubmittedFile], settings: Settings) -> list[Upload]:
+def batch_uploads(files: Sequence[SubmittedFile], settings: Settings) -> Iterator[Upload]:
     """A batch's files in request order, or a lone ZIP expanded in archive order; bad files are kept as
-    refusals (each becomes a failed job in its place)."""
+    refusals (each becomes a failed job in its place).
+
+    What refuses the whole request (no file, too many, an unsafe or oversized ZIP) is raised now; each
+    file is read and checked only when the iterator reaches it, so a caller that stores each before
+    taking the next holds one file at a time.
+    """
     check_file_count(len(files), settings)
-    uploads: list[Upload] = []
-    lone = len(files) == 1
-    for index, file in enumerate(files):
-        filename = clean_filename(file.filename, f"file-{index}")
+    if len(files) == 1:
         # A lone file may be a ZIP as large as a whole request; images have the per-file limit.
-        limit = settings.max_request_bytes if lone else settings.max_file_bytes
-        if file.size is not None and file.size > limit:
-            uploads.append(_too_large(filename, settings))
-            continue
-        if lone and _is_zip(file.file):
+        (file,) = files
+        if not (file.size is not None and file.size > settings.max_request_bytes) and _is_zip(file.file):
             # Read from the spooled upload where it lies: the archive is never copied into memory.
             return expand_zip(file.file, settings)
-        data = file.file.read(limit + 1)
-        uploads.append(check_file(filename, data, settings))
-    return uploads
+    return _checked_files(files, settings)
+
+
+def _checked_files(files: Sequence[SubmittedFile], settings: Settings) -> Iterator[Upload]:
+    limit = settings.max_file_bytes
+    for index, file in enumerate(files):
+        filename = clean_filename(file.filename, f"file-{index}")
+        if file.size is not None and file.size > limit:
+            yield _too_large(filename, settings)
+        else:
+            yield check_file(filename, file.file.read(limit + 1), settings)
 
 
 def _is_zip(stream: BinaryIO) -> bool:
@@ -87,26 +95,29 @@ def _is_zip(stream: BinaryIO) -> bool:
     return sniff_media_type(head + b"\0" * 124) == "application/zip"
 
 
-def expand_zip(data: bytes | BinaryIO, settings: Settings) -> list[Upload]:
+def expand_zip(data: bytes | BinaryIO, settings: Settings) -> Iterator[Upload]:
     """The images of a ZIP, in archive order, refusing path escapes, bombs and too many entries.
 
-    The whole archive is refused if any entry is unsafe, so nothing of it is half-submitted; an entry
-    that is not a usable image fails its own job, with the code it would get sent alone.
+    The whole archive is refused (now, before any entry is read) if any entry is unsafe, so nothing
+    of it is half-submitted; an entry that is not a usable image fails its own job, with the code it
+    would get sent alone. Entries are read one at a time, as the iterator is taken.
     """
     archive = open_zip(data)
     entries = checked_entries(
         archive, max_files=settings.max_batch_files, max_expanded_bytes=settings.max_zip_expanded_bytes
     )
-    uploads = []
+    return _entries(archive, entries, settings)
+
+
+def _entries(archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo], settings: Settings) -> Iterator[Upload]:
     for index, info in enumerate(entries):
         name = printable_name(info.filename, f"entry-{index}")  # entries keep their folders
         try:
             content = read_entry(archive, info, settings.max_file_bytes)
         except XrayqError as error:
-            uploads.append(Upload(name, b"", None, error))
+            yield Upload(name, b"", None, error)
             continue
-        uploads.append(check_file(name, content, settings))
-    return uploads
+        yield check_file(name, content, settings)
 
 
 def _too_large(filename: str, settings: Settings) -> Upload:

@@ -1,24 +1,29 @@
 """Making jobs: the one path every submission takes -- single images (the gateway's group commit),
 batches, and study instances (REST, STOW-RS, C-STORE).
 
-Check the model, make the rows, store the inputs, let the caller place the rows (in a batch, a study,
-under an idempotency key), commit, then publish. Inputs are stored before anything is committed, so a
-committed row always finds its bytes; rows are committed before their ids are published, so a worker
-never gets an id it cannot see.
+Check the model, make the rows while storing each accepted input as it comes, let the caller place the
+rows (in a batch, a study, under an idempotency key), commit, then publish. Every input is stored before
+anything is committed, so a committed row always finds its bytes; rows are committed before their ids
+are published, so a worker never gets an id it cannot see.
+
+Uploads may be a lazy iterable (a ZIP's members, a request's files, checked one by one as they are
+taken): each is stored and let go before the next is taken, so a batch of any size is held one image at
+a time. A failure part-way (a put, the arrangement, the commit) commits nothing; inputs already stored
+are left unreferenced under keys no row names, which nothing reads -- the price of never letting a row
+point at missing bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
+from shared.core.parallel_puts import STREAM_IN_FLIGHT_BYTES, ParallelPuts
 from shared.core.storage import ObjectStore
 from shared.db.models import Job, JobStatus, new_id, utcnow
 from shared.intake.upload import Upload
@@ -32,9 +37,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class JobRequest:
-    """Uploads to be answered together by one model, on behalf of one client."""
+    """Uploads to be answered together by one model, on behalf of one client.
 
-    uploads: Sequence[Upload]
+    `uploads` is taken once, in order, and only if the model can answer: a lazy iterable is never held
+    whole."""
+
+    uploads: Iterable[Upload]
     model_ref: str
     client_ref: str | None = None
     organisation: str | None = None
@@ -65,44 +73,54 @@ def create_jobs(
     *,
     chunk_size: int,
     arrange: Arrange | None = None,
+    in_flight_bytes: int | None = STREAM_IN_FLIGHT_BYTES,
 ) -> list[Created]:
     """Make, store, commit and publish the jobs of every request; one outcome per request, in order.
 
     A request whose model cannot answer (unknown name or version, no active version, another
     organisation's model) gets that error and no jobs; the others go on. Uploads that were refused
-    (`error` set) become failed jobs at once: they keep their place and name, and never reach a worker.
-    All inputs are stored in parallel, all rows committed in one transaction, and their ids published
-    together, in chunks of `chunk_size`.
+    (`error` set) become failed jobs at once: they keep their place and name, and never reach a worker;
+    nothing of them is stored. Accepted inputs are stored in parallel as they are taken, at most
+    `in_flight_bytes` of them at once (None: no bound, for uploads the caller holds in memory anyway);
+    once all are stored, all rows are committed in one transaction and their ids published together,
+    in chunks of `chunk_size`.
     """
     # Per reference and organisation: one group holds several organisations' requests.
     models: dict[tuple[str, str | None], tuple[str, int | None, int] | XrayqError] = {}
     outcomes: list[Created] = []
-    to_store: list[tuple[str, bytes, str]] = []
-    for request in requests:
-        asked = (request.model_ref, request.organisation)
-        if asked not in models:
-            try:
-                models[asked] = _answering_model(session, request.model_ref, request.organisation)
-            except XrayqError as error:
-                models[asked] = error
-        model = models[asked]
-        if isinstance(model, XrayqError):
-            outcomes.append(Created(request, error=model))
-            continue
-        name, requested, resolved = model
-        jobs, inputs = _new_jobs(request, name, resolved if request.pin_active_version else requested)
-        outcomes.append(Created(request, name, jobs))
-        to_store += inputs
-    accepted = [outcome for outcome in outcomes if outcome.error is None]
-    if not accepted:
-        return outcomes
-    _store_inputs(store, to_store)
+    with ParallelPuts(store, in_flight_bytes) as puts:
+        for request in requests:
+            outcomes.append(_created(session, request, models, puts))
+        accepted = [outcome for outcome in outcomes if outcome.error is None]
+        if not accepted:
+            return outcomes
+        puts.wait()  # every input stored before any row is committed
     if arrange is not None:
         arrange(session, accepted)
     jobs = [job for outcome in accepted for job in outcome.jobs]
     session.add_all(jobs)
     commit_then_publish(session, celery, [job.id for job in jobs if job.input_key], chunk_size)
     return outcomes
+
+
+def _created(
+    session: Session,
+    request: JobRequest,
+    models: dict[tuple[str, str | None], tuple[str, int | None, int] | XrayqError],
+    puts: ParallelPuts,
+) -> Created:
+    """The request's jobs, its inputs handed to `puts`; or, when no model can answer it, its error."""
+    asked = (request.model_ref, request.organisation)
+    if asked not in models:
+        try:
+            models[asked] = _answering_model(session, request.model_ref, request.organisation)
+        except XrayqError as error:
+            models[asked] = error
+    model = models[asked]
+    if isinstance(model, XrayqError):
+        return Created(request, error=model)
+    name, requested, resolved = model
+    return Created(request, name, _new_jobs(request, name, resolved if request.pin_active_version else requested, puts))
 
 
 def _answering_model(session: Session, model_ref: str, organisation: str | None) -> tuple[str, int | None, int]:
@@ -117,13 +135,13 @@ def _answering_model(session: Session, model_ref: str, organisation: str | None)
     return name, version, resolve_version(session, name, version).version
 
 
-def _new_jobs(
-    request: JobRequest, model_name: str, model_version: int | None
-) -> tuple[list[Job], list[tuple[str, bytes, str]]]:
-    """Job rows for the request's uploads (not yet added to a session), and the inputs they need stored."""
+def _new_jobs(request: JobRequest, model_name: str, model_version: int | None, puts: ParallelPuts) -> list[Job]:
+    """Job rows for the request's uploads (not yet added to a session), taken one at a time: each
+    accepted input goes to `puts` at once, and only its size and digest stay (in its row)."""
     now = utcnow()
-    jobs = [
-        Job(
+    jobs = []
+    for position, upload in enumerate(request.uploads):
+        job = Job(
             id=new_id(),
             position=position,
             filename=upload.filename,
@@ -138,10 +156,6 @@ def _new_jobs(
             attempts=0,
             created_at=now,
         )
-        for position, upload in enumerate(request.uploads)
-    ]
-    to_store = []
-    for job, upload in zip(jobs, request.uploads, strict=True):
         if upload.error is not None:
             job.status = JobStatus.failed
             job.error_code = upload.error.code
@@ -150,20 +164,6 @@ def _new_jobs(
         else:
             job.status = JobStatus.queued
             job.input_key = f"inputs/{now:%Y/%m/%d}/{job.id}"
-            to_store.append((job.input_key, upload.data, job.media_type))
-    return jobs, to_store
-
-
-def _store_inputs(store: ObjectStore, items: list[tuple[str, bytes, str]]) -> None:
-    """Store many inputs; in parallel, since an S3 put is a network round trip."""
-    if len(items) <= 1:
-        for key, data, media_type in items:
-            store.put(key, data, media_type)
-        return
-    list(_put_pool().map(lambda item: store.put(*item), items))
-
-
-@lru_cache(maxsize=1)
-def _put_pool() -> ThreadPoolExecutor:
-    # One pool per process, made once: starting threads per request cost more than local puts.
-    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="put")
+            puts.put(job.input_key, upload.data, job.media_type)
+        jobs.append(job)
+    return jobs

@@ -8,7 +8,7 @@ when its request differs).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 
 from sqlalchemy.orm import Session
 
@@ -25,13 +25,18 @@ def check_key(key: str) -> str:
     return key
 
 
-def request_fingerprint(kind: str, model_ref: str, client_ref: str | None, uploads: Sequence[Upload]) -> str:
+def request_fingerprint(kind: str, model_ref: str, client_ref: str | None, files: Iterable[tuple[str, str]]) -> str:
+    """What makes two requests the same: their options and their files' names and sha256 (hex), in order."""
     digest = hashlib.sha256()
     for part in (kind, model_ref, client_ref or ""):
         digest.update(part.encode() + b"\0")
-    for upload in uploads:
-        digest.update(upload.filename.encode() + b"\0" + hashlib.sha256(upload.data).digest())
+    for filename, sha256 in files:
+        digest.update(filename.encode() + b"\0" + bytes.fromhex(sha256))
     return digest.hexdigest()
+
+
+def upload_digests(uploads: Iterable[Upload]) -> Iterator[tuple[str, str]]:
+    return ((upload.filename, hashlib.sha256(upload.data).hexdigest()) for upload in uploads)
 
 
 def find_original(session: Session, key: str, fingerprint: str) -> IdempotencyKey | None:

@@ -12,7 +12,7 @@ The same functions serve DIMSE C-STORE, STOW-RS and REST; each only translates i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -39,7 +39,7 @@ class StudyIntake:
 
     batches: list[Batch] = field(default_factory=list)
     jobs: dict[str, list[Job]] = field(default_factory=dict)  # batch id -> its jobs added now
-    duplicates: list[Upload] = field(default_factory=list)  # already in their open study batch
+    duplicates: list[str] = field(default_factory=list)  # file names of instances already in their study
 
 
 def _study_version(session: Session, batch_id: str, name: str) -> int:
@@ -58,7 +58,7 @@ def add_instances(
     store: ObjectStore,
     celery: Celery,
     settings: Settings,
-    uploads: Sequence[Upload],
+    uploads: Iterable[Upload],
     *,
     organisation: str | None,
     source: str,
@@ -69,49 +69,58 @@ def add_instances(
     """Add checked instances (`shared.intake.instances.check_instance`) to their open study batches,
     commit, publish.
 
-    Bytes are stored before any row is written, so the open batch is locked only briefly. An instance
-    whose SOPInstanceUID is already in its open batch (a sender's retry) is not classified twice.
+    `uploads` may be lazy: each instance is stored as it is taken, and its study found from its tags
+    once all are stored, so the open batch is locked only briefly and a request's instances are never
+    all in memory. An instance whose SOPInstanceUID is already in its open batch (a sender's retry) is
+    not classified twice.
     """
     intake = StudyIntake()
-    studies: dict[tuple[str, str], list[Upload]] = {}
-    for upload in uploads:
-        tags = upload.dicom or {}
-        studies.setdefault((tags["StudyInstanceUID"], tags.get("AccessionNumber", "")), []).append(upload)
-    requests = [
-        JobRequest(members, model_ref, client_ref=accession or None, organisation=organisation)
-        for (_, accession), members in studies.items()
-    ]
 
     def arrange(session: Session, created: list[Created]) -> None:
-        for study in created:
-            batch = _join_study(session, store, intake, study, source)
+        (made,) = created
+        studies: dict[tuple[str, str], list[Job]] = {}
+        for job in made.jobs:
+            tags = job.dicom or {}
+            studies.setdefault((tags["StudyInstanceUID"], tags.get("AccessionNumber", "")), []).append(job)
+        made.jobs = []
+        for (study_uid, accession), jobs in studies.items():
+            for job in jobs:
+                job.client_ref = accession or None
+            batch = _join_study(session, store, intake, made, study_uid, accession, jobs, source)
             if callback_url:
                 batch.callback_url, batch.callback_secret = callback_url, callback_secret
 
-    outcomes = create_jobs(session, store, celery, requests, chunk_size=settings.predict_chunk_size, arrange=arrange)
-    if outcomes and outcomes[0].error is not None:  # one model for all: refused for all
-        raise outcomes[0].error
+    request = JobRequest(uploads, model_ref, organisation=organisation)
+    (outcome,) = create_jobs(session, store, celery, [request], chunk_size=settings.predict_chunk_size, arrange=arrange)
+    if outcome.error is not None:
+        raise outcome.error
     return intake
 
 
-def _join_study(session: Session, store: ObjectStore, intake: StudyIntake, study: Created, source: str) -> Batch:
-    """Put one study's new jobs into its open batch, leaving out instances the batch already has."""
-    members, jobs = study.request.uploads, study.jobs
-    tags = members[0].dicom or {}
-    study_uid, accession = tags["StudyInstanceUID"], tags.get("AccessionNumber", "")
-    batch, first = _reserve(
-        session, study.request.organisation, study_uid, accession, len(jobs), study.model_name, source
-    )
+def _join_study(
+    session: Session,
+    store: ObjectStore,
+    intake: StudyIntake,
+    made: Created,
+    study_uid: str,
+    accession: str,
+    jobs: list[Job],
+    source: str,
+) -> Batch:
+    """Put one study's new jobs into its open batch, leaving out instances the batch already has; the
+    jobs kept are added to `made.jobs`."""
+    organisation, name = made.request.organisation, made.model_name
+    batch, first = _reserve(session, organisation, study_uid, accession, len(jobs), name, source)
     # One version answers a whole study, even when a promotion lands between its instances: the
     # one active when its first instance arrived.
     requested = jobs[0].model_version_requested
-    pinned = requested if requested is not None else _study_version(session, batch.id, study.model_name)
+    pinned = requested if requested is not None else _study_version(session, batch.id, name)
     present = _instances_in(session, batch.id)
     fresh: list[Job] = []
-    for job, upload in zip(jobs, members, strict=True):
-        sop = (upload.dicom or {}).get("SOPInstanceUID")
+    for job in jobs:
+        sop = (job.dicom or {}).get("SOPInstanceUID")
         if sop in present:
-            intake.duplicates.append(upload)
+            intake.duplicates.append(job.filename)
             if job.input_key:
                 store.delete(job.input_key)
             continue
@@ -121,7 +130,7 @@ def _join_study(session: Session, store: ObjectStore, intake: StudyIntake, study
         fresh.append(job)
     if len(fresh) < len(jobs):
         batch.total -= len(jobs) - len(fresh)
-    study.jobs = fresh
+    made.jobs += fresh
     intake.batches.append(batch)
     intake.jobs[batch.id] = fresh
     return batch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,7 +15,14 @@ from shared.core.storage import ObjectStore
 from shared.db.models import Batch, IdempotencyKey, Job, new_id
 from shared.intake.upload import Upload
 from shared.jobs.creation import Created, JobRequest, create_jobs
-from shared.jobs.idempotency import check_key, find_original, remember, request_fingerprint, scoped_key
+from shared.jobs.idempotency import (
+    check_key,
+    find_original,
+    remember,
+    request_fingerprint,
+    scoped_key,
+    upload_digests,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -33,7 +40,7 @@ def submit_images(
     store: ObjectStore,
     celery: Celery,
     settings: Settings,
-    uploads: Sequence[Upload],
+    uploads: Iterable[Upload],
     *,
     model_ref: str,
     as_batch: bool,
@@ -43,25 +50,35 @@ def submit_images(
     callback_url: str | None = None,
     callback_secret: str | None = None,
 ) -> Submitted:
-    fingerprint = ""
+    """The uploads' jobs (in a batch if `as_batch`), committed and published.
+
+    `uploads` may be lazy (a batch's files, a ZIP's members, checked as they are taken): each is stored
+    before the next is taken. A request under an Idempotency-Key already used is answered as the
+    original (409 if its files or options differ); its files are hashed one by one, never stored.
+    """
+    kind = "batch" if as_batch else "job"
     if idempotency_key is not None:
         # Keys are per organisation: one client's key never finds (or blocks) another's jobs.
         idempotency_key = scoped_key(organisation, check_key(idempotency_key))
-        kind = "batch" if as_batch else "job"
-        fingerprint = request_fingerprint(kind, model_ref, client_ref, uploads)
-        original = find_original(session, idempotency_key, fingerprint)
-        if original is not None:
+        if session.get(IdempotencyKey, idempotency_key) is not None:
+            fingerprint = request_fingerprint(kind, model_ref, client_ref, upload_digests(uploads))
+            original = find_original(session, idempotency_key, fingerprint)
+            assert original is not None
             return _replay(session, original)
     request = JobRequest(uploads, model_ref, client_ref, organisation, pin_active_version=as_batch)
     batches: list[Batch] = []
+    fingerprints: list[str] = []
 
     def arrange(session: Session, created: list[Created]) -> None:
         (made,) = created
         if as_batch:
             batches.append(_open_batch(session, made, callback_url, callback_secret))
         if idempotency_key is not None:
-            kind, resource_id = ("batch", batches[0].id) if batches else ("job", made.jobs[0].id)
-            remember(session, idempotency_key, fingerprint, kind, resource_id)
+            # Of the files as they were stored: the rows carry each one's name and sha256.
+            files = [(job.filename, job.input_sha256 or "") for job in made.jobs]  # every new row has one
+            fingerprints.append(request_fingerprint(kind, model_ref, client_ref, files))
+            resource, resource_id = ("batch", batches[0].id) if batches else ("job", made.jobs[0].id)
+            remember(session, idempotency_key, fingerprints[0], resource, resource_id)
 
     try:
         created = create_jobs(
@@ -70,7 +87,9 @@ def submit_images(
     except IntegrityError:
         # A concurrent request with the same key committed first: answer as its replay.
         session.rollback()
-        original = find_original(session, idempotency_key, fingerprint) if idempotency_key else None
+        if idempotency_key is None or not fingerprints:
+            raise
+        original = find_original(session, idempotency_key, fingerprints[0])
         if original is None:
             raise
         return _replay(session, original)

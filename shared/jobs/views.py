@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
@@ -83,13 +85,35 @@ def batch_status(counts: BatchCounts, total: int) -> BatchStatusName:
     return "partially_failed"
 
 
+def batch_state(batch: Batch, counts: BatchCounts) -> BatchStatusName:
+    """A study batch is `collecting` until it is stable; any batch else is what its jobs make it."""
+    if batch.study_instance_uid is not None and batch.stable_at is None:
+        return "collecting"
+    return batch_status(counts, batch.total)
+
+
+def batch_outline(batch: Batch, counts: BatchCounts) -> dict[str, Any]:
+    """What a batch's view and its summary in a list share: who, what, when, how far."""
+    finished = counts.succeeded + counts.failed + counts.cancelled
+    return {
+        "id": batch.id,
+        "status": batch_state(batch, counts),
+        "model": ModelRef(name=batch.model_name),
+        "client_ref": batch.client_ref,
+        "created_at": as_utc(batch.created_at),
+        "total": batch.total,
+        "counts": counts,
+        "progress": round(finished / batch.total, 4) if batch.total else 1.0,
+        "completed_at": as_utc(batch.completed_at),
+    }
+
+
 def batch_view(
     session: Session, batch_id: str, cursor: int = 0, limit: int = 100, organisation: str | None = None
 ) -> BatchView:
     batch = get_batch(session, batch_id, organisation)
     rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)).all()
     counts = BatchCounts(**{status.value: count for status, count in rows})
-    finished = counts.succeeded + counts.failed + counts.cancelled
     page = session.scalars(
         select(Job)
         .options(selectinload(Job.model_version))
@@ -98,22 +122,11 @@ def batch_view(
         .limit(limit + 1)
     ).all()
     next_cursor = str(page[limit].position) if len(page) > limit else None
-    status = batch_status(counts, batch.total)
-    if batch.study_instance_uid is not None and batch.stable_at is None:
-        status = "collecting"
     return BatchView(
-        id=batch.id,
-        status=status,
-        model=ModelRef(name=batch.model_name),
-        client_ref=batch.client_ref,
-        created_at=as_utc(batch.created_at),
-        total=batch.total,
-        counts=counts,
-        progress=round(finished / batch.total, 4) if batch.total else 1.0,
+        **batch_outline(batch, counts),
         jobs=[job_view(job) for job in page[:limit]],
         next_cursor=next_cursor,
         study=_study_view(batch),
-        completed_at=as_utc(batch.completed_at),
         report=ReportView(location=f"/v1/batches/{batch.id}/report", sop_instance_uid=batch.report_sop_instance_uid)
         if batch.report_key and batch.report_sop_instance_uid
         else None,

@@ -8,10 +8,10 @@ Mixing the two is refused: the archive probably holds something other than the u
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from shared.core.errors import XrayqError
+from shared.models.names import CLASS_NAME
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"} | {
@@ -20,7 +20,6 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 }
 # Files that travel with datasets (README, label lists) but are not examples.
 _DOCUMENT_SUFFIXES = (".txt", ".md", ".csv", ".json", ".yaml", ".yml", ".pdf", ".html")
-_CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+()-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def parse_layout(paths: list[str]) -> Layout:
 
 
 def check_class_names(classes: list[str]) -> None:
-    bad = [name for name in classes if not _CLASS_NAME.match(name)]
+    bad = [name for name in classes if not CLASS_NAME.match(name)]
     if bad:
         raise XrayqError(
             "dataset_invalid_class_name",

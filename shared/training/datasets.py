@@ -2,27 +2,26 @@
 
 Every file is stored once, by content (`datasets/blobs/<sha256>`); a version's manifest lists its files
 with label, split and sha256. An archive is read twice from its spooled file: once to check every
-entry (nothing is stored if one fails), once to store them, one file in memory at a time. The manifest
-and the row come last, so a crash mid-way leaves no dataset behind (at most blobs nothing refers to),
-and a version that extends another simply lists the other's files too.
+entry (nothing is stored if one fails), once to store them as they are read (at most 4 MiB in
+flight). The manifest and the row come last, so a crash mid-way leaves no dataset behind (at most
+blobs nothing refers to), and a version that extends another simply lists the other's files too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import IO, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
+from shared.core.parallel_puts import STREAM_IN_FLIGHT_BYTES, ParallelPuts
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Dataset, new_id
@@ -31,18 +30,18 @@ from shared.imaging.deidentify import deidentify
 from shared.intake import refusals
 from shared.intake.archives import checked_entries, open_zip, read_entry
 from shared.intake.images import check_dataset_member
+from shared.models.names import MODEL_NAME
 from shared.training.dataset_layout import SPLITS, check_splits, parse_layout
 from shared.training.manifest import ManifestEntry, NewDataset, blob_key
 from shared.training.npz_upload import read_npz
 
 MANIFEST_FORMAT = "xrayq-dataset/1"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # How many unreadable files a refusal lists by name.
 _LISTED = 50
 
 
 def check_dataset_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not MODEL_NAME.match(name):  # a dataset's name is the default name of its model
         raise XrayqError(
             "invalid_parameter", f"A dataset name is 1-64 lower-case letters, digits, '.', '_' or '-'; not {name!r}."
         )
@@ -212,18 +211,12 @@ def _counts(entries: list[ManifestEntry]) -> dict[str, dict[str, int]]:
     }
 
 
-def _put_files(store: ObjectStore, files: Iterator[tuple[str, bytes]], in_flight: int = 16) -> None:
-    """Store files concurrently (S3 round trips), with a bounded number of them in memory at once."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        pending: set[Future[None]] = set()
+def _put_files(store: ObjectStore, files: Iterator[tuple[str, bytes]]) -> None:
+    """Store files as they are read: in parallel, with a bounded amount of them in memory at once."""
+    with ParallelPuts(store, STREAM_IN_FLIGHT_BYTES) as puts:
         for sha256, data in files:
-            if len(pending) >= in_flight:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-            pending.add(pool.submit(store.put, blob_key(sha256), data))
-        for future in pending:
-            future.result()
+            puts.put(blob_key(sha256), data)
+        puts.wait()
 
 
 def load_manifest(store: ObjectStore, dataset: Dataset) -> dict[str, Any]:

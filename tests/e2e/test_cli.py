@@ -8,6 +8,7 @@ against a real stack; each test checks what the command prints and what it chang
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -287,6 +288,41 @@ def test_models_list_show_promote_rollback(stack, chest_images, tmp_path) -> Non
     no_version = api_cli(stack, "models", "promote", name, expect=1)
     assert no_version.stderr.startswith("invalid_parameter: Give the version as name@version")
     assert "404 model_not_found:" in api_cli(stack, "models", "show", f"{name}@9", expect=1).stderr
+
+
+def test_models_import(stack, tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from shared.models.nets import build_model
+
+    torch.manual_seed(5)
+    state = build_model("mobilenet_v3_small", 2).state_dict()
+    weights = tmp_path / "site-b.safetensors"
+    save_file(state, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    name = f"imported-{stack.mode}"
+    fit = ["--architecture", "mobilenet_v3_small", "--classes", "NORMAL,PNEUMONIA"]
+
+    shown = fields(api_cli(stack, "models", "import", name, str(weights), *fit).stdout)
+    assert shown["model"] == f"{name}@1" and shown["active"] == "no"
+    assert shown["architecture"] == "mobilenet_v3_small" and shown["imported from"] == "site-b.safetensors"
+    card = stack.http.get(f"/v1/models/{name}/versions/1").json()["card"]
+    assert card["source"] == "import" and card["import"]["sha256"] == digest  # the CLI sent the file's own
+    again = api_cli(
+        stack, "models", "import", name, str(weights), *fit, "--sha256", digest, "--image-size", "96", "--json"
+    )
+    version = json.loads(again.stdout)
+    assert version["version"] == 2 and version["preprocessing"]["size"] == 96 and version["is_active"] is False
+
+    wrong = api_cli(stack, "models", "import", name, str(weights), *fit, "--sha256", "0" * 64, expect=1)
+    assert "-> 422 weights_sha256_mismatch:" in wrong.stderr
+    pickled = tmp_path / "model.pt"
+    torch.save(state, pickled)
+    assert "-> 415 weights_pickled:" in api_cli(stack, "models", "import", name, str(pickled), *fit, expect=1).stderr
+    assert "is not a file" in api_cli(stack, "models", "import", name, str(tmp_path / "nothing"), *fit, expect=1).stderr
+    listed = {model["name"]: model for model in stack.http.get("/v1/models").json()}
+    assert [v["version"] for v in listed[name]["versions"]] == [2, 1]  # the refused imports registered nothing
 
 
 def test_runs_cancel(stack) -> None:

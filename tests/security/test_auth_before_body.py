@@ -134,14 +134,20 @@ def test_an_endless_streamed_dataset_upload_without_a_key_is_refused_before_its_
     assert answer.closed
 
 
-def test_a_submit_key_uploading_a_4_gib_dataset_is_refused_before_its_body(gateway, keys) -> None:
-    part_head = b'--xq\r\nContent-Disposition: form-data; name="file"; filename="huge.zip"\r\n\r\n'
+@pytest.mark.parametrize(
+    ("path", "size"),
+    # Each under its route's own body cap: only the key check can answer before the body comes.
+    [("/v1/datasets", 4 * 1024 * MiB), ("/v1/models/chest-xray/import", 1024 * MiB - BODY_PREFIX)],
+    ids=["a 4 GiB dataset", "1 GiB of weights"],
+)
+def test_a_submit_key_uploading_to_a_train_route_is_refused_before_its_body(gateway, keys, path, size) -> None:
+    part_head = b'--xq\r\nContent-Disposition: form-data; name="file"; filename="huge.bin"\r\n\r\n'
     answer = send_and_wait(
         gateway,
         [
-            "POST /v1/datasets HTTP/1.1",
+            f"POST {path} HTTP/1.1",
             "Content-Type: multipart/form-data; boundary=xq",
-            f"Content-Length: {4 * 1024 * MiB}",
+            f"Content-Length: {size}",
             f"Authorization: Bearer {keys['submitter']}",
         ],
         part_head + b"\0" * (BODY_PREFIX - len(part_head)),

@@ -1,13 +1,15 @@
 """Finding 9 of the security review: one request cannot take the gateway's memory or its threads.
 
 Over real HTTP against the gateway app (uvicorn on a loopback port, in this process so tracemalloc sees
-its allocations), on real Postgres, Redis and the S3 server.
+its allocations), on real Postgres, Redis and the S3 server. Tests whose requests store many objects use
+an S3 server in a process of its own: what it keeps is not the gateway's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import sys
 import time
 import tracemalloc
 import zipfile
@@ -19,9 +21,14 @@ import numpy as np
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import generate_uid
 
-from tests.conftest import ADMIN_HEADERS
-from tests.security.test_odd_input import gateway  # noqa: F401  (the fixture: the app served on loopback)
+from loadtest.harness.processes import start_process, stop_process, wait_for_port
+from shared.core.storage import S3ObjectStore
+from tests.conftest import ADMIN_HEADERS, free_port, png_bytes
+from tests.dicom_samples import part10, secondary_capture
+from tests.security.test_odd_input import gateway, served  # noqa: F401  (gateway: the app served on loopback)
+from tests.unit.intake.test_uploads import make_zip
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
@@ -63,6 +70,93 @@ def test_a_zip_batch_near_the_request_cap_is_never_in_memory_whole(gateway) -> N
     assert response.status_code == 202, response.text
     assert {job["status"] for job in response.json()["jobs"]} == {"failed"}
     assert peak < len(body) / 4, f"{peak / MIB:.0f} MiB allocated for a {len(body) / MIB:.0f} MiB ZIP"
+
+
+@pytest.fixture(scope="module")
+def storing_gateway(services_settings, services_model, tmp_path_factory) -> Iterator[httpx.Client]:
+    """The gateway app served in this process, storing into moto's S3 server running in another."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3-of-its-own") / "moto.log"
+    process = start_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], {}, log)
+    try:
+        assert wait_for_port(port, 30), log.read_text()[-2000:]
+        settings = services_settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{port}"})
+        S3ObjectStore(settings).ensure_bucket()
+        with served(settings) as client:
+            yield client
+    finally:
+        stop_process(process)
+
+
+def distinct_pngs(count: int, side: int = 448) -> Iterator[bytes]:
+    """`count` different greyscale noise PNGs of side x side (~200 KB each at 448: noise does not compress)."""
+    for index in range(count):
+        yield png_bytes(np.random.default_rng(index).integers(0, 256, size=(side, side), dtype=np.uint8))
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    return make_zip(list(members.items()), compression=zipfile.ZIP_STORED)
+
+
+def multipart_file(field: str, filename: str, data: bytes, boundary: str, **fields: str) -> bytes:
+    head = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    )
+    head += f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'.encode()
+    head += b"Content-Type: application/zip\r\n\r\n"
+    return head + data + f"\r\n--{boundary}--\r\n".encode()
+
+
+MEMBERS = 200
+
+
+def test_a_batch_zip_of_many_images_is_stored_one_image_at_a_time(storing_gateway) -> None:
+    members = {f"scan-{index:03}.png": png for index, png in enumerate(distinct_pngs(MEMBERS))}
+    total = sum(len(data) for data in members.values())
+    body = multipart_file("files", "many.zip", zip_of(members), "many-images")
+    del members
+    headers = {"Content-Type": "multipart/form-data; boundary=many-images"}
+    response, peak = peak_allocated_while(
+        lambda: storing_gateway.post("/v1/batches", content=streamed(body), headers=headers)
+    )
+    assert response.status_code == 202, response.text
+    jobs = response.json()["jobs"]
+    assert len(jobs) == MEMBERS and {job["status"] for job in jobs} == {"queued"}
+    assert peak < total / 4, f"{peak / MIB:.1f} MiB allocated to store {MEMBERS} images of {total / MIB:.0f} MiB"
+
+
+def test_a_dataset_zip_of_many_images_is_stored_one_image_at_a_time(storing_gateway) -> None:
+    pngs = distinct_pngs(MEMBERS)
+    members = {f"{label}/{index:03}.png": next(pngs) for index in range(MEMBERS // 2) for label in ("a", "b")}
+    total = sum(len(data) for data in members.values())
+    body = multipart_file("file", "many.zip", zip_of(members), "many-members", name="many-members")
+    del members
+    headers = {"Content-Type": "multipart/form-data; boundary=many-members"}
+    response, peak = peak_allocated_while(
+        lambda: storing_gateway.post("/v1/datasets", content=streamed(body), headers=headers)
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["files"] == MEMBERS
+    assert peak < total / 4, f"{peak / MIB:.1f} MiB allocated to store {MEMBERS} images of {total / MIB:.0f} MiB"
+
+
+def test_a_stow_rs_body_of_many_instances_is_stored_one_instance_at_a_time(storing_gateway, tmp_path) -> None:
+    study = generate_uid()
+    boundary = "many-instances"
+    body = b""
+    for index, png in enumerate(distinct_pngs(MEMBERS // 2)):
+        (tmp_path / f"{index}.png").write_bytes(png)
+        instance = part10(secondary_capture(tmp_path / f"{index}.png", study_uid=study))
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + instance + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    response, peak = peak_allocated_while(
+        lambda: storing_gateway.post("/dicomweb/studies", content=streamed(body), headers=headers)
+    )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["00081199"]["Value"]) == MEMBERS // 2  # ReferencedSOPSequence: every one stored
+    assert peak < len(body) / 4, f"{peak / MIB:.1f} MiB allocated to store {len(body) / MIB:.0f} MiB of instances"
 
 
 def test_a_stow_rs_body_near_the_request_cap_is_never_in_memory_whole(gateway) -> None:  # noqa: F811

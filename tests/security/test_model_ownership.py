@@ -56,20 +56,28 @@ def client(services_settings, services_model):
         yield test_client
 
 
-@pytest.fixture(scope="module")
-def keys(client) -> dict[str, dict[str, str]]:
-    """Two hospitals' keys (every role but admin), a second scientist at A, and an admin key of A."""
+def create_keys(client, wanted: list[tuple[str, str, list[str]]]) -> dict[str, dict[str, str]]:
+    """(name, organisation, roles) -> each key's `headers` and `id`, made by the admin."""
     made = {}
-    for name, organisation, roles in (
-        ("a", "hospital-a", ROLES),
-        ("a2", "hospital-a", ["train"]),
-        ("b", "hospital-b", ROLES),
-        ("a-admin", "hospital-a", ["admin"]),
-    ):
+    for name, organisation, roles in wanted:
         response = client.post("/v1/api-keys", json={"name": name, "organisation": organisation, "roles": roles})
         assert response.status_code == 201, response.text
         made[name] = {"headers": bearer(response.json()["key"]), "id": response.json()["id"]}
     return made
+
+
+@pytest.fixture(scope="module")
+def keys(client) -> dict[str, dict[str, str]]:
+    """Two hospitals' keys (every role but admin), a second scientist at A, and an admin key of A."""
+    return create_keys(
+        client,
+        [
+            ("a", "hospital-a", ROLES),
+            ("a2", "hospital-a", ["train"]),
+            ("b", "hospital-b", ROLES),
+            ("a-admin", "hospital-a", ["admin"]),
+        ],
+    )
 
 
 def upload_dataset(client, headers, data: bytes, name: str) -> dict:

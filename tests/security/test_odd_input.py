@@ -8,6 +8,7 @@ these cases only show here.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -22,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from services.gateway.app import create_app
+from shared.core.settings import Settings
 from shared.core.storage import S3ObjectStore
 from tests.conftest import ADMIN_HEADERS, free_port
 from tests.dicom_samples import part10
@@ -32,10 +34,15 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def gateway(services_settings, services_model) -> Iterator[httpx.Client]:
     """The gateway app served by uvicorn on 127.0.0.1, and an HTTP client for it."""
+    with served(services_settings) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def served(settings: Settings) -> Iterator[httpx.Client]:
+    """The gateway app for `settings`, served by uvicorn on 127.0.0.1 in this process, and a client for it."""
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(services_settings), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

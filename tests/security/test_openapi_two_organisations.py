@@ -32,7 +32,7 @@ READ_PATHS = {
     Dataset: "/v1/datasets/{}",
     TrainingRun: "/v1/training-runs/{}",
 }
-LIST_PATHS = ("/v1/jobs", "/v1/datasets", "/v1/training-runs")
+LIST_PATHS = ("/v1/jobs", "/v1/batches", "/v1/datasets", "/v1/training-runs")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from services.gateway.deps import (
     ClientRefForm,
     DatabaseDep,
     IdempotencyKeyHeader,
+    ListFilterDep,
     ModelForm,
     SessionDep,
     SettingsDep,
@@ -27,9 +28,10 @@ from services.gateway.problems import PROBLEMS
 from shared.db.session import Database
 from shared.intake.uploads import batch_uploads
 from shared.jobs.callbacks import check_callback
+from shared.jobs.listing import BatchState, list_batches
 from shared.jobs.submissions import submit_images
 from shared.jobs.views import batch_view, study_report
-from shared.schemas import BatchAccepted, BatchView, JobAccepted
+from shared.schemas import BatchAccepted, BatchSummary, BatchView, JobAccepted
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=GuardedRoute)
 
@@ -83,6 +85,21 @@ def submit_batch(
             for job in jobs
         ],
     )
+
+
+@router.get("", response_model=list[BatchSummary], responses=PROBLEMS)
+def list_all_batches(
+    session: SessionDep,
+    principal: SubmitterDep,
+    where: ListFilterDep,
+    state: Annotated[
+        BatchState | None,
+        Query(description="`active`: a job still queued or running, or a study still collecting; or `finished`."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> list[BatchSummary]:
+    """Your batches and studies, newest first, with their counts and progress (jobs: `GET /v1/batches/{id}`)."""
+    return list_batches(session, principal.scope, where, state=state, limit=limit)
 
 
 @router.get("/{batch_id}", response_model=BatchView, responses=PROBLEMS)

@@ -9,6 +9,7 @@ FailedSOPSequence with a FailureReason for the others; 200 when all were stored,
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from celery import Celery
@@ -27,7 +28,7 @@ from shared.core.storage import ObjectStore
 from shared.db.session import Database
 from shared.imaging.dicom import read_header
 from shared.intake import refusals
-from shared.intake.instances import Refused, check_instance, refusal
+from shared.intake.instances import Refused, accepted_instances, nonempty, refusal
 from shared.intake.upload import Upload
 from shared.intake.uploads import check_file_count
 from shared.jobs.studies import add_instances
@@ -90,39 +91,30 @@ class Destination:
 
 def _store(destination: Destination, parts: list[RelatedPart]) -> Response:
     settings = destination.settings
-    accepted: list[Upload] = []
     refused: list[Refused] = []
-    for index, part in enumerate(parts):
-        filename, content_type = f"stow-part-{index + 1}", part.content_type
-        data = part.read()
-        try:
-            # A part without a Content-Type takes the request's type="application/dicom".
-            if content_type and content_type.split(";")[0].strip().lower() != "application/dicom":
-                raise refusals.dicom_required(f"Part {index + 1} is {content_type}, not application/dicom.")
-            accepted.append(check_instance(filename, data, settings))
-        except XrayqError as error:
-            # Without its traceback: its frames would keep every refused part's bytes alive until the answer.
-            refused.append(refusal(filename, data, error.with_traceback(None)))
+    stored: list[Dataset] = []  # ReferencedSOPSequence
+    # Each part is read and checked as study intake takes it, stored, and let go before the next.
+    instances = nonempty(accepted_instances(_dicom_parts(parts, refused), settings, refused))
     intake = None
-    if accepted:
+    if instances is not None:
         with destination.database.session() as session:
             intake = add_instances(
                 session,
                 destination.store,
                 destination.celery,
                 settings,
-                accepted,
+                _referenced(instances, stored),
                 organisation=destination.organisation,
                 source="stow",
                 model_ref=settings.default_model,
             )
     response = Dataset()
     response.RetrieveURL = ""  # Type 2: this server offers no WADO-RS retrieval
-    if accepted:
-        response.ReferencedSOPSequence = [_reference(upload.data) for upload in accepted]
+    if stored:
+        response.ReferencedSOPSequence = stored
     if refused:
         response.FailedSOPSequence = [_failure(item) for item in refused]
-    status = 200 if not refused else (202 if accepted else 409)
+    status = 200 if not refused else (202 if stored else 409)
     headers = {}
     if intake and intake.batches:
         headers["Location"] = f"/v1/batches/{intake.batches[0].id}"
@@ -130,12 +122,27 @@ def _store(destination: Destination, parts: list[RelatedPart]) -> Response:
     return JSONResponse(response.to_json_dict(), status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
-def _reference(data: bytes) -> Dataset:
-    header = read_header(data)
-    item = Dataset()
-    item.ReferencedSOPClassUID = header.SOPClassUID
-    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
-    return item
+def _dicom_parts(parts: list[RelatedPart], refused: list[Refused]) -> Iterator[tuple[str, bytes]]:
+    """The parts as named instances, each read when taken; a part of another declared type is refused."""
+    for index, part in enumerate(parts):
+        filename, content_type, data = f"stow-part-{index + 1}", part.content_type, part.read()
+        # A part without a Content-Type takes the request's type="application/dicom".
+        if content_type and content_type.split(";")[0].strip().lower() != "application/dicom":
+            error = refusals.dicom_required(f"Part {index + 1} is {content_type}, not application/dicom.")
+            refused.append(refusal(filename, data, error))
+            continue
+        yield filename, data
+
+
+def _referenced(instances: Iterator[Upload], stored: list[Dataset]) -> Iterator[Upload]:
+    """The instances, each noted for the answer as it goes to study intake."""
+    for upload in instances:
+        header = read_header(upload.data)
+        item = Dataset()
+        item.ReferencedSOPClassUID = header.SOPClassUID
+        item.ReferencedSOPInstanceUID = header.SOPInstanceUID
+        stored.append(item)
+        yield upload
 
 
 def _failure(item: Refused) -> Dataset:

@@ -8,8 +8,6 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import APIRouter, File, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
 
 from services.gateway.access import GuardedRoute
 from services.gateway.deps import (
@@ -18,6 +16,7 @@ from services.gateway.deps import (
     ClientRefForm,
     DatabaseDep,
     IdempotencyKeyHeader,
+    ListFilterDep,
     ModelForm,
     SessionDep,
     SettingsDep,
@@ -30,12 +29,13 @@ from services.gateway.problems import PROBLEMS
 from services.gateway.uploads import read_upload
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
-from shared.db.models import TERMINAL_STATUSES, Job
+from shared.db.models import TERMINAL_STATUSES
 from shared.db.session import Database
 from shared.intake.images import check_file
 from shared.intake.upload import Upload
 from shared.intake.uploads import clean_filename
 from shared.jobs.lifecycle import cancel_job
+from shared.jobs.listing import list_jobs as listed_jobs
 from shared.jobs.submissions import Submitted, submit_images
 from shared.jobs.views import get_job, job_view
 from shared.schemas import JobAccepted, JobView
@@ -136,16 +136,11 @@ def cancel(job_id: str, session: SessionDep, principal: SubmitterDep) -> JobView
 def list_jobs(
     session: SessionDep,
     principal: SubmitterDep,
+    where: ListFilterDep,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None,
     batch_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[JobView]:
-    query = select(Job).options(selectinload(Job.model_version))
-    if principal.scope is not None:
-        query = query.where(Job.organisation == principal.scope)
-    if status:
-        query = query.where(Job.status == status)
-    if batch_id:
-        query = query.where(Job.batch_id == batch_id)
-    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.position).limit(limit))
+    """Your jobs, newest first, narrowed by status, batch, model, client reference and submission time."""
+    jobs = listed_jobs(session, principal.scope, where, status=status, batch_id=batch_id, limit=limit)
     return [job_view(job) for job in jobs]

@@ -6,15 +6,19 @@ changed by admins only; provenance is shown to the owner and admins (`shared/mod
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from services.gateway.access import GuardedRoute
-from services.gateway.deps import PrincipalDep, SessionDep, StoreDep, TrainerDep
+from services.gateway.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
 from shared.auth import Principal
 from shared.core.errors import XrayqError
 from shared.core.storage import ObjectNotFound
+from shared.intake import refusals
+from shared.intake.uploads import clean_filename, read_bounded
 from shared.models.ownership import Actor, check_may_manage, check_may_use, may_manage
 from shared.models.registry import activation_history, find_version, promote, promote_by_id, rollback
 from shared.models.views import activation_view, model_views, version_view
@@ -28,6 +32,7 @@ from shared.schemas import (
 )
 from shared.training.datasets import find_dataset
 from shared.training.held_out import set_from_dataset
+from shared.training.runs import DEFAULT_IMAGE_SIZE
 
 router = APIRouter(prefix="/v1/models", tags=["models"], route_class=GuardedRoute)
 
@@ -118,3 +123,47 @@ def read_activations(name: str, session: SessionDep, principal: PrincipalDep) ->
     """Which version was made active when, by whom (key and organisation: owner and admins) and why."""
     provenance = sees_provenance(session, name, principal)
     return [activation_view(row, provenance=provenance) for row in activation_history(session, name)]
+
+
+@router.post("/{name}/import", status_code=201, response_model=ModelVersionView, responses=PROBLEMS)
+def import_weights(
+    name: str,
+    principal: TrainerDep,
+    response: Response,
+    settings: SettingsDep,
+    session: SessionDep,
+    store: StoreDep,
+    file: Annotated[UploadFile, File(description="The state dict as safetensors (a pickle or .pt is refused).")],
+    architecture: Annotated[str, Form(description="The torchvision classification model it is for, e.g. resnet18.")],
+    sha256: Annotated[str, Form(description="The file's SHA-256 (64 hex digits), checked against what arrives.")],
+    classes: Annotated[
+        str | None, Form(description="Required: its outputs' class names in order, comma-separated (2 to 1000).")
+    ] = None,
+    image_size: Annotated[
+        int | None, Form(ge=16, le=1024, description=f"Input size in px; default {DEFAULT_IMAGE_SIZE}, the recipe's.")
+    ] = None,
+    color: Annotated[Literal["grayscale", "rgb"], Form(description="Input colour; default grayscale.")] = "grayscale",
+) -> ModelVersionView:
+    """Register weights made elsewhere as a new, inactive version of `name` (owner or admin; a new name
+    becomes the key's organisation's). Promote it to serve it, or fine-tune from it (`base_model`)."""
+    from shared.models.imports import import_version  # loads torch: the gateway pays for it on imports only
+
+    filename = clean_filename(file.filename, "weights.safetensors")
+    limit = settings.max_weights_upload_bytes
+    if file.size is not None and file.size > limit:
+        raise refusals.file_too_large(filename, limit)
+    row = import_version(
+        session,
+        store,
+        lambda: read_bounded(file.file, limit, filename),
+        name=name,
+        importer=actor_of(principal),
+        architecture=architecture.strip(),
+        classes=[label.strip() for label in classes.split(",")] if classes else [],
+        image_size=image_size or DEFAULT_IMAGE_SIZE,
+        color=color,
+        sha256=sha256,
+        filename=filename,
+    )
+    response.headers["Location"] = f"/v1/models/{row.name}/versions/{row.version}"
+    return version_view(row)

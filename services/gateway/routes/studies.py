@@ -20,7 +20,7 @@ from services.gateway.deps import (
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.problems import PROBLEMS
 from shared.core.errors import XrayqError
-from shared.intake.instances import Refused, check_instances, study_files
+from shared.intake.instances import Refused, accepted_instances, nonempty, study_files
 from shared.jobs.callbacks import check_callback
 from shared.jobs.studies import StudyIntake, add_instances, study_batch_ids
 from shared.jobs.views import batch_view
@@ -48,8 +48,10 @@ def submit_study_instances(
     requests; the batch closes once no instance arrived for the stability timeout, then its SR is made.
     If no file is accepted, the first refusal is the answer (its own 4xx code)."""
     callback_url, callback_secret = check_callback(callback_url, callback_secret, settings, principal.organisation)
-    accepted, refused = check_instances(study_files(files, settings), settings)
-    if not accepted:
+    refused: list[Refused] = []
+    # Checked one at a time as study intake stores them: the request's files are never all in memory.
+    accepted = nonempty(accepted_instances(study_files(files, settings), settings, refused))
+    if accepted is None:
         raise refused[0].error
     intake = add_instances(
         session,
@@ -82,7 +84,7 @@ def studies_accepted(intake: StudyIntake, refused: list[Refused]) -> StudiesAcce
             )
             for batch in intake.batches
         ],
-        duplicates=[upload.filename for upload in intake.duplicates],
+        duplicates=intake.duplicates,
         refused=[
             RefusedInstance(
                 filename=item.filename,

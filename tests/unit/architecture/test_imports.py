@@ -21,6 +21,7 @@ SHARED_MAY_IMPORT = {
     "jobs": {"core", "db", "imaging", "intake", "models", "schemas", "auth"},
     "training": {"core", "db", "imaging", "intake", "models", "schemas"},
     "auth": {"core", "db", "schemas"},
+    "sessions": {"core", "db", "auth"},
     "schemas": {"core", "db"},
 }
 

@@ -37,6 +37,7 @@ DOCUMENTED = {
     "runs cancel",
     "models list",
     "models show",
+    "models import",
     "models promote",
     "models rollback",
     "models evaluation-set",

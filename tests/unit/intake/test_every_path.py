@@ -12,7 +12,7 @@ import pytest
 from services.dicom.receiver import make_ae
 from shared.core.settings import Settings
 from shared.intake.images import check_dataset_member, check_file
-from shared.intake.instances import check_instance, check_instances
+from shared.intake.instances import accepted_instances, check_instance
 from shared.intake.sop_classes import ACCEPTED_SOP_CLASSES
 from shared.intake.uploads import expand_zip
 from shared.training.datasets import read_upload
@@ -43,12 +43,13 @@ def chest_jpeg(chest_images) -> Path:
 def codes_on_every_path(name: str, data: bytes, good: bytes, settings: Settings) -> dict[str, str | None]:
     """path -> the code the file got there (None: accepted)."""
     upload = check_file(name, data, settings)
-    entry = expand_zip(make_zip([("good.jpeg", good), (name, data)]), settings)[1]
+    entry = list(expand_zip(make_zip([("good.jpeg", good), (name, data)]), settings))[1]
     dataset = read_upload(
         io.BytesIO(make_zip([("A/good.jpeg", good), (f"B/{name}", data)])), settings, skip_unreadable=True, classes=None
     )
     skipped = {item["path"]: item["code"] for item in dataset.details["skipped_unreadable"]}
-    _, refused = check_instances([(name, data)], settings)
+    refused: list = []
+    list(accepted_instances([(name, data)], settings, refused))
     return {
         "job": upload.error.code if upload.error else None,
         "zip_entry": entry.error.code if entry.error else None,

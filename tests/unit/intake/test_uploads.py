@@ -49,7 +49,7 @@ def test_images_come_back_in_archive_order_with_names_kept(settings: Settings) -
         ("scans/deep/middle.jpeg", jpeg_bytes(grey(3, size=80))),
         ("beta.png", png_bytes(colour(4))),
     ]
-    uploads = expand_zip(make_zip(entries), settings)
+    uploads = list(expand_zip(make_zip(entries), settings))
 
     assert [u.filename for u in uploads] == [name for name, _ in entries]
     assert [u.error for u in uploads] == [None] * 4
@@ -59,7 +59,7 @@ def test_images_come_back_in_archive_order_with_names_kept(settings: Settings) -
 
 def test_stored_entries_are_read_like_deflated_ones(settings: Settings) -> None:
     data = png_bytes(grey(5))
-    uploads = expand_zip(make_zip([("a.png", data)], compression=zipfile.ZIP_STORED), settings)
+    uploads = list(expand_zip(make_zip([("a.png", data)], compression=zipfile.ZIP_STORED), settings))
     assert len(uploads) == 1
     assert uploads[0].error is None and uploads[0].data == data
 
@@ -69,7 +69,7 @@ def test_directory_entries_are_not_uploads(settings: Settings) -> None:
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.mkdir("folder")
         archive.writestr("folder/a.png", png_bytes(grey(6)))
-    uploads = expand_zip(buffer.getvalue(), settings)
+    uploads = list(expand_zip(buffer.getvalue(), settings))
     assert [u.filename for u in uploads] == ["folder/a.png"]
 
 
@@ -102,7 +102,7 @@ def test_unsafe_path_is_refused_even_when_it_is_the_last_entry(settings: Setting
 
 def test_dot_dot_inside_a_name_is_not_a_path_escape(settings: Settings) -> None:
     data = make_zip([("scan..v2.png", png_bytes(grey(9))), ("dir/..hidden.png", png_bytes(grey(10)))])
-    uploads = expand_zip(data, settings)
+    uploads = list(expand_zip(data, settings))
     assert [u.filename for u in uploads] == ["scan..v2.png", "dir/..hidden.png"]
     assert all(u.error is None for u in uploads)
 
@@ -137,7 +137,7 @@ def test_lying_size_header_cannot_expand_past_the_declared_size(tmp_path: Path) 
     assert zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[0].file_size == 100
 
     settings = Settings(home=tmp_path, max_zip_expanded_bytes=1_000)
-    uploads = expand_zip(bytes(data), settings)
+    uploads = list(expand_zip(bytes(data), settings))
     assert len(uploads) == 1
     assert len(uploads[0].data) <= 100
     assert uploads[0].error is not None
@@ -157,7 +157,7 @@ def test_exactly_the_batch_limit_is_accepted_and_clutter_does_not_count(tmp_path
     image = png_bytes(grey(12))
     entries = [(f"{i}.png", image) for i in range(3)]
     entries += [("__MACOSX/._0.png", b"\x00\x05\x16\x07"), (".DS_Store", b"Bud1"), ("sub/Thumbs.db", b"x")]
-    uploads = expand_zip(make_zip(entries), settings)
+    uploads = list(expand_zip(make_zip(entries), settings))
     assert [u.filename for u in uploads] == ["0.png", "1.png", "2.png"]
 
 
@@ -184,7 +184,7 @@ def test_archiver_clutter_is_skipped(settings: Settings) -> None:
         ("b.jpg", jpeg_bytes(grey(14))),
         ("desktop.ini", b"[.ShellClassInfo]"),
     ]
-    uploads = expand_zip(make_zip(entries), settings)
+    uploads = list(expand_zip(make_zip(entries), settings))
     assert [u.filename for u in uploads] == ["scans/a.png", "b.jpg"]
     assert all(u.error is None for u in uploads)
 
@@ -195,7 +195,7 @@ def test_archiver_clutter_is_skipped(settings: Settings) -> None:
 def test_nested_archive_is_refused_as_one_entry(settings: Settings) -> None:
     inner = make_zip([("inner.png", png_bytes(grey(15)))])
     entries = [("a.png", png_bytes(grey(16))), ("more.zip", inner), ("c.jpg", jpeg_bytes(grey(17)))]
-    uploads = expand_zip(make_zip(entries), settings)
+    uploads = list(expand_zip(make_zip(entries), settings))
 
     assert [u.filename for u in uploads] == ["a.png", "more.zip", "c.jpg"]
     assert uploads[0].error is None and uploads[2].error is None
@@ -208,7 +208,7 @@ def test_corrupt_image_fails_alone(settings: Settings) -> None:
     whole = png_bytes(grey(18, size=128))
     truncated = whole[: len(whole) // 2]
     entries = [("before.png", png_bytes(grey(19))), ("broken.png", truncated), ("after.jpg", jpeg_bytes(grey(20)))]
-    uploads = expand_zip(make_zip(entries), settings)
+    uploads = list(expand_zip(make_zip(entries), settings))
 
     assert [u.filename for u in uploads] == ["before.png", "broken.png", "after.jpg"]
     assert uploads[0].error is None and uploads[2].error is None
@@ -219,7 +219,7 @@ def test_corrupt_image_fails_alone(settings: Settings) -> None:
 
 def test_non_image_entry_fails_alone(settings: Settings) -> None:
     entries = [("notes.txt", b"just some text, not a scan"), ("a.png", png_bytes(grey(21)))]
-    uploads = expand_zip(make_zip(entries), settings)
+    uploads = list(expand_zip(make_zip(entries), settings))
     assert uploads[0].error is not None and uploads[0].error.code == "unsupported_media_type"
     assert uploads[1].error is None
 
@@ -236,7 +236,7 @@ def test_entry_over_the_file_limit_fails_alone(tmp_path: Path) -> None:
     small = png_bytes(grey(22))
     big = png_bytes(grey(23, size=256))  # random pixels hardly compress: ~65 kB
     assert len(small) <= 20_000 < len(big)
-    uploads = expand_zip(make_zip([("small.png", small), ("big.png", big)]), settings)
+    uploads = list(expand_zip(make_zip([("small.png", small), ("big.png", big)]), settings))
 
     assert [u.filename for u in uploads] == ["small.png", "big.png"]
     assert uploads[0].error is None and uploads[0].data == small
