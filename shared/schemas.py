@@ -61,7 +61,7 @@ class JobView(BaseModel):
     warnings: list[dict[str, str]] = Field(
         default_factory=list,
         description="`{code, detail}` entries: why the model may not suit this input or answer, e.g. "
-        "`body_part_mismatch`, `uncertain`.",
+        "`out_of_distribution`, `underexposed`, `body_part_mismatch`, `uncertain` (README: Flags on results).",
     )
     dicom: dict[str, str] | None = Field(None, description="Identifying tags of a DICOM input.")
     attempts: int = 0
@@ -169,6 +169,11 @@ class ModelVersionView(BaseModel):
     uncertainty: dict[str, Any] = Field(
         default_factory=dict,
         description="`flags` and the card's uncertainty record (measure, threshold, how it was chosen), or `reason`.",
+    )
+    checks: dict[str, str] = Field(
+        default_factory=dict,
+        description="Which checks this version's results get (input_quality, out_of_distribution, "
+        "inverted_polarity): `on: how`, or `off: why`.",
     )
 
 

@@ -209,3 +209,11 @@ def services_env_of_its_own(services_env: dict[str, str], home: Path, name: str,
         S3ObjectStore(settings).ensure_bucket()
         train_tiny_model(settings, data_dir)
         yield env
+
+
+@pytest.fixture(scope="session")
+def photograph() -> Image.Image:
+    """A real colour photograph (Grace Hopper, shipped with matplotlib): not a radiograph."""
+    import matplotlib
+
+    return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")

@@ -47,6 +47,7 @@ from services.trainer.data import (
 )
 from services.trainer.evaluation import classification_report, roc_points
 from services.trainer.held_out import record_model_set
+from services.trainer.ood_reference import ReferenceArtifacts, build_reference
 from services.trainer.plots import render_plots
 from services.trainer.reporter import RunCancelled, RunReporter
 from services.trainer.training import ProgressCallback, TrainConfig, TrainResult, fit
@@ -56,7 +57,7 @@ from shared.core.storage import ObjectStore, make_object_store
 from shared.db.models import Dataset, ModelVersion, RunStatus, TrainingRun
 from shared.db.session import Database, database_for
 from shared.models.artifacts import register_version
-from shared.models.nets import pick_device
+from shared.models.nets import build_model, pick_device
 from shared.models.ownership import Actor, check_may_manage
 from shared.models.registry import activate_version
 from shared.training.datasets import blob_key, load_manifest
@@ -115,6 +116,7 @@ def _run_steps(
     reporter.phase("evaluating", percent=100.0)
     calibrated = calibrate_on_validation(run, data, result)
     evaluation = evaluate(run, data, result, reporter.history, calibrated)
+    reference = fit_ood_reference(store, run, data, result, reporter)
     held_out, recorded, rescore = choose_held_out(database, store, run, data)
     champion = compare_with_active(settings, database, store, run, held_out, reporter)
     candidate = score_candidate(run, data, result, held_out, reporter) if rescore else evaluation.report
@@ -123,7 +125,7 @@ def _run_steps(
     reporter.phase("registering", percent=100.0)
     with database.session() as session:
         row = register(
-            session, store, run, data, result, evaluation, champion, decision, reporter.history, extra_card=calibrated
+            session, store, run, data, result, evaluation, champion, decision, reporter.history, calibrated, reference
         )
         record_model_set(session, store, run.name, held_out)
         promote(session, row, run, decision)
@@ -331,10 +333,11 @@ def register(
     champion: dict[str, Any] | None,
     decision: dict[str, Any],
     history: list[dict[str, Any]],
-    extra_card: dict[str, Any] | None = None,
+    calibrated: dict[str, Any],
+    reference: ReferenceArtifacts,
 ) -> ModelVersion:
-    """The new version (inactive) with its card, evaluation report and plots; `extra_card`: more
-    sections of the card (calibration, uncertainty)."""
+    """The new version (inactive) with its card, evaluation report and plots; its calibration and
+    uncertainty sections (`calibrated`) and its out-of-distribution reference."""
     config = run.config
     return register_version(
         session,
@@ -377,8 +380,20 @@ def register(
             },
         },
         files={plot: (content, "image/png") for plot, content in evaluation.plots.items()},
-        extra_card=extra_card,
+        extra_card={**calibrated, **reference.extra_card()},
+        attachments=reference.attachments(),
     )
+
+
+def fit_ood_reference(
+    store: ObjectStore, run: RunInputs, data: RunData, result: TrainResult, reporter: RunReporter
+) -> ReferenceArtifacts:
+    """The trained model's out-of-distribution reference (`services.trainer.ood_reference`)."""
+    device = pick_device(run.config.device)
+    module = build_model(run.config.architecture, len(data.classes))
+    module.load_state_dict(result.state_dict)
+    train_reads = [example.read for example in examples_by_split(store, run.manifest, data.classes).get("train", [])]
+    return build_reference(module, run.config.spec(), data.train, data.val, train_reads, device, beat=reporter.beat)
 
 
 def promote(session: Session, row: ModelVersion, run: RunInputs, decision: dict[str, Any]) -> None:

@@ -13,10 +13,11 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from PIL import Image
 
 from services.worker import metrics
 from shared.core.errors import XrayqError
@@ -27,6 +28,7 @@ from shared.db.session import Database
 from shared.imaging.decode import open_image
 from shared.imaging.dicom import suitability_warnings
 from shared.imaging.preprocess import normalize, to_model_pixels
+from shared.imaging.quality import check, measure
 from shared.intake.images import image_limits
 from shared.jobs.lifecycle import ClaimedJob, Prediction, claim_jobs, ms_since, record_outcomes
 from shared.models.answers import answers
@@ -126,12 +128,14 @@ class Predictor:
         predictions = []
         if ready:
             started = time.monotonic()
-            outputs, batch_size = self._forward([image for _, image in ready], model)
+            outputs, batch_size = self._forward([image.pixels for _, image in ready], model)
             inference_ms = (time.monotonic() - started) * 1000
-            for (job, _), output in zip(ready, outputs, strict=True):
+            for (job, image), output in zip(ready, outputs, strict=True):
                 job.timings["inference_ms"] = round(inference_ms, 2)
                 job.timings["batch_size"] = batch_size
-                outcome = output if isinstance(output, XrayqError) else _guarded_prediction(job, model, output)
+                outcome = (
+                    output if isinstance(output, XrayqError) else _guarded_prediction(job, model, output, image.checks)
+                )
                 if isinstance(outcome, XrayqError):
                     failures.append((job, outcome))
                 else:
@@ -168,8 +172,9 @@ class Predictor:
                 outputs.append(_inference_failed(exc))
         return outputs, 1
 
-    def _prepare(self, job: ClaimedJob, model: LoadedModel) -> torch.Tensor | XrayqError:
-        """The job's input as the model's pixels (uint8, its size and colour), or why it cannot be.
+    def _prepare(self, job: ClaimedJob, model: LoadedModel) -> PreparedImage | XrayqError:
+        """The job's input as the model's pixels (uint8, its size and colour) with its quality checks,
+        or why it cannot be.
 
         Every step is guarded: whatever one image raises becomes its job's failure with a stable code,
         never an exception that would fail the other jobs of the message.
@@ -184,10 +189,11 @@ class Predictor:
             )
         except XrayqError as error:
             return error
+        checks = input_checks(image, model)
         job.timings["fetch_ms"] = round((fetched - started) * 1000, 2)
         job.timings["preprocess_ms"] = round((time.monotonic() - fetched) * 1000, 2)
         metrics.PREPROCESS.observe(time.monotonic() - started)
-        return pixels
+        return PreparedImage(pixels, checks)
 
     def _fetch(self, job: ClaimedJob) -> bytes:
         try:
@@ -217,7 +223,7 @@ class Predictor:
             if ok:
                 metrics.END_TO_END.labels(model_name).observe(ms_since(prediction.job.created_at, finished) / 1000)
                 for warning in prediction.warnings or ():
-                    metrics.RESULT_WARNINGS.labels(model_name, warning["code"]).inc()
+                    metrics.RESULT_FLAGS.labels(model_name, warning["code"]).inc()
         for job, _ in failures:
             metrics.JOBS_FINISHED.labels(job.model_name, "failed").inc()
 
@@ -264,21 +270,31 @@ def _inference_failed(exc: Exception) -> XrayqError:
     return XrayqError("inference_failed", f"The model failed: {type(exc).__name__}")
 
 
-def _guarded_prediction(job: ClaimedJob, model: LoadedModel, output: ModelOutput) -> Prediction | XrayqError:
+def _guarded_prediction(
+    job: ClaimedJob, model: LoadedModel, output: ModelOutput, checks: InputChecks
+) -> Prediction | XrayqError:
     try:
-        return prediction_for(job, model, output)
+        return prediction_for(job, model, output, checks)
     except Exception as exc:
         log.exception("could not build the result of job %s", job.id)
         return XrayqError("inference_failed", f"The result could not be built: {type(exc).__name__}")
 
 
-def prediction_for(job: ClaimedJob, model: LoadedModel, output: ModelOutput) -> Prediction:
+def prediction_for(
+    job: ClaimedJob, model: LoadedModel, output: ModelOutput, checks: InputChecks | None = None
+) -> Prediction:
     """The answer for one job: the most probable class, every class's probability, how sure it is, and
-    why the model may not suit this input or answer (the DICOM tags against the model's intended use;
-    an uncertainty above the version's threshold)."""
+    why the model may not suit this input or answer: the DICOM tags against the model's intended use,
+    the input's quality (`checks`), whether the model has seen images like it (`distribution_warnings`),
+    and an uncertainty above the version's threshold."""
+    checks = checks or InputChecks()
     probabilities = output.probabilities
     best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    warnings = suitability_warnings(job.dicom, model.intended_use)
+    warnings = [
+        *suitability_warnings(job.dicom, model.intended_use),
+        *checks.flags,
+        *distribution_warnings(model, output, checks.chroma),
+    ]
     threshold = card_threshold(model.card)
     uncertain = None
     if output.uncertainty is not None and threshold is not None:
@@ -296,3 +312,38 @@ def prediction_for(job: ClaimedJob, model: LoadedModel, output: ModelOutput) -> 
         uncertainty=round(output.uncertainty, 6) if output.uncertainty is not None else None,
         uncertain=uncertain,
     )
+
+
+@dataclass
+class InputChecks:
+    """What the input-quality checks found in one decoded image (`shared.imaging.quality`)."""
+
+    flags: list[dict[str, str]] = field(default_factory=list)
+    chroma: float | None = None  # its colourfulness, for the out-of-distribution check; None: not measured
+
+
+@dataclass
+class PreparedImage:
+    pixels: torch.Tensor
+    checks: InputChecks
+
+
+def input_checks(image: Image.Image, model: LoadedModel) -> InputChecks:
+    """The quality flags of a decoded image for `model`; a check that fails is logged and skipped,
+    never the job's failure."""
+    try:
+        measured = measure(image, model.ood.template if model.ood is not None else None)
+    except Exception:
+        log.warning("the input-quality checks failed for an image of %s@%s", model.name, model.version, exc_info=True)
+        return InputChecks()
+    return InputChecks([flag.as_dict() for flag in check(measured, model.spec.size)], measured.chroma_p90)
+
+
+def distribution_warnings(model: LoadedModel, output: ModelOutput, chroma: float | None) -> list[dict[str, str]]:
+    """`out_of_distribution` when the image's features (or colour) are unlike the training set's;
+    nothing for a version without a reference (its card's `checks` say why)."""
+    if model.ood is None:
+        return []
+    distance = float(model.ood.distances(output.features.unsqueeze(0))[0])
+    flag = model.ood.judge(distance, chroma)
+    return [flag.as_dict()] if flag is not None else []

@@ -23,11 +23,11 @@ END_TO_END = Histogram(
 BATCH_SIZE = Histogram(
     "xrayq_batch_size", "Images per forward pass", ["model"], buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 )
-# Every entry of a result's `warnings` list, by its code (`uncertain`, `body_part_mismatch`, ...): the codes
-# are a fixed set of ours, never free text, so the labels stay few.
-RESULT_WARNINGS = Counter(
-    "xrayq_result_warnings",
-    "Warnings on results written, by code (uncertain, body_part_mismatch, ...)",
+# Every entry of a written result's `warnings` list, by its code (input quality, out of distribution,
+# uncertain, suitability): the codes are a fixed set of ours, never free text, so the labels stay few.
+RESULT_FLAGS = Counter(
+    "xrayq_result_flags",
+    "Flags (warnings) on results written by the worker, by code",
     ["model", "code"],
 )
 BUSY = Counter("xrayq_worker_busy_seconds", "Time spent running prediction messages")

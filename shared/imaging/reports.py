@@ -75,6 +75,12 @@ def label_code(label: str) -> Code:
     return Code(value, PRIVATE_SCHEME, label[:64])
 
 
+def warning_code(warning: dict[str, str]) -> hd.sr.CodedConcept:
+    """A result's flag as a coded value: its code whole (a code longer than Code Value's 16 characters
+    goes into Long Code Value, PS3.3 8.8), the sentence as the meaning (at most 64 characters)."""
+    return hd.sr.CodedConcept(warning["code"][:64], PRIVATE_SCHEME, warning["detail"][:64])
+
+
 def _probability_code(label: str) -> Code:
     value = f"P-{label}"
     if len(value) > 16:
@@ -141,10 +147,7 @@ def _measurement_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     header = item.header
     algorithm = hd.sr.AlgorithmIdentification(name=item.model_name[:64], version=str(item.model_version))
-    evaluations = [
-        hd.sr.QualitativeEvaluation(INPUT_WARNING, Code(w["code"][:16], PRIVATE_SCHEME, w["detail"][:64]))
-        for w in item.warnings
-    ]
+    evaluations = [hd.sr.QualitativeEvaluation(INPUT_WARNING, warning_code(w)) for w in item.warnings]
     measurements = [
         hd.sr.Measurement(
             name=_probability_code(label), value=float(probability), unit=UNITLESS, algorithm_id=algorithm

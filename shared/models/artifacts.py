@@ -23,6 +23,7 @@ from shared.db.models import ModelVersion, utcnow
 from shared.imaging.preprocess import PreprocessSpec
 from shared.models.heads import Head
 from shared.models.nets import build_model
+from shared.models.ood import OodReference, load_reference
 from shared.models.ownership import claim_model
 from shared.models.registry import activate_version, any_active_version
 
@@ -44,9 +45,13 @@ def register_version(
     intended_use: dict[str, list[str]] | None = None,
     provenance: dict[str, Any] | None = None,
     files: dict[str, tuple[bytes, str]] | None = None,
-    extra_card: dict[str, Any] | None = None,
+    extra_card: dict[str, dict[str, Any]] | None = None,
+    attachments: dict[str, bytes] | None = None,
 ) -> ModelVersion:
     """Store weights, card and `files` (plots: name -> bytes, type), then add the version row.
+
+    `extra_card`: more sections of the card (e.g. "ood"); a section whose "file" names one of the
+    `attachments` (name -> bytes, stored beside the weights) gets that object's "key" and "sha256".
 
     `scope`: whose request it is (`Principal.scope`): the owner of `name`, or an admin (None); the
     first version of a name makes `scope` its owner (None: shared). Anyone else: `model_not_owned`.
@@ -83,8 +88,14 @@ def register_version(
     clashing = set(card) & set(extra_card or {})
     if clashing:
         raise ValueError(f"extra card sections may not replace {sorted(clashing)}")
-    card.update(extra_card or {})
+    for section_name, section in (extra_card or {}).items():
+        attached = (attachments or {}).get(section.get("file", ""))
+        if attached is not None:
+            section = {**section, "key": f"{prefix}/{section['file']}", "sha256": hashlib.sha256(attached).hexdigest()}
+        card[section_name] = section
     store.put(card["weights"]["key"], weights)
+    for attachment_name, content in (attachments or {}).items():
+        store.put(f"{prefix}/{attachment_name}", content, "application/octet-stream")
     for file_name, (content, content_type) in (files or {}).items():
         store.put(f"{prefix}/{file_name}", content, content_type)
     store.put(f"{prefix}/card.json", json.dumps(card, indent=2).encode(), "application/json")
@@ -124,6 +135,7 @@ class LoadedModel:
     intended_use: dict[str, list[str]]
     head: Head  # the tap for features (out-of-distribution checks) and dropout samples (uncertainty)
     card: dict[str, Any]
+    ood: OodReference | None = None  # None: a version registered without a reference (see `checks_of`)
 
 
 def load_model(row: ModelVersion, store: ObjectStore, device: torch.device) -> LoadedModel:
@@ -145,4 +157,5 @@ def load_model(row: ModelVersion, store: ObjectStore, device: torch.device) -> L
         intended_use=dict(row.card.get("intended_use") or {}),
         head=Head(module),
         card=dict(row.card),
+        ood=load_reference(row.card, store),
     )

@@ -15,13 +15,14 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import ModelActivation, ModelVersion, RegisteredModel, as_utc
 from shared.models.calibration import calibration_status, uncertainty_status
+from shared.models.ood import checks_of
 from shared.models.ownership import may_manage, may_use
 from shared.schemas import ModelActivationView, ModelVersionView, ModelView
 
 # What of a card every user of the model may read (an allow-list: new provenance stays private).
 PUBLIC_CARD_KEYS = (
     *("name", "version", "architecture", "classes", "preprocessing", "metrics", "intended_use"),
-    *("files", "weights", "created_at", "calibration", "uncertainty"),
+    *("files", "weights", "created_at", "calibration", "uncertainty", "ood"),
 )
 PUBLIC_DATA_KEYS = ("classes", "counts", "split")
 PUBLIC_TRAINING_KEYS = ("config", "seconds", "device", "torch")
@@ -64,6 +65,7 @@ def version_view(row: ModelVersion, *, provenance: bool = True) -> ModelVersionV
         card=card,
         calibration=calibration_status(row.card),
         uncertainty=uncertainty_status(row.card),
+        checks=checks_of(row.card),
     )
 
 

@@ -218,7 +218,7 @@ def test_the_temperature_is_applied_and_every_result_past_the_threshold_is_flagg
         assert after["result"]["calibrated"] is True and after["result"]["uncertain"] is True
         (warning,) = [w for w in after["warnings"] if w["code"] == "uncertain"]
         assert "have a person read this image" in warning["detail"]
-    counted = REGISTRY.get_sample_value("xrayq_result_warnings_total", {"model": flagging, "code": "uncertain"})
+    counted = REGISTRY.get_sample_value("xrayq_result_flags_total", {"model": flagging, "code": "uncertain"})
     assert counted == len(flagged_ids)
 
 
