@@ -75,9 +75,7 @@ def score_candidate(
     images = load_examples(held_out.examples, held_out.classes, spec, progress=reporter.beat)
     probabilities = predict_probabilities(model, images, spec, device)
     report = classification_report(images.labels.numpy(), probabilities, held_out.classes)
-    report["robustness"] = robustness_report(
-        model, images, spec, device, report, held_out.split, progress=reporter.beat
-    )
+    report["robustness"] = robustness_report(model, images, spec, device, held_out.split, progress=reporter.beat)
     return report
 
 
@@ -105,9 +103,7 @@ def compare_with_active(
     images = load_examples(held_out.examples, classes, loaded.spec, progress=reporter.beat)
     probabilities = predict_probabilities(loaded.module, images, loaded.spec, device)
     report = classification_report(images.labels.numpy(), probabilities, classes)
-    robustness = robustness_report(
-        loaded.module, images, loaded.spec, device, report, held_out.split, progress=reporter.beat
-    )
+    robustness = robustness_report(loaded.module, images, loaded.spec, device, held_out.split, progress=reporter.beat)
     return {"version": active.version, **evaluation_summary(report, held_out.split), "shift_proxy": robustness["proxy"]}
 
 

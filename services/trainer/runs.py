@@ -317,9 +317,8 @@ def assess_robustness(
     spec = run.config.spec()
     device = pick_device(run.config.device)
     model = trained_model(run, data.classes, result, device)
-    robustness = robustness_report(
-        model, data.evaluation.images, spec, device, evaluation.report, data.evaluation.name, progress=reporter.beat
-    )
+    images, split = data.evaluation.images, data.evaluation.name
+    robustness = robustness_report(model, images, spec, device, split, progress=reporter.beat)
     evaluation.report["robustness"] = robustness
     evaluation.summary["shift_proxy"] = robustness["proxy"]
     evaluation.plots["robustness.png"] = robustness_plot(

@@ -7,7 +7,7 @@ import torch
 from services.trainer.data import LabelledImages
 from services.trainer.evaluation import classification_report
 from services.trainer.plots import robustness_plot
-from services.trainer.robustness import robustness_report, shift_proxy
+from services.trainer.robustness import evenly_per_class, robustness_report, shift_proxy
 from services.trainer.training import predict_probabilities
 from shared.imaging.corruptions import suite
 from shared.imaging.preprocess import PreprocessSpec
@@ -33,7 +33,7 @@ def test_the_report_has_every_corruption_the_proxy_and_the_gap_to_clean() -> Non
     data, spec, device = images(), PreprocessSpec(size=32), torch.device("cpu")
     model = MeanBrightness()
     clean = classification_report(data.labels.numpy(), predict_probabilities(model, data, spec, device), data.classes)
-    report = robustness_report(model, data, spec, device, clean, "val")
+    report = robustness_report(model, data, spec, device, "val")
     assert report["n"] == 24 and len(report["corruptions"]) == len(suite())
     row = report["corruptions"][0]
     assert set(row) == {"corruption", "severity", "accuracy", "roc_auc", "sensitivity", "specificity"}
@@ -42,8 +42,16 @@ def test_the_report_has_every_corruption_the_proxy_and_the_gap_to_clean() -> Non
     assert brighter["specificity"] < clean["specificity"]
     proxy = report["proxy"]
     assert proxy["worst_specificity"] <= proxy["mean_specificity"] <= 1
+    assert report["clean"]["specificity"] == clean["specificity"]  # all 24 images: under the per-class cap
     assert report["gap"]["specificity"] == clean["specificity"] - proxy["mean_specificity"]
     assert robustness_plot(report, "test").startswith(b"\x89PNG")
+
+
+def test_large_splits_are_judged_on_an_even_class_balanced_subset() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 400 + [2] * 3)
+    chosen = evenly_per_class(labels, 20)
+    assert torch.bincount(labels[chosen]).tolist() == [20, 20, 3]
+    assert chosen[0] == 0 and 449 in chosen and list(chosen) == sorted(set(chosen.tolist()))
 
 
 def test_shift_proxy_means_and_worst() -> None:
