@@ -49,7 +49,7 @@ def robustness_report(
     """The model's figures on every corrupted copy of (a class-balanced subset of) `images`, the shift
     proxy, and its gap to the clean figures of the same subset."""
     corruptions = suite() if corruptions is None else corruptions
-    chosen = evenly_per_class(images.labels, IMAGES_PER_CLASS)
+    chosen = evenly_per_class(images.labels, IMAGES_PER_CLASS, images.names)
     images = images.subset(chosen) if len(chosen) < len(images) else images
     labels = images.labels.numpy()
     clean = classification_report(labels, predict_probabilities(model, images, spec, device), images.classes)
@@ -67,7 +67,7 @@ def robustness_report(
     return {
         "split": split,
         "n": len(images),
-        "images": f"at most {IMAGES_PER_CLASS} per class, evenly spaced in the split's order",
+        "images": f"at most {IMAGES_PER_CLASS} per class, evenly spaced in file-name order",
         "seed": CORRUPTION_SEED,
         "applied_to": "uint8 model pixels, before the model's normalisation",
         "corruptions": rows,
@@ -81,11 +81,15 @@ def robustness_report(
     }
 
 
-def evenly_per_class(labels: torch.Tensor, cap: int) -> np.ndarray:
-    """Indices of at most `cap` images of each class, spread evenly over the class's images, in order."""
+def evenly_per_class(labels: torch.Tensor, cap: int, names: list[str] | None = None) -> np.ndarray:
+    """Indices of at most `cap` images of each class, spread evenly over the class's images in name
+    order (so a candidate and the active version, loading one set in different orders, get the same
+    images), else in the given order."""
     chosen: list[int] = []
     for label in labels.unique().tolist():
         members = np.flatnonzero(labels.numpy() == label)
+        if names:
+            members = np.array(sorted(members, key=lambda index: names[index]), dtype=np.int64)
         if len(members) > cap:
             members = members[np.unique(np.round(np.linspace(0, len(members) - 1, cap)).astype(int))]
         chosen.extend(members.tolist())

@@ -52,6 +52,11 @@ def test_large_splits_are_judged_on_an_even_class_balanced_subset() -> None:
     chosen = evenly_per_class(labels, 20)
     assert torch.bincount(labels[chosen]).tolist() == [20, 20, 3]
     assert chosen[0] == 0 and 449 in chosen and list(chosen) == sorted(set(chosen.tolist()))
+    # The same images whatever order the set was loaded in.
+    names = [f"img{i:03d}" for i in range(len(labels))]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    shuffled = evenly_per_class(labels[order], 20, [names[i] for i in order])
+    assert sorted(order[shuffled].tolist()) == sorted(evenly_per_class(labels, 20, names).tolist())
 
 
 def test_shift_proxy_means_and_worst() -> None:
