@@ -331,7 +331,16 @@ class TrainingRunCreate(BaseModel):
     image_size: int | None = Field(None, ge=16, le=1024, description="Default 176, or the base model's.")
     color: Literal["auto", "grayscale", "rgb"] = "auto"
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    class_weighting: bool = True
+    class_balance: Literal["sampler", "loss_weights", "none"] | None = Field(
+        None,
+        description="sampler (class-balanced batches; the default), loss_weights (inverse-frequency loss), none.",
+    )
+    class_weighting: bool | None = Field(
+        None, description="Older name: true = class_balance loss_weights, false = none; class_balance wins."
+    )
+    normalization: Literal["fixed", "clahe_standardize"] | None = Field(
+        None, description="Preprocessing normalisation; default clahe_standardize, or the base model's."
+    )
     augment: bool = True
     val_fraction: float = Field(0.1, gt=0, lt=0.9, description="Used when the dataset has no val split.")
     max_per_class: int | None = Field(None, ge=1, description="Use at most N training images per class.")

@@ -17,6 +17,8 @@ REMOTE = "With --server (through the API)"
 Promotion = Literal["manual", "if_better", "always"]
 Activation = Literal["if_none_active", "always", "never"]
 Color = Literal["auto", "grayscale", "rgb"]
+ClassBalance = Literal["sampler", "loss_weights", "none"]
+Normalization = Literal["fixed", "clahe_standardize"]
 
 
 def train(
@@ -36,7 +38,8 @@ def train(
     val_fraction: Annotated[float | None, typer.Option()] = None,
     max_per_class: Annotated[int | None, typer.Option(help="use at most N images per class")] = None,
     no_augment: Annotated[bool, typer.Option("--no-augment")] = False,
-    no_class_weighting: Annotated[bool, typer.Option("--no-class-weighting")] = False,
+    class_balance: Annotated[ClassBalance | None, typer.Option(help="default sampler")] = None,
+    normalization: Annotated[Normalization | None, typer.Option(help="default clahe_standardize")] = None,
     body_part: Annotated[
         list[str] | None, typer.Option(help="intended DICOM BodyPartExamined (repeatable); others are flagged")
     ] = None,
@@ -69,12 +72,12 @@ def train(
         "seed": seed,
         "val_fraction": val_fraction,
         "max_per_class": max_per_class,
+        "class_balance": class_balance,
+        "normalization": normalization,
     }
     recipe = {key: value for key, value in recipe.items() if value is not None}
     if no_augment:
         recipe["augment"] = False
-    if no_class_weighting:
-        recipe["class_weighting"] = False
     intended_use = {key: value for key, value in (("body_parts", body_part), ("modalities", modality)) if value}
     if server is None:
         remote_only = {"--dataset-name": dataset_name_, "--base-model": base_model, "--promotion": promotion}

@@ -1,5 +1,5 @@
 """The evaluation plots stored with every trained version: confusion matrix, ROC curve, learning curves,
-reliability diagram."""
+reliability diagram, and the figures under corruption (robustness)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+# What `render_plots` draws; `robustness_plot` adds robustness.png when the robustness step runs.
 PLOT_NAMES = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "reliability.png")
 
 
@@ -105,6 +106,33 @@ def _reliability(calibration: dict[str, Any], title: str) -> Figure:
     axes.set_ylim(0, 1.02)
     axes.legend(loc="upper left", fontsize=8)
     return figure
+
+
+def robustness_plot(robustness: dict[str, Any], title: str) -> bytes:
+    """ROC-AUC and specificity (accuracy without two classes) against severity, one line per corruption;
+    severity 0 is the clean image."""
+    rows = robustness["corruptions"]
+    thresholded = "specificity" if any(row.get("specificity") is not None for row in rows) else "accuracy"
+    figure, panels = plt.subplots(1, 2, figsize=(9, 3.8), dpi=110)
+    for panel, key in zip(panels, ("roc_auc", thresholded), strict=True):
+        for name in dict.fromkeys(row["corruption"] for row in rows):
+            points = [(0, robustness["clean"].get(key))] + [
+                (row["severity"], row.get(key)) for row in rows if row["corruption"] == name
+            ]
+            panel.plot(
+                [severity for severity, _ in points],
+                [np.nan if value is None else value for _, value in points],
+                marker="o",
+                markersize=3,
+                label=name,
+            )
+        panel.set_xlabel("severity (0: clean)")
+        panel.set_ylabel(key)
+        proxy = robustness["proxy"].get(f"mean_{key}")
+        panel.set_title(f"{key}: mean under corruption {proxy:.3f}" if proxy is not None else key, fontsize=9)
+    panels[1].legend(fontsize=6, loc="lower left", ncol=2)
+    figure.suptitle(f"{title}\n{robustness['n']} images x {len(rows)} corruptions", fontsize=9)
+    return _png(figure)
 
 
 def _png(figure: Figure) -> bytes:

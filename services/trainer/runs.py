@@ -6,7 +6,8 @@ below it keeps the run's lifecycle: claim it once, report progress and heartbeat
 cancellation, and record how it ended.
 
 The steps: `load_run` (what the row asks for), `load_data` (the dataset's images as model pixels),
-`fit`, `evaluate` (on the test split, or the validation split when there is none), `compare_with_active`
+`fit`, `evaluate` (on the test split, or the validation split when there is none), `assess_robustness`
+(the same images under scanner-like corruptions, `services.trainer.robustness`), `compare_with_active`
 (the active version on the model's held-out set, `services.trainer.comparison`), `register`, `promote`
 (the run's policy). Only the model's owner or an admin may register into it: checked when the run is
 queued, when it starts and when it registers (`shared.models.ownership`).
@@ -48,8 +49,9 @@ from services.trainer.data import (
 from services.trainer.evaluation import classification_report, roc_points
 from services.trainer.held_out import record_model_set
 from services.trainer.ood_reference import ReferenceArtifacts, build_reference
-from services.trainer.plots import render_plots
+from services.trainer.plots import render_plots, robustness_plot
 from services.trainer.reporter import RunCancelled, RunReporter
+from services.trainer.robustness import robustness_report
 from services.trainer.training import ProgressCallback, TrainConfig, TrainResult, fit
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
@@ -61,7 +63,7 @@ from shared.models.nets import build_model, pick_device
 from shared.models.ownership import Actor, check_may_manage
 from shared.models.registry import activate_version
 from shared.training.datasets import blob_key, load_manifest
-from shared.training.runs import claim_run, finish_run
+from shared.training.runs import claim_run, class_balance_of, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ def _run_steps(
     reporter.phase("evaluating", percent=100.0)
     calibrated = calibrate_on_validation(run, data, result)
     evaluation = evaluate(run, data, result, reporter.history, calibrated)
+    assess_robustness(run, data, result, evaluation, reporter)
     reference = fit_ood_reference(store, run, data, result, reporter)
     held_out, recorded, rescore = choose_held_out(database, store, run, data)
     champion = compare_with_active(settings, database, store, run, held_out, reporter)
@@ -191,6 +194,9 @@ def load_run(settings: Settings, database: Database, store: ObjectStore, run_id:
         manifest = load_manifest(store, dataset)
         name, policy, run_config = run.model_name, run.promotion, dict(run.config)
         requester = {"model_scope": run.model_scope, "api_key_id": run.api_key_id, "organisation": run.organisation}
+    # Runs queued before these options existed: their class_weighting, and the normalisation of then.
+    run_config["class_balance"] = class_balance_of(run_config)
+    run_config.setdefault("normalization", "fixed")
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(
         **{k: v for k, v in run_config.items() if k in known},
@@ -318,6 +324,23 @@ def evaluate(
         f"{run.name} (run {run.run_id[:8]}), {data.evaluation.name} split",
     )
     return Evaluation(report, evaluation_summary(report, data.evaluation.name), plots)
+
+
+def assess_robustness(
+    run: RunInputs, data: RunData, result: TrainResult, evaluation: Evaluation, reporter: RunReporter
+) -> None:
+    """The evaluation images under every corruption: into the report (`robustness`), its summary
+    (`shift_proxy`) and a plot."""
+    spec = run.config.spec()
+    device = pick_device(run.config.device)
+    model = trained_model(run, data.classes, result, device)
+    images, split = data.evaluation.images, data.evaluation.name
+    robustness = robustness_report(model, images, spec, device, split, progress=reporter.beat)
+    evaluation.report["robustness"] = robustness
+    evaluation.summary["shift_proxy"] = robustness["proxy"]
+    evaluation.plots["robustness.png"] = robustness_plot(
+        robustness, f"{run.name} (run {run.run_id[:8]}), {data.evaluation.name} split"
+    )
 
 
 # --- register and promote ------------------------------------------------------------------------

@@ -7,16 +7,16 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
+from services.trainer.augmentation import ShiftAugmentation
 from services.trainer.data import LabelledImages
 from services.trainer.evaluation import classification_report
-from shared.imaging.preprocess import PreprocessSpec, normalize, recipe_spec
+from shared.imaging.preprocess import RECIPE_NORMALIZATION, Normalization, PreprocessSpec, normalize, recipe_spec
 from shared.models.nets import DEFAULT_ARCHITECTURE, build_model, pick_device
 
 
@@ -30,7 +30,12 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
-    class_weighting: bool = True
+    # How the minority class gets its share: "sampler" draws each epoch's batches class-balanced (with
+    # replacement); "loss_weights" weighs the loss by inverse class frequency; "none". The spike found the
+    # sampler as accurate as loss weights under shift, with half their calibration error.
+    class_balance: Literal["sampler", "loss_weights", "none"] = "sampler"
+    # The preprocessing's normalisation (`PreprocessSpec.normalization`), CLAHE for the recipe.
+    normalization: Normalization = RECIPE_NORMALIZATION
     augment: bool = True
     val_fraction: float = 0.1
     seed: int = 0
@@ -39,7 +44,7 @@ class TrainConfig:
     max_per_class: int | None = None  # cap per class, for quick runs and tests
 
     def spec(self) -> PreprocessSpec:
-        return recipe_spec(self.image_size, self.color)
+        return recipe_spec(self.image_size, self.color, self.normalization)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,15 +77,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_augmenter(size: int) -> v2.Transform:
-    # Mild geometry and contrast jitter: radiographs vary in positioning and exposure, not in
-    # orientation, so no flips.
-    return v2.Compose(
-        [
-            v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.92, 1.08)),
-            v2.ColorJitter(brightness=0.15, contrast=0.15),
-        ]
-    )
+def epoch_order(labels: torch.Tensor, class_balance: str, generator: torch.Generator) -> torch.Tensor:
+    """The indices one epoch visits: a permutation, or (balanced sampler) as many draws with
+    replacement, each class equally likely, each image within its class equally likely."""
+    if class_balance != "sampler":
+        return torch.randperm(len(labels), generator=generator)
+    counts = torch.bincount(labels).float()
+    weights = 1.0 / counts[labels]
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
 
 
 def use_fast_batchnorm(model: torch.nn.Module) -> None:
@@ -108,8 +112,8 @@ def train_one_epoch(
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> float:
     model.train()
-    augmenter = make_augmenter(spec.size) if config.augment else None
-    order = torch.randperm(len(data), generator=generator)
+    augmenter = ShiftAugmentation() if config.augment else None
+    order = epoch_order(data.labels, config.class_balance, generator)
     steps = math.ceil(len(order) / config.batch_size)
     total_loss = 0.0
     for step in range(steps):
@@ -118,7 +122,7 @@ def train_one_epoch(
             continue
         pixels = data.pixels[index]
         if augmenter is not None:
-            pixels = torch.stack([augmenter(p) for p in pixels])
+            pixels = augmenter(pixels, generator)
         inputs = normalize(pixels, spec).to(device)
         targets = data.labels[index].to(device)
         loss = F.cross_entropy(
@@ -187,7 +191,7 @@ def fit(
         optimizer, max_lr=config.learning_rate, total_steps=steps_per_epoch * config.epochs, pct_start=0.2
     )
     class_weights = None
-    if config.class_weighting:
+    if config.class_balance == "loss_weights":
         counts = torch.bincount(train.labels, minlength=len(train.classes)).float().clamp(min=1)
         class_weights = (counts.sum() / (len(counts) * counts)).to(device)
     generator = torch.Generator().manual_seed(config.seed)

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # (MobileNetV3-large runs ~1.7x faster than ResNet-18 on CPU at the same size).
 RECOMMENDED_ARCHITECTURE = "mobilenet_v3_large"
 DEFAULT_IMAGE_SIZE = 176
+# Its preprocessing and class balance: what held under shift in the issue-13 spike (research/shift-spike).
+RECOMMENDED_NORMALIZATION = "clahe_standardize"
+RECOMMENDED_CLASS_BALANCE = "sampler"
 # What the trainer's TrainConfig takes from a request.
 CONFIG_FIELDS = (
     "architecture",
@@ -44,7 +47,8 @@ CONFIG_FIELDS = (
     "learning_rate",
     "weight_decay",
     "label_smoothing",
-    "class_weighting",
+    "class_balance",
+    "normalization",
     "augment",
     "val_fraction",
     "seed",
@@ -88,9 +92,18 @@ def create_run(
         architecture = base.architecture
         image_size = image_size or int(base.card["preprocessing"]["size"])
     architecture = check_architecture(architecture or RECOMMENDED_ARCHITECTURE, image_size or DEFAULT_IMAGE_SIZE)
+    # A fine-tuned model keeps the normalisation its weights learned on, unless told otherwise.
+    normalization = request.normalization or (
+        base.card["preprocessing"].get("normalization", "fixed") if base is not None else RECOMMENDED_NORMALIZATION
+    )
     values = request.model_dump()
     config = {key: values[key] for key in CONFIG_FIELDS if key in values}
-    config.update(architecture=architecture, image_size=image_size or DEFAULT_IMAGE_SIZE)
+    config.update(
+        architecture=architecture,
+        image_size=image_size or DEFAULT_IMAGE_SIZE,
+        normalization=normalization,
+        class_balance=class_balance_of(values),
+    )
     if request.intended_use:
         config["intended_use"] = {k: [v.upper() for v in vs] for k, vs in request.intended_use.items()}
     run = TrainingRun(
@@ -110,6 +123,15 @@ def create_run(
     session.add(run)
     session.flush()
     return run
+
+
+def class_balance_of(config: dict[str, Any]) -> str:
+    """A request's or a stored run's class balance; `class_weighting` (the older boolean) when it has none."""
+    if config.get("class_balance"):
+        return str(config["class_balance"])
+    if config.get("class_weighting") is not None:
+        return "loss_weights" if config["class_weighting"] else "none"
+    return RECOMMENDED_CLASS_BALANCE
 
 
 def publish_run(celery: Celery, run_id: str) -> bool:

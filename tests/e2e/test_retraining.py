@@ -36,7 +36,7 @@ def test_the_locally_trained_first_version_has_its_run_report_and_plots(stack) -
     assert run["promotion"] == "if_none_active" and run["promotion_decision"]["promote"] is True
     assert stack.http.get(f"/v1/datasets/{card['dataset_id']}").json()["files"] == 96  # --max-per-class 48
     assert card["evaluation"]["summary"]["split"] == "val" and card["evaluation"]["summary"]["n"] > 0
-    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability"}
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability", "robustness"}
     for url in card["plots"].values():
         plot = stack.http.get(url)
         assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")

@@ -182,6 +182,22 @@ def test_run_requests_are_validated(client, chest_dataset) -> None:
     problem(start(base_model="chest-xray@999"), 404, "model_not_found")
     problem(start(base_model="chest-xray@1", architecture="resnet18"), 422, "base_model_mismatch")
     problem(start(promotion="sometimes"), 422, "invalid_request")
+    problem(start(class_balance="oversample"), 422, "invalid_request")
+    problem(start(normalization="histeq"), 422, "invalid_request")
+
+
+def test_class_weighting_of_older_clients_becomes_class_balance(client, chest_dataset) -> None:
+    def queued_config(**fields):
+        response = client.post("/v1/training-runs", json={"dataset": chest_dataset["id"], **fields})
+        assert response.status_code == 202, response.text
+        client.post(f"/v1/training-runs/{response.json()['id']}/cancel")
+        return response.json()["config"]
+
+    assert queued_config()["class_balance"] == "sampler"
+    assert queued_config()["normalization"] == "clahe_standardize"
+    assert queued_config(class_weighting=False)["class_balance"] == "none"
+    assert queued_config(class_weighting=True)["class_balance"] == "loss_weights"
+    assert queued_config(class_weighting=True, class_balance="sampler")["class_balance"] == "sampler"
 
 
 def test_a_run_trains_evaluates_registers_and_promotes_if_better(client, chest_dataset, services_settings) -> None:
@@ -214,7 +230,19 @@ def test_a_run_trains_evaluates_registers_and_promotes_if_better(client, chest_d
         assert key in report
     assert 0.0 <= report["calibration"]["ece"] <= 1.0
     assert_calibrated(card, report)
-    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability"}
+    # The recipe's preprocessing, recorded in the card; the robustness table of the same test images.
+    assert card["card"]["preprocessing"]["normalization"] == "clahe_standardize"
+    assert card["card"]["training"]["config"]["class_balance"] == "sampler"
+    robustness = report["robustness"]
+    assert robustness["split"] == "test" and robustness["n"] == 16 and len(robustness["corruptions"]) == 36
+    assert {"corruption", "severity", "roc_auc", "accuracy", "sensitivity", "specificity"} <= set(
+        robustness["corruptions"][0]
+    )
+    proxy = robustness["proxy"]
+    assert proxy["worst_specificity"] <= proxy["mean_specificity"] and 0.0 <= proxy["mean_roc_auc"] <= 1.0
+    assert robustness["gap"]["roc_auc"] == robustness["clean"]["roc_auc"] - proxy["mean_roc_auc"]
+    assert done["evaluation"]["shift_proxy"] == proxy
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability", "robustness"}
     for url in card["plots"].values():
         image = client.get(url)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
@@ -229,15 +257,28 @@ def test_a_run_trains_evaluates_registers_and_promotes_if_better(client, chest_d
     history = client.get("/v1/models/chest-xray/activations").json()
     assert [(a["version"], a["reason"]) for a in history[:2]] == [(previous, "rollback"), (version, "promote")]
 
-    # if_better compares with the active version on the same images.
+    # if_better compares with the active version on the same images, clean and corrupted, each version
+    # through its own preprocessing (this candidate's is "fixed", the active version's CLAHE).
     response = client.post(
         "/v1/training-runs",
-        json={"dataset": chest_dataset["id"], "model_name": "chest-xray", "promotion": "if_better", **TINY_RUN},
+        json={
+            "dataset": chest_dataset["id"],
+            "model_name": "chest-xray",
+            "promotion": "if_better",
+            "normalization": "fixed",
+            **TINY_RUN,
+        },
     )
     execute_run(services_settings, response.json()["id"])
-    decision = client.get(f"/v1/training-runs/{response.json()['id']}").json()["promotion_decision"]
+    candidate_run = client.get(f"/v1/training-runs/{response.json()['id']}").json()
+    decision = candidate_run["promotion_decision"]
     assert decision["metric"] == "roc_auc" and decision["active_version"] == previous
-    assert decision["promote"] == (decision["candidate"] > decision["active"])
+    proxies = decision["shift_proxies"]
+    assert proxies["compared"] and proxies["candidate"] == candidate_run["evaluation"]["shift_proxy"]
+    assert proxies["active"]["corruptions"] == 36 and proxies["tolerances"]["mean_specificity"] == 0.05
+    assert decision["promote"] == (decision["candidate"] > decision["active"] and not proxies["worse_on"])
+    fixed = client.get(f"/v1/models/chest-xray/versions/{candidate_run['model']['version']}").json()
+    assert fixed["card"]["preprocessing"]["normalization"] == "fixed"
 
 
 def test_a_locally_trained_version_has_a_dataset_a_run_a_report_and_plots(client, services_model) -> None:
@@ -259,7 +300,7 @@ def test_a_locally_trained_version_has_a_dataset_a_run_a_report_and_plots(client
     assert run["evaluation"]["split"] == "val" and run["evaluation"]["n"] == card["card"]["data"]["counts"]["val"]
     assert card["evaluation"]["summary"] == run["evaluation"]
     assert services_model["validation"]["accuracy"] == card["metrics"]["validation"]["accuracy"]
-    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability"}
+    assert set(card["plots"]) == {"confusion_matrix", "roc_curve", "learning_curves", "reliability", "robustness"}
     for url in card["plots"].values():
         image = client.get(url)
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")

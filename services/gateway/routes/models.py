@@ -67,7 +67,7 @@ def read_model_version(name: str, version: int, session: SessionDep, principal: 
 def read_model_file(
     name: str, version: int, file_name: str, session: SessionDep, store: StoreDep, principal: PrincipalDep
 ) -> Response:
-    """A file stored with the version: its plots (confusion_matrix.png, roc_curve.png, learning_curves.png)."""
+    """A file stored with the version: its plots (confusion_matrix, roc_curve, learning_curves, robustness .png)."""
     check_may_use(session, name, principal.scope)
     row = find_version(session, name, version)
     key = row.card.get("files", {}).get(file_name)

@@ -91,6 +91,8 @@ def test_options_that_cannot_apply_are_refused_before_anything_runs(arguments: l
 
 def test_a_bad_choice_or_a_missing_sub_command_is_a_usage_error() -> None:
     assert runner.invoke(app, ["train", "data", "--promotion", "sometimes"]).exit_code == 2
+    assert runner.invoke(app, ["train", "data", "--class-balance", "oversample"]).exit_code == 2
+    assert runner.invoke(app, ["train", "data", "--normalization", "histeq"]).exit_code == 2
     assert runner.invoke(app, ["keys"]).exit_code == 2
     assert runner.invoke(app, ["keys", "create", "pacs"]).exit_code == 2  # --organisation is required
 
