@@ -34,6 +34,12 @@ MAX_HELD_OUT_IMAGES = 150  # held-out images whose copies are corrupted (each im
 THRESHOLD_SEVERITIES = (1, 2)
 REPORTED_SEVERITIES = (1, 2, 3)
 THRESHOLD_QUANTILE = 0.995
+# Held-out images come from the training set's own collection; another hospital's radiographs sit
+# further out. Measured on the 64 px model of tests/integration/test_result_flags.py: of 300 unseen chest
+# images of the same collection one lay at 1.25x the quantile (the next at 0.84x), the photograph at 98x,
+# a 0.7x image in a black frame at 1.3-38x. A 1.5x margin keeps radiographs unflagged and costs nothing
+# against images that are not radiographs.
+THRESHOLD_MARGIN = 1.5
 COLOUR_SAMPLE = 64
 
 
@@ -81,7 +87,7 @@ def build_reference(
         shifted[corruption] = reference.distances(features_of(head, corrupt(pixels, corruption), spec, device)).numpy()
         beat()
     chosen_on = np.concatenate([clean, *(d for c, d in shifted.items() if c.severity in THRESHOLD_SEVERITIES)])
-    reference.threshold = float(np.quantile(chosen_on, THRESHOLD_QUANTILE))
+    reference.threshold = THRESHOLD_MARGIN * float(np.quantile(chosen_on, THRESHOLD_QUANTILE))
     section = {
         "method": METHOD,
         "file": FILE_NAME,
@@ -94,6 +100,7 @@ def build_reference(
             "corruptions": sorted({c.name for c in suite()}),
             "severities": list(THRESHOLD_SEVERITIES),
             "quantile": THRESHOLD_QUANTILE,
+            "margin": THRESHOLD_MARGIN,
         },
         "flagged": {
             "held_out": _rate(clean, reference.threshold),

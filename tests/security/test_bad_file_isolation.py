@@ -34,6 +34,7 @@ from shared.intake.upload import Upload
 from shared.jobs.creation import JobRequest, create_jobs
 from shared.jobs.lifecycle import Prediction, claim_jobs, record_outcomes
 from shared.jobs.views import get_job
+from shared.models.heads import Head
 from tests.integration.conftest import client  # noqa: F401  (the real gateway app, as a fixture)
 from tests.integration.test_gateway_api import problem
 
@@ -207,7 +208,8 @@ class TripwireModule(torch.nn.Module):
 class TripwireCache(ModelCache):
     def get(self, row):  # type: ignore[no-untyped-def]
         model = super().get(row)
-        return replace(model, module=TripwireModule(model.module))
+        module = TripwireModule(model.module)
+        return replace(model, module=module, head=Head(module, model.head.samples))  # the worker runs the head
 
 
 def test_a_forward_pass_that_fails_for_the_batch_is_retried_image_by_image(

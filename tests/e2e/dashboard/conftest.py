@@ -64,7 +64,9 @@ def keys(dashboard_stack: Stack) -> Keys:
     )
 
 
-@pytest.fixture(scope="session")
+# Package scope: sync_playwright keeps an event loop running on this thread until it exits, and
+# later tests that call asyncio.run() must not find it.
+@pytest.fixture(scope="package")
 def browser():
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (.ci/run does).")
