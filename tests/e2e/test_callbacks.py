@@ -63,7 +63,11 @@ def test_batch_result_reaches_the_callback_signed_after_a_failed_attempt(stack, 
         assert payload["event"] == "batch.completed"
         assert payload["batch"]["status"] == "succeeded"
         assert [job["id"] for job in payload["batch"]["jobs"]] == accepted["job_ids"]
+        # The receiver saw the request before its answer reached the gateway, which records it after.
         batch = stack.http.get(f"/v1/batches/{accepted['id']}").json()
+        while time.monotonic() < deadline and batch["deliveries"]["callback"]["status"] == "pending":
+            time.sleep(0.2)
+            batch = stack.http.get(f"/v1/batches/{accepted['id']}").json()
         assert batch["deliveries"]["callback"]["status"] == "delivered"
         assert batch["deliveries"]["callback"]["attempts"] == 2
     finally:
