@@ -132,6 +132,26 @@ def test_a_batch_asks_for_every_image_and_one_pass_explains_them(client, predict
         assert client.get(f"/v1/jobs/{job_id}/explanation").headers["content-type"] == "image/png"
 
 
+def test_asking_is_part_of_what_an_idempotency_key_stands_for(client, chest_images) -> None:
+    image = chest_images["PNEUMONIA"][14]
+    key = {"Idempotency-Key": f"explain-{uuid.uuid4()}"}
+    first = client.post(
+        "/v1/jobs", files={"file": (image.name, image.read_bytes())}, data={"explain": "true"}, headers=key
+    )
+    assert first.status_code == 202, first.text
+    again = client.post(
+        "/v1/jobs", files={"file": (image.name, image.read_bytes())}, data={"explain": "true"}, headers=key
+    )
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    problem(
+        client.post("/v1/jobs", files={"file": (image.name, image.read_bytes())}, headers=key),
+        409,
+        "idempotency_key_conflict",
+    )
+    assert client.get(f"/v1/jobs/{first.json()['id']}").json()["explanation"]["status"] == "pending"
+
+
 def test_a_study_instance_can_ask_too(client, predictor, data_dir) -> None:
     import pydicom
     from pydicom.uid import generate_uid
