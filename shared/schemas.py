@@ -46,6 +46,44 @@ class JobError(BaseModel):
     detail: str | None = None
 
 
+ExplanationStatusName = Literal["pending", "succeeded", "failed"]
+
+
+class ExplanationState(BaseModel):
+    """Where a job's explanation stands (`GET /v1/jobs/{id}/explanation` has it once it succeeded)."""
+
+    job_id: str
+    status: ExplanationStatusName
+    location: str = Field(description="`GET` it: the overlay PNG (or `?format=json`: the raw map).")
+    error: JobError | None = Field(
+        None, description="Why there is none: `explanation_unavailable`, `explanation_failed`, `job_not_succeeded`."
+    )
+
+
+class ExplanationOverlay(BaseModel):
+    location: str = Field(description="The PNG: the heatmap blended over the image at the model's input size.")
+    width: int
+    height: int
+
+
+class ExplanationView(BaseModel):
+    """A job's Grad-CAM explanation: the raw map for clients that draw their own."""
+
+    job_id: str
+    status: Literal["succeeded"] = "succeeded"
+    model: ModelRef = Field(description="The version that answered the job and was explained.")
+    label: str = Field(description="The class explained: the job's answer.")
+    method: str = Field(description="`grad-cam`.")
+    target_layer: str = Field(description="The layer the map was taken at (from the version's card).")
+    width: int = Field(description="Columns of `map`: the target layer's resolution.")
+    height: int = Field(description="Rows of `map`.")
+    map: list[list[float]] = Field(
+        description="Rows top to bottom, each value in [0, 1]: how much the region pushes towards `label`."
+    )
+    overlay: ExplanationOverlay
+    created_at: datetime | None = None
+
+
 class JobView(BaseModel):
     id: str
     status: JobStatusName
@@ -70,6 +108,9 @@ class JobView(BaseModel):
     finished_at: datetime | None = None
     timings: dict[str, float] | None = Field(
         None, description="Milliseconds: queue_ms, fetch_ms, preprocess_ms, inference_ms, total_ms; batch_size."
+    )
+    explanation: ExplanationState | None = Field(
+        None, description="Its Grad-CAM explanation, if one was asked for (`explain=true`, or POST …/explanation)."
     )
 
 

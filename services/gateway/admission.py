@@ -41,6 +41,7 @@ class _Pending:
     model_ref: str
     client_ref: str | None
     organisation: str | None
+    explain: bool = False
     done: Future[Job] = field(default_factory=Future)
 
 
@@ -64,9 +65,17 @@ class AdmissionQueue:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
-    async def submit(self, upload: Upload, *, model_ref: str, client_ref: str | None, organisation: str | None) -> Job:
+    async def submit(
+        self,
+        upload: Upload,
+        *,
+        model_ref: str,
+        client_ref: str | None,
+        organisation: str | None,
+        explain: bool = False,
+    ) -> Job:
         """The committed and published job for this upload; raises what its group's admission raised."""
-        pending = _Pending(upload, model_ref, client_ref, organisation)
+        pending = _Pending(upload, model_ref, client_ref, organisation, explain)
         with self._wake:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="admission", daemon=True)
@@ -97,7 +106,9 @@ class AdmissionQueue:
 
     def _admit(self, group: list[_Pending]) -> None:
         requests = [
-            JobRequest([pending.upload], pending.model_ref, pending.client_ref, pending.organisation)
+            JobRequest(
+                [pending.upload], pending.model_ref, pending.client_ref, pending.organisation, explain=pending.explain
+            )
             for pending in group
         ]
         with self.database.session() as session:

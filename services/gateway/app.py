@@ -26,6 +26,7 @@ from services.gateway.routes import (
     callbacks,
     datasets,
     dicomweb,
+    explanations,
     health,
     jobs,
     model_files,
@@ -74,7 +75,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_state_collector(StateCollector(settings, app.state.database, WorkerCensus(app.state.celery)))
 
     install_problem_handlers(app)
-    routes = (jobs, batches, studies, callbacks, dicomweb, datasets, training_runs, models, model_files, api_keys)
+    routes = (
+        jobs,
+        explanations,
+        batches,
+        studies,
+        callbacks,
+        dicomweb,
+        datasets,
+        training_runs,
+        models,
+        model_files,
+        api_keys,
+    )
     for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
     # Outermost last: metrics, CORS, the browser guard, the body cap (keys are checked by `GuardedRoute`).

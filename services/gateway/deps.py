@@ -123,6 +123,13 @@ ModelForm = Annotated[
         pattern=PRINTABLE,
     ),
 ]
+ExplainForm = Annotated[
+    bool,
+    Form(
+        description="Also explain each answer: a Grad-CAM heatmap, made by the worker right after it, at "
+        "`GET /v1/jobs/{id}/explanation`. Costs nothing when false.",
+    ),
+]
 
 
 async def get_list_filter(

@@ -7,15 +7,18 @@ models loaded between messages.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 
 import torch
 from celery import Task
 from celery.signals import worker_process_init
 
+from services.worker.explaining import Outcome
 from services.worker.inference import ModelCache, Predictor
 from shared.core.logs import configure_logging
-from shared.core.queue import PREDICT_TASK, make_celery
+from shared.core.queue import EXPLAIN_TASK, PREDICT_TASK, PUBLISHED_AT_HEADER, make_celery
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
 from shared.db.session import database_for
@@ -74,3 +77,19 @@ def predict(self: Task, job_ids: list[str]) -> dict[str, int]:
     # `running`; any other copy leaves running jobs to the worker that holds them (see claim_jobs).
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     return get_predictor().run(job_ids, redelivered=redelivered)
+
+
+# An explanation asked for while its job is still running waits for the answer: asked again every few
+# seconds, for as long as a job can run (its attempts, each until it is presumed lost).
+EXPLAIN_RETRY_S = 2.0
+EXPLAIN_RETRIES = math.ceil(settings.stale_running_after_s * settings.max_attempts / EXPLAIN_RETRY_S)
+
+
+@app.task(name=EXPLAIN_TASK, bind=True)
+def explain(self: Task, job_id: str) -> str:
+    outcome = get_predictor().explainer.explain_job(job_id)
+    if outcome == Outcome.unanswered:
+        raise self.retry(
+            countdown=EXPLAIN_RETRY_S, max_retries=EXPLAIN_RETRIES, headers={PUBLISHED_AT_HEADER: time.time()}
+        )
+    return outcome.value

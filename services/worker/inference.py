@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from services.worker import metrics
+from services.worker.explaining import Explainer, ToExplain
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.core.storage import ObjectNotFound, ObjectStore
@@ -89,6 +90,7 @@ class Predictor:
         self.cache = cache
         self.limits = image_limits(settings)  # the limits intake checked the input against
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prepare")
+        self.explainer = Explainer(db, store, cache, self.limits)
 
     def run(self, job_ids: list[str], *, redelivered: bool = False) -> dict[str, int]:
         """One message's jobs; `redelivered`: the broker gives back a message whose worker died holding it."""
@@ -143,6 +145,18 @@ class Predictor:
             metrics.INFERENCE.labels(model.name).observe(inference_ms / 1000)
             metrics.BATCH_SIZE.labels(model.name).observe(batch_size)
         self._write(predictions=predictions, failures=failures)
+        asked = [prediction for prediction in predictions if prediction.job.explain]
+        if asked:  # only then: no hook, no gradient, nothing more for the answers nobody asked to explain
+            self._explain(model, asked, {job.id: image.pixels for job, image in ready})
+
+    def _explain(self, model: LoadedModel, asked: list[Prediction], pixels: dict[str, torch.Tensor]) -> None:
+        """Explain the answers whose jobs asked for it, on the tensors they came from: after the answers
+        are written, so an explanation never delays or fails one."""
+        items = [ToExplain(p.job.id, p.job.created_at, pixels[p.job.id], p.label) for p in asked]
+        try:
+            self.explainer.explain(model, items)
+        except Exception:  # e.g. the database refused the record: the explanations stay pending
+            log.exception("could not explain %d answers of %s@%s", len(items), model.name, model.version)
 
     def _forward(self, images: list[torch.Tensor], model: LoadedModel) -> tuple[list[ModelOutput | XrayqError], int]:
         """Each image's class probabilities (or why there are none), and the tensor batch size used.

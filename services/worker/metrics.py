@@ -30,4 +30,12 @@ RESULT_FLAGS = Counter(
     "Flags (warnings) on results written by the worker, by code",
     ["model", "code"],
 )
+# Grad-CAM explanations, only for jobs that asked for one: by outcome ("succeeded", or the failure's code).
+EXPLANATIONS = Counter("xrayq_explanations", "Explanations written by the worker, by outcome", ["model", "status"])
+EXPLANATION_SECONDS = Histogram(
+    "xrayq_explanation_seconds",
+    "Grad-CAM of one group of answers (forward and backward)",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
 BUSY = Counter("xrayq_worker_busy_seconds", "Time spent running prediction messages")

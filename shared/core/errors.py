@@ -50,6 +50,11 @@ ERROR_STATUS: dict[str, int] = {
     "api_key_not_found": 404,
     "job_not_found": 404,
     "job_not_cancellable": 409,
+    # Explanations (GET/POST /v1/jobs/{id}/explanation).
+    "job_not_succeeded": 409,  # a failed or cancelled job has no answer to explain
+    "explanation_not_requested": 404,
+    "explanation_unavailable": 422,  # the version's card names no layer Grad-CAM can use
+    "explanation_failed": 409,  # anything else (storage, the input gone): POST again to try again
     "batch_not_found": 404,
     "report_not_ready": 409,
     "report_not_available": 404,

@@ -16,10 +16,12 @@ from shared.core.settings import Settings
 PREDICT_QUEUE = "predict"
 TRAIN_QUEUE = "train"
 PREDICT_TASK = "xrayq.predict"
+# One job's explanation asked for after its answer (a worker's work too: the gateway never runs a model).
+EXPLAIN_TASK = "xrayq.explain"
 TRAIN_RUN_TASK = "xrayq.train_run"
 
-# Each prediction message says when it was published (epoch seconds), so the reconciler can tell how
-# far the queue has drained: see `oldest_waiting_publish_time`.
+# Each message on `predict` (predictions and explanations) says when it was published (epoch seconds), so
+# the reconciler can tell how far the queue has drained: see `oldest_waiting_publish_time`.
 PUBLISHED_AT_HEADER = "xrayq_published_at"
 
 # A training run can take an hour. With late acks, Redis redelivers an unacked message after the
@@ -62,6 +64,7 @@ def make_celery(settings: Settings, name: str = "xrayq") -> Celery:
         task_default_routing_key=PREDICT_QUEUE,
         task_routes={
             PREDICT_TASK: {"queue": PREDICT_QUEUE},
+            EXPLAIN_TASK: {"queue": PREDICT_QUEUE},
             TRAIN_RUN_TASK: {"queue": TRAIN_QUEUE},
         },
         task_serializer="json",

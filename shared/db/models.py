@@ -62,6 +62,14 @@ class JobStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
+class ExplanationStatus(enum.StrEnum):
+    """A job's explanation (see `shared.jobs.explanations`); a job never asked for one has none."""
+
+    pending = "pending"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
 class Batch(Base):
     __tablename__ = "batches"
 
@@ -144,6 +152,13 @@ class Job(Base):
     dicom: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Why the answering model may not suit this input (e.g. an extremity sent to a chest model).
     warnings: Mapped[list[Any] | None] = mapped_column(JSON)
+    # Its Grad-CAM explanation (`shared.jobs.explanations`): None, never asked for; "pending" (asked at
+    # submission or later), "succeeded" or "failed". `explanation` says what was made and by which
+    # version (object keys, target layer, sizes), or why not (code, detail).
+    explanation_status: Mapped[ExplanationStatus | None] = mapped_column(
+        Enum(ExplanationStatus, name="explanation_status", native_enum=False, length=16)
+    )
+    explanation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

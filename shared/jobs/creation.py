@@ -16,6 +16,7 @@ point at missing bytes.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 from shared.core.errors import XrayqError
 from shared.core.parallel_puts import STREAM_IN_FLIGHT_BYTES, ParallelPuts
 from shared.core.storage import ObjectStore
-from shared.db.models import Job, JobStatus, new_id, utcnow
+from shared.db.models import ExplanationStatus, Job, JobStatus, new_id, utcnow
 from shared.intake.upload import Upload
 from shared.jobs.lifecycle import commit_then_publish
 from shared.models.ownership import check_may_use
@@ -48,6 +49,8 @@ class JobRequest:
     organisation: str | None = None
     # Answer every job with the version active now, even if another is promoted while they wait (a batch).
     pin_active_version: bool = False
+    # Explain each answer too (a Grad-CAM heatmap, made by the worker right after it: `shared.jobs.explanations`).
+    explain: bool = False
 
 
 @dataclass
@@ -164,6 +167,9 @@ def _new_jobs(request: JobRequest, model_name: str, model_version: int | None, p
         else:
             job.status = JobStatus.queued
             job.input_key = f"inputs/{now:%Y/%m/%d}/{job.id}"
+            if request.explain:
+                job.explanation_status = ExplanationStatus.pending
+                job.explanation = {"requested_at": time.time()}
             puts.put(job.input_key, upload.data, job.media_type)
         jobs.append(job)
     return jobs

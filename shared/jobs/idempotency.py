@@ -25,11 +25,15 @@ def check_key(key: str) -> str:
     return key
 
 
-def request_fingerprint(kind: str, model_ref: str, client_ref: str | None, files: Iterable[tuple[str, str]]) -> str:
+def request_fingerprint(
+    kind: str, model_ref: str, client_ref: str | None, files: Iterable[tuple[str, str]], *, explain: bool = False
+) -> str:
     """What makes two requests the same: their options and their files' names and sha256 (hex), in order."""
     digest = hashlib.sha256()
     for part in (kind, model_ref, client_ref or ""):
         digest.update(part.encode() + b"\0")
+    if explain:  # only when asked: keys recorded before the option existed keep their fingerprints
+        digest.update(b"explain\0")
     for filename, sha256 in files:
         digest.update(filename.encode() + b"\0" + bytes.fromhex(sha256))
     return digest.hexdigest()

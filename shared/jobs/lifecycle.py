@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from shared.core.errors import XrayqError
 from shared.core.queue import PREDICT_QUEUE, PREDICT_TASK, PUBLISHED_AT_HEADER
 from shared.core.settings import Settings
-from shared.db.models import Job, JobStatus, ModelVersion, as_utc, utcnow
+from shared.db.models import ExplanationStatus, Job, JobStatus, ModelVersion, as_utc, utcnow
 from shared.jobs.views import get_job
 from shared.models.registry import resolve_version
 
@@ -52,6 +52,7 @@ _CLAIMED_COLUMNS = (
     Job.created_at,
     Job.dicom,
     Job.attempts,
+    Job.explanation_status,
 )
 
 
@@ -169,6 +170,9 @@ class ClaimedJob:
     created_at: datetime
     dicom: dict[str, str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Its explanation is pending: the worker explains the answer once it is written. Read by the claim
+    # itself, so a job that asked nothing costs nothing more.
+    explain: bool = False
 
 
 @dataclass
@@ -258,6 +262,7 @@ def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings, *, 
                 created,
                 row.dicom,
                 {"queue_ms": ms_since(created, now)},
+                explain=row.explanation_status == ExplanationStatus.pending,
             )
         )
     return Claim(jobs, versions)

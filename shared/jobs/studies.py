@@ -65,6 +65,7 @@ def add_instances(
     model_ref: str,
     callback_url: str | None = None,
     callback_secret: str | None = None,
+    explain: bool = False,
 ) -> StudyIntake:
     """Add checked instances (`shared.intake.instances.check_instance`) to their open study batches,
     commit, publish.
@@ -90,7 +91,7 @@ def add_instances(
             if callback_url:
                 batch.callback_url, batch.callback_secret = callback_url, callback_secret
 
-    request = JobRequest(uploads, model_ref, organisation=organisation)
+    request = JobRequest(uploads, model_ref, organisation=organisation, explain=explain)
     (outcome,) = create_jobs(session, store, celery, [request], chunk_size=settings.predict_chunk_size, arrange=arrange)
     if outcome.error is not None:
         raise outcome.error

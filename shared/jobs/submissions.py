@@ -49,6 +49,7 @@ def submit_images(
     organisation: str | None = None,
     callback_url: str | None = None,
     callback_secret: str | None = None,
+    explain: bool = False,
 ) -> Submitted:
     """The uploads' jobs (in a batch if `as_batch`), committed and published.
 
@@ -61,11 +62,11 @@ def submit_images(
         # Keys are per organisation: one client's key never finds (or blocks) another's jobs.
         idempotency_key = scoped_key(organisation, check_key(idempotency_key))
         if session.get(IdempotencyKey, idempotency_key) is not None:
-            fingerprint = request_fingerprint(kind, model_ref, client_ref, upload_digests(uploads))
+            fingerprint = request_fingerprint(kind, model_ref, client_ref, upload_digests(uploads), explain=explain)
             original = find_original(session, idempotency_key, fingerprint)
             assert original is not None
             return _replay(session, original)
-    request = JobRequest(uploads, model_ref, client_ref, organisation, pin_active_version=as_batch)
+    request = JobRequest(uploads, model_ref, client_ref, organisation, pin_active_version=as_batch, explain=explain)
     batches: list[Batch] = []
     fingerprints: list[str] = []
 
@@ -76,7 +77,7 @@ def submit_images(
         if idempotency_key is not None:
             # Of the files as they were stored: the rows carry each one's name and sha256.
             files = [(job.filename, job.input_sha256 or "") for job in made.jobs]  # every new row has one
-            fingerprints.append(request_fingerprint(kind, model_ref, client_ref, files))
+            fingerprints.append(request_fingerprint(kind, model_ref, client_ref, files, explain=explain))
             resource, resource_id = ("batch", batches[0].id) if batches else ("job", made.jobs[0].id)
             remember(session, idempotency_key, fingerprints[0], resource, resource_id)
 

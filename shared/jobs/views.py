@@ -9,12 +9,13 @@ from sqlalchemy.orm import Session, selectinload
 
 from shared.core.errors import XrayqError
 from shared.core.storage import ObjectStore
-from shared.db.models import Batch, Job, JobStatus, ModelVersion, as_utc
+from shared.db.models import Batch, ExplanationStatus, Job, JobStatus, ModelVersion, as_utc
 from shared.schemas import (
     BatchCounts,
     BatchStatusName,
     BatchView,
     DeliveryView,
+    ExplanationState,
     JobError,
     JobResult,
     JobView,
@@ -77,7 +78,36 @@ def job_view(job: Job) -> JobView:
         finished_at=as_utc(job.finished_at),
         # Only a finished job's: before that the column holds the reconciler's bookkeeping.
         timings=job.timings if job.status.terminal else None,
+        explanation=explanation_state(job),
     )
+
+
+# A job that ended so can have no explanation, whatever was asked.
+UNSUCCESSFUL = frozenset({JobStatus.failed, JobStatus.cancelled})
+
+
+def explanation_location(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}/explanation"
+
+
+def not_succeeded(job: Job) -> XrayqError:
+    return XrayqError("job_not_succeeded", f"Job {job.id} is {job.status.value}: only an answered job is explained.")
+
+
+def explanation_state(job: Job) -> ExplanationState | None:
+    """Where the job's explanation stands (None: never asked for; see `shared.jobs.explanations`)."""
+    if job.explanation_status is None:
+        return None
+    error = None
+    if job.status in UNSUCCESSFUL:
+        failure = not_succeeded(job)
+        status, error = ExplanationStatus.failed, JobError(code=failure.code, detail=failure.detail)
+    else:
+        status = job.explanation_status
+        if status == ExplanationStatus.failed:
+            record = job.explanation or {}
+            error = JobError(code=record.get("code", "explanation_failed"), detail=record.get("detail"))
+    return ExplanationState(job_id=job.id, status=status.value, location=explanation_location(job.id), error=error)
 
 
 def batch_status(counts: BatchCounts, total: int) -> BatchStatusName:

@@ -116,3 +116,48 @@ def check_architecture(name: str, image_size: int | None = None) -> str:
         if image_size < minimum:
             raise XrayqError("invalid_parameter", f"{name} needs inputs of at least {minimum} px.")
     return name
+
+
+# --- Explanations (Grad-CAM) ------------------------------------------------------------------------
+# Where Grad-CAM looks in each architecture: the last layer whose output is still a spatial map, by its
+# dotted path in the torchvision module, and how to read that output as N x C x H x W ("nchw"; Swin's
+# stages give N x H x W x C, "nhwc"; a ViT's blocks give tokens, N x (1 + H*W) x C, "tokens"). For a ViT
+# it is the last block's first LayerNorm, not the block's output: the head reads the class token alone,
+# so only inside the last block do the patch tokens still carry a gradient. Written into every card at
+# registration (`explain_section`), so a version is explained with the layer its card names; a card
+# written before the field existed falls back to this table.
+_LAST_MAP_LAYER = {
+    "alexnet": "features",
+    "convnext": "features",
+    "densenet": "features",
+    "efficientnet": "features",
+    "googlenet": "inception5b",
+    "inception_v3": "Mixed_7c",
+    "maxvit_t": "blocks.3",
+    "mnasnet": "layers",
+    "mobilenet": "features",
+    "regnet": "trunk_output",
+    "resnet": "layer4",
+    "resnext": "layer4",
+    "shufflenet": "conv5",
+    "squeezenet": "features",
+    "swin": "features",
+    "vgg": "features",
+    "wide_resnet": "layer4",
+}
+_VIT_BLOCKS = {"vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24, "vit_h_14": 32}
+EXPLANATION_METHOD = "grad-cam"
+
+
+def explain_section(architecture: str) -> dict[str, str] | None:
+    """The card's `explain` section for a version of `architecture`: Grad-CAM's target layer and how to
+    read its output; None for an architecture this table does not know (its versions are not explained)."""
+    if architecture in _VIT_BLOCKS:
+        last = _VIT_BLOCKS[architecture] - 1
+        layer, layout = f"encoder.layers.encoder_layer_{last}.ln_1", "tokens"
+    else:
+        family = next((prefix for prefix in _LAST_MAP_LAYER if architecture.startswith(prefix)), None)
+        if family is None:
+            return None
+        layer, layout = _LAST_MAP_LAYER[family], "nhwc" if family == "swin" else "nchw"
+    return {"method": EXPLANATION_METHOD, "target_layer": layer, "layout": layout}

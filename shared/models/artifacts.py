@@ -21,6 +21,7 @@ from shared.core.errors import XrayqError
 from shared.core.storage import ObjectStore
 from shared.db.models import ModelVersion, utcnow
 from shared.imaging.preprocess import PreprocessSpec
+from shared.models.architectures import explain_section
 from shared.models.heads import Head
 from shared.models.nets import build_model
 from shared.models.ood import OodReference, load_reference
@@ -85,6 +86,9 @@ def register_version(
         "weights": {"format": "safetensors", "key": f"{prefix}/weights.safetensors", "sha256": weights_sha256},
         "created_at": utcnow().isoformat(),
     }
+    explain = explain_section(architecture)
+    if explain is not None:  # Grad-CAM's target layer: explanations of this version use what the card names
+        card["explain"] = explain
     clashing = set(card) & set(extra_card or {})
     if clashing:
         raise ValueError(f"extra card sections may not replace {sorted(clashing)}")

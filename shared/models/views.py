@@ -22,7 +22,7 @@ from shared.schemas import ModelActivationView, ModelVersionView, ModelView
 # What of a card every user of the model may read (an allow-list: new provenance stays private).
 PUBLIC_CARD_KEYS = (
     *("name", "version", "architecture", "classes", "preprocessing", "metrics", "intended_use"),
-    *("files", "weights", "created_at", "calibration", "uncertainty", "ood"),
+    *("files", "weights", "created_at", "calibration", "uncertainty", "ood", "explain"),
 )
 PUBLIC_DATA_KEYS = ("classes", "counts", "split")
 PUBLIC_TRAINING_KEYS = ("config", "seconds", "device", "torch")

@@ -169,3 +169,19 @@ def test_an_extremity_sent_to_the_chest_model_is_flagged_not_silently_classified
     assert job["status"] == "succeeded"
     assert job["dicom"]["BodyPartExamined"] == "EXTREMITY"
     assert suitability_codes(job) == ["body_part_mismatch"]
+
+
+def test_an_explanation_asked_for_after_the_answer_is_made_by_a_worker(stack, chest_images) -> None:
+    image = chest_images["PNEUMONIA"][31].read_bytes()
+    job_id = stack.http.post("/v1/jobs", files={"file": ("later.jpeg", image)}, timeout=30).json()["id"]
+    assert wait_for_job(stack, job_id)["status"] == "succeeded"
+    asked = stack.http.post(f"/v1/jobs/{job_id}/explanation", timeout=30)
+    assert asked.status_code == 202, asked.text  # queued as an `explain` message: the gateway runs no model
+    deadline = time.monotonic() + 90
+    while (explanation := stack.http.get(asked.headers["Location"], timeout=30)).status_code == 202:
+        assert time.monotonic() < deadline, "no explanation within 90 s"
+        time.sleep(0.2)
+    assert explanation.status_code == 200 and explanation.headers["content-type"] == "image/png", explanation.text
+    overlay = Image.open(io.BytesIO(explanation.content))
+    assert overlay.format == "PNG" and overlay.width == overlay.height  # the model's square input
+    assert stack.http.get(f"/v1/jobs/{job_id}").json()["explanation"]["status"] == "succeeded"

@@ -14,6 +14,7 @@ from services.gateway.deps import (
     CeleryDep,
     ClientRefForm,
     DatabaseDep,
+    ExplainForm,
     IdempotencyKeyHeader,
     ListFilterDep,
     ModelForm,
@@ -49,6 +50,7 @@ def submit_batch(
     client_ref: ClientRefForm = None,
     callback_url: CallbackUrlForm = None,
     callback_secret: CallbackSecretForm = None,
+    explain: ExplainForm = False,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchAccepted:
     callback_url, callback_secret = check_callback(callback_url, callback_secret, settings, principal.organisation)
@@ -66,6 +68,7 @@ def submit_batch(
         organisation=principal.organisation,
         callback_url=callback_url,
         callback_secret=callback_secret,
+        explain=explain,
     )
     batch, jobs = submitted.batch, submitted.jobs
     assert batch is not None

@@ -15,6 +15,7 @@ from services.gateway.deps import (
     CeleryDep,
     ClientRefForm,
     DatabaseDep,
+    ExplainForm,
     IdempotencyKeyHeader,
     ListFilterDep,
     ModelForm,
@@ -55,6 +56,7 @@ async def submit_job(
     file: Annotated[UploadFile, File(description="A PNG or JPEG image (identified by content).")],
     model: ModelForm = None,
     client_ref: ClientRefForm = None,
+    explain: ExplainForm = False,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobAccepted:
     filename = clean_filename(file.filename, "upload")
@@ -67,7 +69,7 @@ async def submit_job(
     if idempotency_key is None:
         # The common case goes through the gateway's group commit (see services/gateway/admission.py).
         job = await admission.submit(
-            upload, model_ref=model_ref, client_ref=client_ref, organisation=principal.organisation
+            upload, model_ref=model_ref, client_ref=client_ref, organisation=principal.organisation, explain=explain
         )
     else:
         submitted = await run_in_threadpool(
@@ -76,6 +78,7 @@ async def submit_job(
             client_ref=client_ref,
             idempotency_key=idempotency_key,
             organisation=principal.organisation,
+            explain=explain,
         )
         job, replayed = submitted.jobs[0], submitted.replayed
     if replayed:

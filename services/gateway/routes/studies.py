@@ -11,6 +11,7 @@ from services.gateway.deps import (
     CallbackSecretForm,
     CallbackUrlForm,
     CeleryDep,
+    ExplainForm,
     ModelForm,
     SessionDep,
     SettingsDep,
@@ -43,6 +44,7 @@ def submit_study_instances(
     model: ModelForm = None,
     callback_url: CallbackUrlForm = None,
     callback_secret: CallbackSecretForm = None,
+    explain: ExplainForm = False,
 ) -> StudiesAccepted:
     """Instances join their study's open batch (one per StudyInstanceUID and accession), also across
     requests; the batch closes once no instance arrived for the stability timeout, then its SR is made.
@@ -64,6 +66,7 @@ def submit_study_instances(
         model_ref=model or settings.default_model,
         callback_url=callback_url,
         callback_secret=callback_secret,
+        explain=explain,
     )
     if intake.batches:
         response.headers["Location"] = f"/v1/batches/{intake.batches[0].id}"

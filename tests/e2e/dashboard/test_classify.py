@@ -1,5 +1,6 @@
-"""Classify and Batches & jobs, in a real browser: one dropped image, a 50-image ZIP followed to the end,
-a file name with HTML in it shown as text, and another organisation's jobs never shown."""
+"""Classify and Batches & jobs, in a real browser: one dropped image with its Grad-CAM heatmap, a 50-image
+ZIP followed to the end, a file name with HTML in it shown as text, and another organisation's jobs never
+shown."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def test_a_dropped_image_gets_its_result(dashboard, keys, chest_images) -> None:
     expect(card.locator(".probability")).to_have_count(2)
     expect(card.locator(".model-ref")).to_have_text(re.compile(r"answered by chest-xray v\d+"))
     assert card.locator(".preview img").count() == 1  # the input itself, beside the result
+    heatmap = card.locator(".explanation img")  # and its Grad-CAM overlay beside it ("Explain" is on)
+    expect(heatmap).to_be_visible(timeout=60_000)
+    expect(heatmap).to_have_attribute("src", re.compile(r"^/v1/jobs/[0-9a-f-]+/explanation\?format=png$"))
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=heatmap.element_handle())
+    expect(card.locator(".explanation-note")).to_contain_text("Grad-CAM heatmap for")
     board.screenshot("classify")
 
 

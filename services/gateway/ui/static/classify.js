@@ -1,6 +1,7 @@
 // Classify: drop images, DICOM files or a ZIP; each becomes a job (one file: POST /v1/jobs; several or a
 // ZIP: POST /v1/batches), and its card fills in when the job finishes (long-poll for a single job, the
-// batch's page of jobs for a batch).
+// batch's page of jobs for a batch). With "Explain", each job asks for its Grad-CAM heatmap too, shown
+// beside the input once the worker has made it (GET /v1/jobs/{id}/explanation, same origin).
 "use strict";
 
 (() => {
@@ -8,6 +9,7 @@
   const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
   const FINISHED_BATCH = new Set(["succeeded", "partially_failed", "failed", "cancelled"]);
   const cards = new Map(); // job id -> card element
+  const explaining = new Set(); // job ids whose explanation is being followed or shown
   const results = document.getElementById("results");
 
   async function loadModels() {
@@ -34,6 +36,7 @@
     const clientRef = document.getElementById("client-ref").value.trim();
     if (model) form.append("model", model);
     if (clientRef) form.append("client_ref", clientRef);
+    if (document.getElementById("explain").checked) form.append("explain", "true");
     const previews = new Map(files.map((f) => [f.name, f]));
     try {
       if (files.length === 1 && !isZip(files[0])) {
@@ -102,6 +105,38 @@
     }
     if (job.client_ref) details.append(el("p", { class: "muted", text: `client reference: ${job.client_ref}` }));
     if (job.timings?.total_ms !== undefined) details.append(el("p", { class: "muted", text: `${number(job.timings.total_ms, 0)} ms end to end` }));
+    if (job.explanation && job.status === "succeeded") followExplanation(job.id, job.explanation);
+  }
+
+  // The heatmap beside the input: asked for once the answer is there, until it is made (or why not).
+  async function followExplanation(id, state) {
+    if (explaining.has(id)) return;
+    explaining.add(id);
+    const box = clear(cards.get(id).querySelector(".explanation"));
+    box.hidden = false;
+    if (state.status === "failed") return showExplanationError(box, state.error);
+    box.append(el("span", { class: "muted", text: "explaining…" }));
+    const url = `/v1/jobs/${encodeURIComponent(id)}/explanation?format=json`;
+    for (let tries = 0; tries < 120; tries++) {
+      try {
+        const explanation = await api("GET", url);
+        if (explanation.status === "succeeded") return showExplanation(id, box, explanation);
+      } catch (failure) {
+        return showExplanationError(box, { code: failure.code, detail: failure.message });
+      }
+      await sleep(1000);
+    }
+    clear(box).append(el("span", { class: "muted", text: "no heatmap yet" }));
+  }
+
+  function showExplanation(id, box, explanation) {
+    const what = `Grad-CAM heatmap for ${explanation.label} (${explanation.model.name} v${explanation.model.version}, layer ${explanation.target_layer})`;
+    clear(box).append(el("img", { alt: what, title: what, src: explanation.overlay.location }));
+    cards.get(id).querySelector(".details").append(el("p", { class: "explanation-note muted", text: `heatmap: ${what}` }));
+  }
+
+  function showExplanationError(box, error) {
+    clear(box).append(el("span", { class: "error", text: error?.code || "no heatmap", title: error?.detail || "" }));
   }
 
   function keyValues(entries, className) {
