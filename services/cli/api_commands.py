@@ -148,7 +148,7 @@ def run_table(body: list[dict[str, Any]]) -> None:
 
 def run_summary(run: dict[str, Any]) -> None:
     progress = run["progress"]
-    summary = (run.get("evaluation") or {}).get("summary") or {}
+    summary = run.get("evaluation") or {}  # a run's `evaluation` is its version's evaluation summary
     print_fields(
         [
             ("run", run["id"]),
@@ -159,6 +159,8 @@ def run_summary(run: dict[str, Any]) -> None:
             ("epochs done", len(run["history"])),
             ("accuracy", figure(summary.get("accuracy"))),
             ("ROC-AUC", figure(summary.get("roc_auc"))),
+            ("sensitivity", figure(summary.get("sensitivity"))),
+            ("specificity", figure(summary.get("specificity"))),
             ("promotion", run.get("promotion_decision") or run["promotion"]),
             ("error", run.get("error")),
         ]

@@ -227,7 +227,11 @@ def test_train_with_server_runs_watch_show_list(stack) -> None:
     assert "epoch 1: train loss" in watched.stderr
     shown = json.loads(api_cli(stack, "runs", "show", run_id, "--json").stdout)
     assert shown["status"] == "succeeded" and shown["model"] == {"name": name, "version": 1}
-    assert fields(api_cli(stack, "runs", "show", run_id).stdout)["status"] == "succeeded"
+    summary = fields(api_cli(stack, "runs", "show", run_id).stdout)
+    assert summary["status"] == "succeeded"
+    # The figures of the version the run produced, as the API's run view carries them.
+    assert summary["accuracy"] == f"{shown['evaluation']['accuracy']:.4f}"
+    assert summary["ROC-AUC"] == f"{shown['evaluation']['roc_auc']:.4f}"
     table = api_cli(stack, "runs", "list").stdout.splitlines()
     assert [run_id, "succeeded", f"{name}@1"] in [line.split()[:3] for line in table]
     assert run_id in {run["id"] for run in json.loads(api_cli(stack, "runs", "list", "--json").stdout)}
