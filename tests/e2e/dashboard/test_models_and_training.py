@@ -114,6 +114,11 @@ def test_a_promoted_version_answers_the_next_result(dashboard, keys, dashboard_s
     board.open("/models")
     model = page.locator("section.model[data-model='chest-xray']")
     expect(model.locator("table.metrics thead th").nth(1)).to_be_visible()
+    # The headline figures in words first; every number of the metrics behind "All figures".
+    expect(model.locator("table.metrics tbody th[title='evaluation.roc_auc']")).to_have_text("ROC-AUC")
+    expect(model.locator("table.metrics-all")).to_be_hidden()
+    model.locator("details.all-metrics summary").first.click()
+    expect(model.locator("table.metrics-all th", has_text="evaluation.per_class.NORMAL.recall").first).to_be_visible()
     expect(model.locator(".plot-column figure img").first).to_be_visible()
     board.screenshot("models")
 

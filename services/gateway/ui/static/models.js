@@ -31,16 +31,42 @@
       actions);
   }
 
+  // The figures a reader compares versions by, in words; every other number is one click further down.
+  const HEADLINE = [
+    ["accuracy", "evaluation.accuracy"],
+    ["ROC-AUC", "evaluation.roc_auc"],
+    ["sensitivity", "evaluation.sensitivity"],
+    ["specificity", "evaluation.specificity"],
+    ["calibration error (ECE)", "evaluation.calibration.ece"],
+    ["ECE before calibration", "evaluation.calibration.before.ece"],
+    ["temperature", "evaluation.calibration.temperature"],
+    ["under corruptions: mean ROC-AUC", "evaluation.robustness.proxy.mean_roc_auc"],
+    ["under corruptions: mean specificity", "evaluation.robustness.proxy.mean_specificity"],
+    ["under corruptions: worst specificity", "evaluation.robustness.proxy.worst_specificity"],
+    ["share flagged uncertain", "evaluation.uncertainty.flagged_share"],
+    ["images evaluated", "evaluation.n"],
+  ];
+
+  function metricRows(columns, rows) {
+    return rows.map(([label, path]) => el("tr", {}, el("th", { class: label === path ? "mono" : "", title: path, text: label }),
+      columns.map((c) => el("td", { class: "num", text: c.has(path) ? number(c.get(path)) : "" }))));
+  }
+
   function metricsTable(model) {
     const columns = model.versions.map((v) => scalars(v.metrics));
     const paths = [...new Set(columns.flatMap((c) => [...c.keys()]))];
     // The test split's figures first, then validation, then the rest.
     const rank = (p) => (p.startsWith("evaluation.") ? 0 : p.startsWith("validation.") ? 1 : 2);
     paths.sort((a, b) => rank(a) - rank(b));
-    return el("table", { class: "grid metrics" },
-      el("thead", {}, el("tr", {}, el("th", { text: "metric" }), model.versions.map((v) => versionHead(model, v)))),
-      el("tbody", {}, paths.map((path) => el("tr", {}, el("th", { class: "mono", text: path }),
-        columns.map((c) => el("td", { class: "num", text: c.has(path) ? number(c.get(path)) : "" }))))));
+    const headline = HEADLINE.filter(([, path]) => columns.some((c) => c.has(path)));
+    return el("div", {},
+      el("table", { class: "grid metrics" },
+        el("thead", {}, el("tr", {}, el("th", { text: "metric" }), model.versions.map((v) => versionHead(model, v)))),
+        el("tbody", {}, metricRows(columns, headline))),
+      el("details", { class: "all-metrics" },
+        el("summary", { text: `All figures (${paths.length})` }),
+        el("table", { class: "grid metrics-all" },
+          el("tbody", {}, metricRows(columns, paths.map((path) => [path, path]))))));
   }
 
   function plotsRow(model) {
