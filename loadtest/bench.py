@@ -11,7 +11,11 @@ What it measures, all in one run, against the model version the stack serves:
 - overhead_ms_p50: single-job latency at idle minus the model's time for one image;
 - submit_rps: submissions accepted per second by a gateway whose messages no worker reads;
 - baseline: a synchronous endpoint running the same model inside the request, at concurrency 32;
-- peak RSS of the stack's gateway and worker processes (when they run on this machine).
+- peak RSS of the stack's gateway and worker processes (when they run on this machine);
+- idle_cpu: percent of one core each of the stack's processes uses while nothing is sent;
+- pipeline.cpu_ms_per_image: CPU milliseconds per image each process spent during the pipeline
+  rounds (from the kernel's counters, so it holds whoever shares the machine), and the part of it
+  outside the model's forward pass (the pipeline's own cost; `model_only.forward_cpu_ms_per_image`).
 
 Usage: python -m loadtest.bench [--url URL] [--start] [--images N] [--output FILE]
 The stack's XRAYQ_* settings must be in the environment (the benchmark reads the model from the same
@@ -37,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from loadtest.harness.clients import TERMINAL_JOB_STATUSES, auth_headers, run_clients, summarise
+from loadtest.harness.cpu import cpu_seconds_by_role, cpu_spent
 from loadtest.harness.images import load_images, zip_bytes
 from loadtest.harness.processes import free_port, peak_rss_mb, start_process, stop_process, wait_ready
 from shared.core.settings import Settings, get_settings
@@ -128,6 +133,7 @@ def measure_model_only(settings: Settings, model_ref: str, images: list[tuple[st
         "ips_by_batch": per_batch,
         "forward_only_ips_by_batch": forward_only,
         "uncertainty_cost": measure_uncertainty_cost(model),
+        "forward_cpu_ms_per_image": forward_cpu_ms_per_image(model),
         "one_image_ms_p50": round(statistics.median(one), 2),
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
@@ -163,6 +169,32 @@ def measure_uncertainty_cost(model: LoadedModel, sizes: tuple[int, ...] = (1, 8,
 
 
 # --- through the API -----------------------------------------------------------------------------
+
+
+def forward_cpu_ms_per_image(model: LoadedModel, size: int = 16) -> float | None:
+    """CPU time (all of this process's threads) the forward pass takes per image at batch `size`: the
+    share of the worker's CPU that is the model's. None on a GPU, where the forward pass is not CPU."""
+    import torch
+
+    if model.device.type != "cpu":
+        return None
+    x = torch.randn(size, 3, model.spec.size, model.spec.size)
+    with torch.inference_mode():
+        model.module(x)
+        started = time.process_time()
+        for _ in range(4):
+            model.module(x)
+        spent = time.process_time() - started
+    return round(spent * 1000 / (4 * size), 2)
+
+
+def measure_idle_cpu(seconds: float) -> dict[str, float]:
+    """Percent of one core each role's processes use over `seconds` with nothing sent."""
+    before = cpu_seconds_by_role()
+    time.sleep(seconds)
+    spent = cpu_spent(before, cpu_seconds_by_role())
+    percent = {role: round(100 * cpu_s / seconds, 1) for role, cpu_s in spent.items()}
+    return {**percent, "total": round(sum(percent.values()), 1), "seconds": seconds}
 
 
 def measure_pipeline(url: str, images: list[tuple[str, bytes]], batch_size: int, clients: int) -> dict[str, Any]:
@@ -324,6 +356,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--senders", type=int, default=4, help="concurrent batch senders in the pipeline run")
     parser.add_argument("--single-total", type=int, default=160, help="jobs per single-job concurrency level")
     parser.add_argument("--submit-total", type=int, default=1000, help="submissions for submit_rps")
+    parser.add_argument("--idle-seconds", type=float, default=10, help="window for the idle stack's CPU")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     return parser.parse_args()
 
@@ -349,12 +382,27 @@ def served_model_ref(url: str, settings: Settings) -> str:
 
 
 def measure_pipeline_rounds(args: argparse.Namespace, url: str, images: list[tuple[str, bytes]]) -> dict[str, Any]:
-    """The median round (each on images of its own), with every round kept for the record."""
+    """The median round (each on images of its own), with every round kept for the record, and the CPU
+    every process spent per image over all rounds."""
+    before = cpu_seconds_by_role()
     rounds = [
         measure_pipeline(url, images[i * args.images : (i + 1) * args.images], args.batch_size, args.senders)
         for i in range(args.pipeline_rounds)
     ]
-    return {**sorted(rounds, key=lambda r: r["ips"])[len(rounds) // 2], "rounds_ips": [r["ips"] for r in rounds]}
+    spent = cpu_spent(before, cpu_seconds_by_role())
+    sent = sum(r["images"] for r in rounds)
+    per_image = {role: round(1000 * cpu_s / sent, 2) for role, cpu_s in spent.items()}
+    per_image["total"] = round(sum(per_image.values()), 2)
+    median = sorted(rounds, key=lambda r: r["ips"])[len(rounds) // 2]
+    return {**median, "rounds_ips": [r["ips"] for r in rounds], "cpu_ms_per_image": per_image}
+
+
+def pipeline_cost_ms_per_image(report: dict[str, Any]) -> float | None:
+    """CPU per image of every process together, less the model's forward pass: what the pipeline adds."""
+    forward = report["model_only"]["forward_cpu_ms_per_image"]
+    if forward is None:
+        return None
+    return round(report["pipeline"]["cpu_ms_per_image"]["total"] - forward, 2)
 
 
 def ratios(report: dict[str, Any]) -> dict[str, float]:
@@ -372,11 +420,13 @@ def measure_everything(args: argparse.Namespace, settings: Settings, url: str, w
     images = load_images(settings.data_dir, args.images * args.pipeline_rounds)
     model_ref = served_model_ref(url, settings)
     time.sleep(2)  # let the worker finish starting if the stack just came up
+    idle_cpu = measure_idle_cpu(args.idle_seconds)  # first: before the benchmark's own threads exist
 
     report: dict[str, Any] = {
         "mode": "embedded" if settings.embedded else "services",
         "url": url,
         "cpu_count": os.cpu_count(),
+        "idle_cpu": idle_cpu,
     }
     report["model_only"] = measure_model_only(settings, model_ref, images)
     measure_single(url, images, 1, 5)  # warm the worker's model cache
@@ -385,6 +435,7 @@ def measure_everything(args: argparse.Namespace, settings: Settings, url: str, w
         f"c{c}": measure_single(url, images, c, max(args.single_total // (4 if c == 1 else 1), 4 * c))
         for c in (1, 8, 32)
     }
+    report["pipeline_cpu_ms_per_image_outside_forward"] = pipeline_cost_ms_per_image(report)
     report["overhead_ms_p50"] = round(report["single"]["c1"]["p50_ms"] - report["model_only"]["one_image_ms_p50"], 2)
     report["submit"] = measure_submit_rps(settings, images, args.submit_total, workdir)
     report["baseline_sync"] = measure_baseline(model_ref, images, 32, args.single_total, workdir)
