@@ -40,6 +40,17 @@ Manifest = dict[str, Any]
 
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+# The volume types the `restricted` Pod Security Standard admits (the namespace enforces it).
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 # The redis scaler's parameters a TriggerAuthentication may supply (KEDA docs, "Redis Lists").
 REDIS_AUTH_PARAMETERS = {"address", "host", "port", "username", "password", "tls", "ca", "cert", "key", "keyPassword"}
 
@@ -407,6 +418,12 @@ def security_problems(objects: list[Manifest], image_user: int) -> list[str]:
             "enableServiceLinks false": pod.get("enableServiceLinks") is False,
         }
         problems += [f"{where(workload)}: wants {what}" for what, ok in wanted.items() if not ok]
+        for volume in pod.get("volumes", []):
+            kinds = set(volume) - {"name"}
+            if not kinds <= RESTRICTED_VOLUME_TYPES:
+                problems.append(
+                    f"{where(workload)}: volume {volume['name']} is of a type the restricted policy refuses"
+                )
     for workload, container in containers(objects):
         context = container.get("securityContext", {})
         resources = container.get("resources", {})

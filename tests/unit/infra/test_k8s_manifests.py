@@ -6,6 +6,7 @@ queue KEDA watches. Each check is also shown catching a broken manifest."""
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,8 +204,10 @@ def test_each_check_catches_what_it_is_for(
     objects, trainer = broken(base, "Deployment", "xrayq-trainer")
     del first_container(trainer)["securityContext"]["readOnlyRootFilesystem"]
     trainer["spec"]["template"]["spec"]["securityContext"]["runAsUser"] = 0
+    trainer["spec"]["template"]["spec"]["volumes"].append({"name": "docker", "hostPath": {"path": "/var/run"}})
     assert k8s.security_problems(objects, k8s.dockerfile_user()) == [
         "Deployment/xrayq-trainer: wants runAsUser 10001 (the image's USER)",
+        "Deployment/xrayq-trainer: volume docker is of a type the restricted policy refuses",
         "Deployment/xrayq-trainer container trainer: wants readOnlyRootFilesystem true",
     ]
 
@@ -353,3 +356,20 @@ def test_the_builder_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: xrayq-gateways}\n")
     with pytest.raises(ValueError, match="not among the resources"):
         k8s.build(tmp_path)
+
+
+def test_the_readme_s_kubectl_commands_name_what_exists(base: list[Manifest]) -> None:
+    """The README's apply order, as written: its files, kustomizations, label selector and Job exist."""
+    readme = (k8s.ROOT / "README.md").read_text()
+    section = readme[readme.index("## Kubernetes") :]
+    commands = re.findall(r"^kubectl .*$", section[: section.index("\n## ")], re.MULTILINE)
+    assert len(commands) >= 5
+    for command in commands:
+        for option, path in re.findall(r"(-[fk]) (infra/k8s/\S+)", command):
+            target = k8s.ROOT / path
+            assert (target / "kustomization.yaml").is_file() if option == "-k" else target.is_file(), command
+        for key, value in re.findall(r"-l (\S+)=(\S+)", command):
+            selected = [manifest for manifest in base if manifest["metadata"].get("labels", {}).get(key) == value]
+            assert k8s.named(selected, "Job", "xrayq-migrate") is not None, command
+        for job in re.findall(r"job/(\S+)", command):
+            assert k8s.named(base, "Job", job) is not None, command
