@@ -380,6 +380,25 @@ def probe_problems(objects: list[Manifest], gateway_serves: Callable[[str], bool
     return problems
 
 
+# Enumerations the API schemas of kubernetes-validate do not carry (they come from OpenAPI v2).
+SERVICE_TYPES = {"ClusterIP", "NodePort", "LoadBalancer", "ExternalName"}
+
+
+def service_problems(objects: list[Manifest]) -> list[str]:
+    """Service types are real ones, and a Service reached from outside keeps the sender's address:
+    the DICOM allow-list tells senders apart by it (externalTrafficPolicy Local)."""
+    problems = []
+    for service in of_kind(objects, "Service"):
+        kind = service["spec"].get("type", "ClusterIP")
+        if kind not in SERVICE_TYPES:
+            problems.append(f"{where(service)}: type {kind} is none of {sorted(SERVICE_TYPES)}")
+        elif kind in {"NodePort", "LoadBalancer"} and service["spec"].get("externalTrafficPolicy") != "Local":
+            problems.append(
+                f"{where(service)}: an outside sender's address is lost without externalTrafficPolicy Local"
+            )
+    return problems
+
+
 def listening_port_problems(objects: list[Manifest], settings_for: dict[str, Settings]) -> list[str]:
     """The named ports are the ones the process listens on, by its settings (XRAYQ_PORT, ...)."""
     listens = {"http": "port", "metrics": "worker_metrics_port", "dicom": "dicom_port"}

@@ -69,6 +69,7 @@ def all_problems(objects: list[Manifest], serves: Callable[[str], bool], monkeyp
         + k8s.reference_problems(objects)
         + k8s.selector_problems(objects)
         + k8s.probe_problems(objects, serves)
+        + k8s.service_problems(objects)
         + k8s.listening_port_problems(objects, settings_by_container(objects, monkeypatch))
         + k8s.security_problems(objects, k8s.dockerfile_user())
         + k8s.autoscaling_problems(objects, prefix)
@@ -184,6 +185,16 @@ def test_each_check_catches_what_it_is_for(
     objects, budget = broken(base, "PodDisruptionBudget", "xrayq-worker")
     del budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]  # every xrayq pod
     assert "chooses the pods of" in k8s.selector_problems(objects)[0]
+
+    objects, service = broken(base, "Service", "xrayq-gateway")
+    service["spec"]["type"] = "ClusterIp"
+    dicom_service = k8s.named(objects, "Service", "xrayq-dicom")
+    assert dicom_service is not None
+    del dicom_service["spec"]["externalTrafficPolicy"]
+    assert k8s.service_problems(objects) == [
+        "Service/xrayq-gateway: type ClusterIp is none of ['ClusterIP', 'ExternalName', 'LoadBalancer', 'NodePort']",
+        "Service/xrayq-dicom: an outside sender's address is lost without externalTrafficPolicy Local",
+    ]
 
     objects, gateway = broken(base, "Deployment", "xrayq-gateway")
     first_container(gateway)["readinessProbe"]["httpGet"]["path"] = "/ready"
