@@ -17,10 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.harness.processes import start_process, stop_process, wait_ready
+from loadtest.harness.processes import start_process, stop_process
 from services.cli.main import BOOTSTRAP_KEY_BANNER
-from tests.conftest import CHEST_TRAIN, free_port, scratch_database, settings_from_env, train_tiny_model
+from tests.conftest import CHEST_TRAIN, free_port, services_env_on_a_new_database, settings_from_env, train_tiny_model
 from tests.e2e.conftest import ROOT, xrayq
+from tests.security.gateway_process import running_gateway
 
 pytestmark = pytest.mark.e2e
 README = ROOT / "README.md"
@@ -73,13 +74,10 @@ def wait_for(condition, timeout: float, what: str):
 def new_installation(services_env, tmp_path_factory) -> Iterator[dict[str, str]]:
     """The services mode on an empty database and bucket of its own, with no XRAYQ_ADMIN_KEY set:
     what `docker compose up` meets the first time."""
-    with scratch_database() as database_url:
+    home = tmp_path_factory.mktemp("first-start-home")
+    with services_env_on_a_new_database(services_env, home, "first-start") as env:
         yield {
-            **services_env,
-            "XRAYQ_HOME": str(tmp_path_factory.mktemp("first-start-home")),
-            "XRAYQ_DATABASE_URL": database_url,
-            "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + "first-start:",
-            "XRAYQ_S3_BUCKET": "xrayq-first-start",
+            **env,
             "XRAYQ_ADMIN_KEY": "",  # as `.env.example` leaves it
             "XRAYQ_LIVENESS_INTERVAL_S": "0.5",
             "XRAYQ_WORKER_METRICS_PORT": "0",
@@ -102,18 +100,8 @@ def admin_key(migrate_log) -> str:
 
 @pytest.fixture(scope="module")
 def gateway(new_installation, migrate_log, tmp_path_factory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    process = start_process(
-        [sys.executable, "-m", "services.cli", "gateway"], {**new_installation, "XRAYQ_PORT": str(port)}, log
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_ready(url, 60, path="/healthz", process=process, interval=0.2):
-            pytest.fail(f"gateway did not start:\n{log.read_text()[-3000:]}")
+    with running_gateway(new_installation, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
         yield url
-    finally:
-        stop_process(process)
 
 
 @contextlib.contextmanager
