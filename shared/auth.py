@@ -23,6 +23,7 @@ from shared.schemas import ApiKeyView
 
 ROLES = ("submit", "train", "admin")
 BOOTSTRAP_ORGANISATION = "admin"
+BOOTSTRAP_KEY_NAME = "bootstrap-admin"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,18 @@ def create_key(session: Session, name: str, organisation: str, roles: list[str])
     session.add(row)
     session.flush()
     return row, token
+
+
+def create_bootstrap_admin_key(session: Session, settings: Settings) -> str | None:
+    """The first admin key of a new installation, or None when it needs none: keys are off, the
+    operator set XRAYQ_ADMIN_KEY, or an active admin key exists. So it is made (and shown) once; if
+    every admin key is revoked, the next call makes a new one, which is how a lost key is replaced."""
+    if not settings.auth_enabled or settings.admin_key:
+        return None
+    if any("admin" in row.roles and row.revoked_at is None for row in list_keys(session)):
+        return None
+    _row, token = create_key(session, BOOTSTRAP_KEY_NAME, BOOTSTRAP_ORGANISATION, ["admin"])
+    return token
 
 
 def list_keys(session: Session) -> list[ApiKey]:

@@ -190,20 +190,27 @@ def services_model(services_settings, data_dir) -> dict:
 
 
 @contextlib.contextmanager
-def services_env_of_its_own(services_env: dict[str, str], home: Path, name: str, data_dir: Path) -> Iterator[dict]:
-    """The services mode with a database, Redis key prefix and bucket of its own (named `name`), and a
-    tiny model: for real processes whose workers, trainers or fuzzers must not touch other tests' data."""
-    from shared.core.storage import S3ObjectStore
-    from shared.db.migrate import upgrade_database
-
+def services_env_on_a_new_database(services_env: dict[str, str], home: Path, name: str) -> Iterator[dict]:
+    """The services mode on a new, empty database, with a Redis key prefix and bucket name of its own
+    (named `name`): what a first `xrayq migrate` meets."""
     with scratch_database() as database_url:
-        env = {
+        yield {
             **services_env,
             "XRAYQ_HOME": str(home),
             "XRAYQ_DATABASE_URL": database_url,
             "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + f"{name}:",
             "XRAYQ_S3_BUCKET": f"xrayq-{name}",
         }
+
+
+@contextlib.contextmanager
+def services_env_of_its_own(services_env: dict[str, str], home: Path, name: str, data_dir: Path) -> Iterator[dict]:
+    """The services mode with a database, Redis key prefix and bucket of its own (named `name`), and a
+    tiny model: for real processes whose workers, trainers or fuzzers must not touch other tests' data."""
+    from shared.core.storage import S3ObjectStore
+    from shared.db.migrate import upgrade_database
+
+    with services_env_on_a_new_database(services_env, home, name) as env:
         settings = settings_from_env(env)
         upgrade_database(settings)
         S3ObjectStore(settings).ensure_bucket()

@@ -11,9 +11,13 @@ from typing import Annotated
 import typer
 
 from services.cli.api_commands import datasets, models, runs
+from services.cli.healthcheck import healthcheck
 from services.cli.keys import keys
 from services.cli.train import train
 from shared.core.settings import get_settings
+
+# The line `docker compose logs migrate` shows the first key on (the README's quick start greps it).
+BOOTSTRAP_KEY_BANNER = "bootstrap admin key (shown this once)"
 
 app = typer.Typer(
     name="xrayq",
@@ -23,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # a plain traceback, as in every other log line
 )
 app.command("train")(train)
+app.command("healthcheck")(healthcheck)
 app.add_typer(keys, name="keys")
 app.add_typer(datasets, name="datasets")
 app.add_typer(runs, name="runs")
@@ -70,13 +75,15 @@ def worker(
         serve_worker_metrics(settings.worker_metrics_port)
     from services.worker.app import pool_size
 
-    run_celery_worker("services.worker.app", "predict", pool_size(concurrency or settings.worker_concurrency))
+    run_celery_worker(
+        "services.worker.app", "predict", pool_size(concurrency or settings.worker_concurrency), role="worker"
+    )
 
 
 @app.command()
 def trainer() -> None:
     """Run the trainer (Celery, queue 'train')."""
-    run_celery_worker("services.trainer.app", "train", 1)  # one run at a time per trainer
+    run_celery_worker("services.trainer.app", "train", 1, role="trainer")  # one run at a time per trainer
 
 
 @app.command()
@@ -89,11 +96,20 @@ def dicom() -> None:
 
 @app.command()
 def migrate() -> None:
-    """Create or upgrade the database schema (and the storage bucket)."""
+    """Create or upgrade the database schema and the storage bucket; on a new installation with API
+    keys on and no XRAYQ_ADMIN_KEY, create an admin key and print it (this once)."""
+    from shared.auth import create_bootstrap_admin_key
     from shared.db.bootstrap import prepare_backends
+    from shared.db.session import database_for
 
-    prepare_backends(get_settings())
+    settings = get_settings()
+    prepare_backends(settings)
     typer.echo("database is at the latest schema")
+    with database_for(settings).session() as session:
+        token = create_bootstrap_admin_key(session, settings)
+    if token:
+        typer.echo(f"{BOOTSTRAP_KEY_BANNER}: {token}")
+        typer.echo("Store it now: only its hash is kept. Create the other keys with it, then revoke it.")
 
 
 @app.command("ensure-model")
@@ -105,9 +121,12 @@ def ensure_model() -> None:
         raise typer.Exit(1)
 
 
-def run_celery_worker(app_module: str, queue: str, concurrency: int) -> None:
+def run_celery_worker(app_module: str, queue: str, concurrency: int, role: str) -> None:
+    from shared.core.liveness import install_heartbeat
+
     module = __import__(app_module, fromlist=["app"])
     settings = get_settings()
+    install_heartbeat(module.app, settings, role)
     module.app.worker_main(
         [
             "worker",
@@ -149,10 +168,18 @@ def serve_worker_metrics(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The `xrayq` console script and `python -m services.cli`; returns the exit status."""
+    from pydantic import ValidationError
+
     try:
         app(args=argv, prog_name="xrayq")
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except ValidationError as refusal:  # a setting no process may start with: say which, and what to set
+        for error in refusal.errors():
+            setting = "XRAYQ_" + "_".join(str(part) for part in error["loc"]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            typer.echo(f"xrayq: {message if message.startswith(setting) else f'{setting}: {message}'}", err=True)
+        return 2
     return 0
 
 

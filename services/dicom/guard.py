@@ -23,7 +23,14 @@ from typing import Any
 from pynetdicom import _config, dimse_messages, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from services.dicom.peers import AllowedSender, address_allowed, admitted, peer_address
+from services.dicom.peers import (
+    AllowedSender,
+    address_allowed,
+    admitted,
+    is_health_check,
+    is_health_check_address,
+    peer_address,
+)
 
 log = logging.getLogger("xrayq.dicom")
 
@@ -98,7 +105,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(peer_address(client_address[0]))
-        if self.senders and not address_allowed(self.senders, host):
+        if self.senders and not (address_allowed(self.senders, host) or is_health_check_address(host)):
             log.warning("connection from %s refused: no allow-list entry names this address", host)
             return False
         with self._lock:
@@ -136,7 +143,7 @@ def screen_association(event: Any, senders: list[AllowedSender]) -> None:
     assoc = event.assoc
     calling = str(assoc.requestor.primitive.calling_ae_title).strip()
     host = assoc.requestor.address
-    if admitted(senders, calling, host) is not None:
+    if admitted(senders, calling, host) is not None or is_health_check(calling, host):
         return
     log.warning("association from %r at %s rejected: calling AE title not recognised for that address", calling, host)
     assoc.acse.send_reject(*CALLING_AE_NOT_RECOGNISED)

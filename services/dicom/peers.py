@@ -17,6 +17,10 @@ from shared.core.settings import Settings
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# `xrayq healthcheck dicom` (the container's healthcheck) sends a C-ECHO as this title from the
+# receiver's own loopback address, whatever the allow-list says; it may echo, never store.
+HEALTH_CHECK_AE_TITLE = "XRAYQ-HEALTH"
+HEALTH_CHECK_ADDRESSES = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
 
 # TITLE, then optionally @network (IPv6 in brackets), then optionally :organisation.
 _ENTRY = re.compile(
@@ -91,6 +95,15 @@ def allowed_senders(settings: Settings) -> list[AllowedSender]:
             "loopback mode every entry needs one (TITLE@10.1.2.0/24 or TITLE@10.1.2.3)."
         )
     return senders
+
+
+def is_health_check_address(host: str) -> bool:
+    return peer_address(host) in HEALTH_CHECK_ADDRESSES
+
+
+def is_health_check(ae_title: str, host: str) -> bool:
+    """The receiver's own healthcheck: its title, from this machine's own loopback address."""
+    return ae_title == HEALTH_CHECK_AE_TITLE and is_health_check_address(host)
 
 
 def admitted(senders: list[AllowedSender], ae_title: str, host: str) -> AllowedSender | None:

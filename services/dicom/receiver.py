@@ -47,6 +47,7 @@ log = logging.getLogger("xrayq.dicom")
 
 VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
+NOT_AUTHORISED = 0x0124  # Refused: Not Authorized (PS3.7 C.4)
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -66,6 +67,10 @@ class StoreHandler:
 
     def __call__(self, event: Any) -> Dataset | int:
         calling = str(event.assoc.requestor.ae_title).strip()
+        sender = admitted(self.senders, calling, event.assoc.requestor.address) if self.senders else None
+        if self.senders and sender is None:
+            # Only the healthcheck's association gets here unlisted (services.dicom.peers): it may echo.
+            return _status(NOT_AUTHORISED, XrayqError("dicom_sender_not_allowed", "this sender may only echo"))
         negotiated = str(event.context.abstract_syntax)
         try:
             data = self._received(event)
@@ -78,7 +83,6 @@ class StoreHandler:
             return _status(CANNOT_UNDERSTAND, XrayqError("dicom_unreadable", type(exc).__name__))
         if sop_class != negotiated:
             return _status(SOP_CLASS_MISMATCH, XrayqError("dicom_sop_class_mismatch", "SOP class differs from context"))
-        sender = admitted(self.senders, calling, event.assoc.requestor.address) if self.senders else None
         try:
             with self.database.session() as session:
                 intake = add_instances(

@@ -12,12 +12,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A guessable bootstrap key opens every organisation's data: shorter ones are refused at start-up.
+MIN_ADMIN_KEY_LENGTH = 32
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="XRAYQ_", env_file=None, extra="ignore")
+    # An empty variable means "the default": docker-compose.yml passes every setting as `${XRAYQ_X:-}`,
+    # so one left out of `.env` arrives empty and must not override a number or a default name.
+    model_config = SettingsConfigDict(env_prefix="XRAYQ_", env_file=None, extra="ignore", env_ignore_empty=True)
 
     # Where the embedded mode keeps its state (database file, objects, broker spool).
     home: Path = Path(".xrayq")
@@ -39,7 +44,9 @@ class Settings(BaseSettings):
 
     # Authentication. "auto": API keys required unless embedded on a loopback address.
     auth: Literal["auto", "on", "off"] = "auto"
-    admin_key: str = ""  # bootstrap admin key (XRAYQ_ADMIN_KEY): create the real keys with it
+    # Bootstrap admin key (XRAYQ_ADMIN_KEY): create the real keys with it. Empty: `xrayq migrate` creates
+    # an admin key in the database (stored hashed) and prints it once, when no active admin key exists.
+    admin_key: str = ""
     # Seconds a gateway process remembers a checked API key; a key revoked through another gateway
     # process stops working within this time (0: every request queries the database).
     auth_cache_s: float = Field(default=5.0, ge=0)
@@ -179,9 +186,24 @@ class Settings(BaseSettings):
     delivery_breaker_failures: int = Field(default=5, ge=1)
     delivery_breaker_cooldown_s: float = Field(default=60.0, gt=0)
 
+    # Worker and trainer liveness: their Celery event loop touches a file under `home`/liveness this often;
+    # `xrayq healthcheck worker|trainer` calls a file older than three intervals a hung process.
+    liveness_interval_s: float = Field(default=10.0, gt=0)
+
     # Logging: "json" for services, "text" for a person at a terminal.
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_is_long(cls, key: str) -> str:
+        if key and len(key) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(
+                f"XRAYQ_ADMIN_KEY is {len(key)} characters long: set it to at least {MIN_ADMIN_KEY_LENGTH} random "
+                "characters (e.g. the output of `openssl rand -hex 32`), or leave it empty to have `xrayq migrate` "
+                "create an admin key and print it once"
+            )
+        return key
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

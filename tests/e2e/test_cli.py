@@ -24,7 +24,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, inspect, select
 
-from tests.conftest import free_port, scratch_database, settings_from_env
+from tests.conftest import free_port, services_env_on_a_new_database, settings_from_env
 from tests.e2e.conftest import ROOT, api_cli, xrayq
 
 pytestmark = pytest.mark.e2e
@@ -76,14 +76,8 @@ def fields(text: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def empty_services_env(services_env, tmp_path_factory) -> Iterator[dict[str, str]]:
     """The services mode with a Postgres database of its own, still without a single table."""
-    with scratch_database() as database_url:
-        yield {
-            **services_env,
-            "XRAYQ_HOME": str(tmp_path_factory.mktemp("cli-home")),
-            "XRAYQ_DATABASE_URL": database_url,
-            "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + "cli:",
-            "XRAYQ_S3_BUCKET": "xrayq-cli",
-        }
+    with services_env_on_a_new_database(services_env, tmp_path_factory.mktemp("cli-home"), "cli") as env:
+        yield env
 
 
 def test_migrate_creates_the_schema_and_is_idempotent(empty_services_env) -> None:

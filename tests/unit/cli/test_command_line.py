@@ -24,6 +24,7 @@ DOCUMENTED = {
     "dicom",
     "migrate",
     "ensure-model",
+    "healthcheck",
     "train",
     "keys create",
     "keys list",

@@ -35,7 +35,8 @@ def service_environment(service: str, environment: dict[str, str]) -> dict[str, 
 
 def receiver_settings(environment: dict[str, str], tmp_path: Path) -> Settings:
     variables = service_environment("dicom", environment)
-    fields = {name.removeprefix("XRAYQ_").lower(): value for name, value in variables.items()}
+    # An empty variable is "the default" (env_ignore_empty): compose passes every setting, most of them empty.
+    fields = {name.removeprefix("XRAYQ_").lower(): value for name, value in variables.items() if value}
     fields["home"] = str(tmp_path)  # the container's /var/lib/xrayq
     return Settings(**fields)
 
