@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
+from queue import Empty
 from time import monotonic, monotonic_ns, sleep
 from typing import Any
-
-from queue import Empty
 
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
@@ -89,8 +87,9 @@ class Transport(filesystem.Transport):
 
     _arrivals: ArrivalWatch | None = None
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:  # type: ignore[override]
         """kombu's loop, with its fixed sleep between empty listings replaced by `ArrivalWatch.wait`."""
+        assert self.client is not None and self.cycle is not None  # set once the connection is made
         if self._arrivals is None:  # made by the consuming process, before its first listing
             options = self.client.transport_options
             self._arrivals = ArrivalWatch(options["data_folder_in"], self.polling_interval or 0.002)
@@ -101,7 +100,7 @@ class Transport(filesystem.Transport):
             except Empty:
                 left = SAFETY_RELIST_S if timeout is None else timeout - (monotonic() - started)
                 if left <= 0:
-                    raise socket.timeout() from None
+                    raise TimeoutError() from None
                 self._arrivals.wait(min(left, SAFETY_RELIST_S))
             else:
                 self._arrivals.delivered()
