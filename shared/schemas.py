@@ -39,6 +39,11 @@ class JobResult(BaseModel):
         description="Whether `uncertainty` is above the version's threshold (chosen on its validation split); "
         "then `warnings` also has an `uncertain` entry. Null when `uncertainty` is.",
     )
+    cached: bool = Field(
+        False,
+        description="Whether this answer is the one the same version already gave the same input bytes "
+        "(sha256) sent earlier by the same organisation (the result cache, `XRAYQ_RESULT_CACHE`).",
+    )
 
 
 class JobError(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from PIL import Image
 from loadtest.harness.images import CHEST_TRAIN
 from loadtest.harness.processes import free_port
 from shared.core.settings import Settings
+
+# Tests reuse the shared set's images across tests that count forward passes, corrupt stored inputs or
+# kill workers mid-chunk; with the result cache on, a later test's job would be answered from an earlier
+# test's. So it is off for the suite -- this process and every process it starts inherit this -- and the
+# tests of the cache (tests/integration/test_result_cache.py) turn it on.
+os.environ.setdefault("XRAYQ_RESULT_CACHE", "false")
 
 # The warnings about a model's intended use (DICOM tags against the card); a result may carry others
 # (`uncertain`, ...) that depend on the model's weights, not on the input's tags.

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.worker import metrics
 from services.worker.explaining import Explainer, ToExplain
@@ -32,6 +33,7 @@ from shared.imaging.preprocess import normalize, to_model_pixels
 from shared.imaging.quality import check, measure
 from shared.intake.images import image_limits
 from shared.jobs.lifecycle import ClaimedJob, Prediction, claim_jobs, ms_since, record_outcomes
+from shared.jobs.result_cache import cached_prediction, find_cached
 from shared.models.answers import answers
 from shared.models.artifacts import LoadedModel, load_model
 from shared.models.calibration import card_threshold, uncertain_warning
@@ -122,12 +124,15 @@ class Predictor:
         return {"claimed": len(claim.jobs)}
 
     def _run_group(self, model: LoadedModel, jobs: list[ClaimedJob]) -> None:
-        """Fetch, decode and preprocess concurrently (I/O, and decoders that release the GIL), then one
-        forward pass; every step is per image, so a bad input fails its own job alone."""
+        """Answer what the result cache holds; fetch, decode and preprocess the rest concurrently (I/O,
+        and decoders that release the GIL), then one forward pass; every step is per image, so a bad
+        input fails its own job alone."""
+        predictions = self._cached(model, jobs)
+        answered = {prediction.job.id for prediction in predictions}
+        jobs = [job for job in jobs if job.id not in answered]
         prepared = list(self.pool.map(lambda job: self._prepare(job, model), jobs))
         failures = [(job, out) for job, out in zip(jobs, prepared, strict=True) if isinstance(out, XrayqError)]
         ready = [(job, out) for job, out in zip(jobs, prepared, strict=True) if not isinstance(out, XrayqError)]
-        predictions = []
         if ready:
             started = time.monotonic()
             outputs, batch_size = self._forward([image.pixels for _, image in ready], model)
@@ -148,6 +153,23 @@ class Predictor:
         asked = [prediction for prediction in predictions if prediction.job.explain]
         if asked:  # only then: no hook, no gradient, nothing more for the answers nobody asked to explain
             self._explain(model, asked, {job.id: image.pixels for job, image in ready})
+
+    def _cached(self, model: LoadedModel, jobs: list[ClaimedJob]) -> list[Prediction]:
+        """The answers this version already gave the same bytes of the same organisation. A job that
+        asked for an explanation is computed: its heatmap needs the pixels. A failed lookup only means
+        computing: the cache never fails a job."""
+        candidates = [job for job in jobs if not job.explain and job.input_sha256]
+        if not self.settings.result_cache or not candidates:
+            return []
+        try:
+            with self.db.session() as session:
+                found = find_cached(session, model.id, candidates)
+        except SQLAlchemyError:
+            log.warning("result cache lookup failed; computing %d answers", len(candidates), exc_info=True)
+            return []
+        metrics.RESULT_CACHE.labels(model.name, "hit").inc(len(found))
+        metrics.RESULT_CACHE.labels(model.name, "miss").inc(len(candidates) - len(found))
+        return [cached_prediction(job, model.id, found[job.id]) for job in candidates if job.id in found]
 
     def _explain(self, model: LoadedModel, asked: list[Prediction], pixels: dict[str, torch.Tensor]) -> None:
         """Explain the answers whose jobs asked for it, on the tensors they came from: after the answers

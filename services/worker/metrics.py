@@ -39,3 +39,6 @@ EXPLANATION_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 BUSY = Counter("xrayq_worker_busy_seconds", "Time spent running prediction messages")
+# Result-cache lookups of jobs that could be answered from an earlier job's result: "hit" or "miss".
+# The hit rate is hit / (hit + miss).
+RESULT_CACHE = Counter("xrayq_result_cache_lookups", "Result-cache lookups by the worker", ["model", "outcome"])

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     predict_chunk_size: int = Field(default=32, ge=1, le=512)
     # A single job's message also takes other waiting single jobs, up to a chunk: dynamic batching.
     coalesce_singles: bool = True
+    # The same input bytes from the same organisation, answered by the same version, get that version's
+    # stored answer (marked `cached`) instead of another fetch, decode and forward pass.
+    result_cache: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Torch threads per worker (and trainer) process; 0: a worker shares the cores out among its
     # processes, the trainer takes them all.

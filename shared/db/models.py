@@ -114,6 +114,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_batch_position", "batch_id", "position"),
         Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_input_sha256_model_version", "input_sha256", "model_version_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -144,6 +145,9 @@ class Job(Base):
     calibrated: Mapped[bool | None] = mapped_column(Boolean)
     uncertainty: Mapped[float | None] = mapped_column(Float)
     uncertain: Mapped[bool | None] = mapped_column(Boolean)
+    # The earlier job of the same organisation whose result this one repeats: the same input bytes,
+    # answered by the same version (`shared/jobs/result_cache.py`). None: computed for this job.
+    cached_from: Mapped[str | None] = mapped_column(String(36))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

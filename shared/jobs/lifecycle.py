@@ -53,6 +53,8 @@ _CLAIMED_COLUMNS = (
     Job.dicom,
     Job.attempts,
     Job.explanation_status,
+    Job.organisation,
+    Job.input_sha256,
 )
 
 
@@ -173,6 +175,9 @@ class ClaimedJob:
     # Its explanation is pending: the worker explains the answer once it is written. Read by the claim
     # itself, so a job that asked nothing costs nothing more.
     explain: bool = False
+    # Whose job it is and its input's sha256: what the result cache is keyed by, with the version.
+    organisation: str | None = None
+    input_sha256: str | None = None
 
 
 @dataclass
@@ -263,6 +268,8 @@ def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings, *, 
                 row.dicom,
                 {"queue_ms": ms_since(created, now)},
                 explain=row.explanation_status == ExplanationStatus.pending,
+                organisation=row.organisation,
+                input_sha256=row.input_sha256,
             )
         )
     return Claim(jobs, versions)
@@ -284,6 +291,7 @@ class Prediction:
     calibrated: bool | None = None
     uncertainty: float | None = None  # in [0, 1]; None: the version has no threshold to judge it by
     uncertain: bool | None = None
+    cached_from: str | None = None  # the job whose stored result this repeats (the result cache)
 
 
 def record_outcomes(
@@ -345,6 +353,7 @@ def _outcome_row(
             "new_calibrated": prediction.calibrated,
             "new_uncertainty": prediction.uncertainty,
             "new_uncertain": prediction.uncertain,
+            "new_cached_from": prediction.cached_from,
             "new_error_code": None,
             "new_error_detail": None,
         }
@@ -366,6 +375,7 @@ def _failure_columns(error: XrayqError) -> dict[str, Any]:
         "new_calibrated": None,
         "new_uncertainty": None,
         "new_uncertain": None,
+        "new_cached_from": None,
         "new_error_code": error.code,
         "new_error_detail": error.detail,
     }
@@ -389,6 +399,7 @@ _OUTCOME_UPDATE = (
         calibrated=bindparam("new_calibrated"),
         uncertainty=bindparam("new_uncertainty"),
         uncertain=bindparam("new_uncertain"),
+        cached_from=bindparam("new_cached_from"),
         finished_at=bindparam("new_finished_at"),
     )
 )

@@ -57,6 +57,7 @@ def job_view(job: Job) -> JobView:
             calibrated=bool(job.calibrated),
             uncertainty=job.uncertainty,
             uncertain=job.uncertain,
+            cached=job.cached_from is not None,
         )
     return JobView(
         id=job.id,
