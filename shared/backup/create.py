@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from shared.backup import database as db_files
 from shared.backup.container import BackupWriter, open_writer
+from shared.backup.database import current_revision, database_kind, dump_postgres, dump_sqlite
 from shared.backup.manifest import DATABASE_FILE, DatabaseEntry, Manifest, ObjectEntry, object_file
 from shared.core.settings import Settings
 from shared.core.storage import ObjectNotFound, ObjectStore, make_object_store
@@ -55,14 +55,14 @@ def create_backup(settings: Settings, destination: Path, store: ObjectStore | No
 
 
 def _add_database(settings: Settings, writer: BackupWriter) -> DatabaseEntry:
-    kind = db_files.database_kind(settings)
-    revision = db_files.current_revision(settings.database_url)
+    kind = database_kind(settings)
+    revision = current_revision(settings.database_url)
     with tempfile.TemporaryDirectory(prefix="xrayq-backup-") as scratch:
         dump = Path(scratch) / DATABASE_FILE[kind]
         if kind == "postgresql":
-            tool = db_files.dump_postgres(settings.database_url, dump)
+            tool = dump_postgres(settings.database_url, dump)
         else:
-            tool = db_files.dump_sqlite(settings.database_url, dump)
+            tool = dump_sqlite(settings.database_url, dump)
         with dump.open("rb") as handle:
             stored = writer.add(DATABASE_FILE[kind], handle, dump.stat().st_size)
     return DatabaseEntry(**stored.model_dump(), kind=kind, alembic_revision=revision, tool=tool)

@@ -8,8 +8,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.backup import database as db_files
 from shared.backup.container import BackupReader, HashingReader, check_digest
+from shared.backup.database import (
+    clear_postgres,
+    database_kind,
+    holds_rows,
+    restore_postgres,
+    restore_sqlite,
+    sqlite_path,
+)
 from shared.backup.manifest import Manifest
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
@@ -54,7 +61,7 @@ def restore_backup(
 
 
 def _check_compatible(settings: Settings, manifest: Manifest) -> None:
-    kind = db_files.database_kind(settings)
+    kind = database_kind(settings)
     if manifest.database.kind != kind:
         raise XrayqError(
             "backup_mode_mismatch",
@@ -70,8 +77,8 @@ def _check_compatible(settings: Settings, manifest: Manifest) -> None:
 
 
 def _check_target_is_fresh(settings: Settings, store: ObjectStore) -> None:
-    absent = settings.uses_sqlite and not db_files.sqlite_path(settings.database_url).exists()
-    if not absent and db_files.holds_rows(settings.database_url):
+    absent = settings.uses_sqlite and not sqlite_path(settings.database_url).exists()
+    if not absent and holds_rows(settings.database_url):
         raise XrayqError(
             "backup_target_not_empty",
             "the target database holds data: restore into a fresh database, or pass --force to replace it",
@@ -95,10 +102,10 @@ def _restore_database(settings: Settings, reader: BackupReader, manifest: Manife
         check_digest(entry, hashing)  # again: the backup may have changed since it was verified
         if entry.kind == "postgresql":
             # Emptied even when fresh: a migrated schema without rows (`xrayq migrate` ran) counts as fresh.
-            db_files.clear_postgres(settings.database_url)
-            db_files.restore_postgres(settings.database_url, dump)
+            clear_postgres(settings.database_url)
+            restore_postgres(settings.database_url, dump)
         else:
-            db_files.restore_sqlite(settings.database_url, dump)
+            restore_sqlite(settings.database_url, dump)
 
 
 def _restore_objects(reader: BackupReader, manifest: Manifest, store: ObjectStore) -> None:

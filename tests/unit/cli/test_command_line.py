@@ -25,6 +25,8 @@ DOCUMENTED = {
     "migrate",
     "ensure-model",
     "train",
+    "backup",
+    "restore",
     "keys create",
     "keys list",
     "keys revoke",
