@@ -4,16 +4,19 @@ stack keeps running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
@@ -25,26 +28,31 @@ def database_kind(settings: Settings) -> DatabaseKind:
     return "sqlite" if settings.uses_sqlite else "postgresql"
 
 
-def current_revision(database_url: str) -> str:
-    engine = create_engine(database_url)
+@contextlib.contextmanager
+def _connection(database_url: str, **options: Any) -> Iterator[Connection]:
+    """A connection for one check; an unreachable database is a sentence, not a traceback."""
+    engine = create_engine(database_url, **options)
     try:
         with engine.connect() as connection:
-            if not inspect(connection).has_table("alembic_version"):
-                raise XrayqError("backup_failed", "the database has no schema yet: run `xrayq migrate` first")
-            return str(connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one())
+            yield connection
+    except OperationalError as exc:
+        raise XrayqError("backup_failed", f"cannot use the database {make_url(database_url)!r}: {exc.orig}") from None
     finally:
         engine.dispose()
+
+
+def current_revision(database_url: str) -> str:
+    with _connection(database_url) as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            raise XrayqError("backup_failed", "the database has no schema yet: run `xrayq migrate` first")
+        return str(connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one())
 
 
 def holds_rows(database_url: str) -> bool:
     """True when any table of the database has a row (a schema alone, as `xrayq migrate` leaves it, is empty)."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            tables = [name for name in inspect(connection).get_table_names() if name != "alembic_version"]
-            return any(connection.execute(text(f'SELECT EXISTS (SELECT 1 FROM "{name}")')).scalar() for name in tables)
-    finally:
-        engine.dispose()
+    with _connection(database_url) as connection:
+        tables = [name for name in inspect(connection).get_table_names() if name != "alembic_version"]
+        return any(connection.execute(text(f'SELECT EXISTS (SELECT 1 FROM "{name}")')).scalar() for name in tables)
 
 
 # --- Postgres
@@ -88,12 +96,8 @@ def dump_postgres(database_url: str, target: Path) -> str:
     """`pg_dump --format=custom` of the whole database into `target`; returns pg_dump's version line."""
     tool = _tool("pg_dump")
     line, major = _tool_version(tool)
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            server = int(connection.execute(text("SHOW server_version_num")).scalar_one()) // 10000
-    finally:
-        engine.dispose()
+    with _connection(database_url) as connection:
+        server = int(connection.execute(text("SHOW server_version_num")).scalar_one()) // 10000
     if major < server:  # pg_dump refuses a newer server; say which client to install instead
         raise XrayqError(
             "backup_tool_unavailable",
@@ -106,14 +110,10 @@ def dump_postgres(database_url: str, target: Path) -> str:
 
 def clear_postgres(database_url: str) -> None:
     """Empties the target's schema (tables, types, sequences), so the dump recreates it exactly."""
-    engine = create_engine(database_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            schema = connection.execute(text("SELECT current_schema()")).scalar_one()
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    finally:
-        engine.dispose()
+    with _connection(database_url, isolation_level="AUTOCOMMIT") as connection:
+        schema = connection.execute(text("SELECT current_schema()")).scalar_one()
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
 
 
 def restore_postgres(database_url: str, dump: Path) -> None:

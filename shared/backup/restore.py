@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from botocore.exceptions import ClientError
+
 from shared.backup.container import BackupReader, HashingReader, check_digest
 from shared.backup.database import (
     clear_postgres,
@@ -20,7 +22,7 @@ from shared.backup.database import (
 from shared.backup.manifest import Manifest
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
-from shared.core.storage import ObjectStore, S3ObjectStore, make_object_store
+from shared.core.storage import ObjectStore, S3ObjectStore, StoredObject, make_object_store
 from shared.db.migrate import head_revision, is_known_revision, upgrade_database
 
 
@@ -42,11 +44,11 @@ def restore_backup(
     try:
         manifest = Manifest.from_bytes(reader.read_manifest())
         _check_compatible(settings, manifest)
-        for entry in manifest.files():
-            reader.verify(entry)
         store = store or make_object_store(settings)
         if not force:
             _check_target_is_fresh(settings, store)
+        for entry in manifest.files():
+            reader.verify(entry)
         if dry_run:
             return RestoreSummary(manifest, None, dry_run=True)
         _restore_database(settings, reader, manifest)
@@ -83,13 +85,20 @@ def _check_target_is_fresh(settings: Settings, store: ObjectStore) -> None:
             "backup_target_not_empty",
             "the target database holds data: restore into a fresh database, or pass --force to replace it",
         )
-    if isinstance(store, S3ObjectStore):
-        store.ensure_bucket()
-    if next(iter(store.list_objects()), None) is not None:
+    if _first_object(store) is not None:
         raise XrayqError(
             "backup_target_not_empty",
             "the target object store holds objects: restore into a fresh bucket or folder, or pass --force",
         )
+
+
+def _first_object(store: ObjectStore) -> StoredObject | None:
+    try:
+        return next(iter(store.list_objects()), None)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return None  # created by the restore itself
+        raise
 
 
 def _restore_database(settings: Settings, reader: BackupReader, manifest: Manifest) -> None:
