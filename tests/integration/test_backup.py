@@ -187,6 +187,14 @@ def test_the_embedded_mode_backs_up_to_a_tar_and_restores_into_a_new_home(tmp_pa
     with TestClient(create_app(restored), base_url=OPEN_MODE_URL) as client:
         assert client.get(f"/v1/datasets/{dataset['id']}").json() == dataset
 
+    # Over a home that holds data only with --force: the database is replaced, not merged.
+    with TestClient(create_app(restored), base_url=OPEN_MODE_URL) as client:
+        later = client.post("/v1/datasets", files={"file": ("e.zip", chest_zip(chest_images, 3), "application/zip")})
+        assert later.status_code == 201, later.text
+    xrayq("restore", str(tmp_path / "embedded.tar"), "--force", env=restored_env)
+    with TestClient(create_app(restored), base_url=OPEN_MODE_URL) as client:
+        assert [row["id"] for row in client.get("/v1/datasets").json()] == [dataset["id"]]
+
 
 def test_an_older_backup_is_migrated_forward_and_a_newer_one_refused(tmp_path) -> None:
     old = settings_from_env(embedded_env(tmp_path / "old"))
