@@ -108,6 +108,15 @@ ERROR_STATUS: dict[str, int] = {
     "report_failed": 500,
     "delivery_failed": 502,  # a result that could not be sent (C-STORE, callback); retried
     "internal_error": 500,
+    # Backup and restore (`xrayq backup`, `xrayq restore`: the command line, no HTTP route).
+    "backup_destination_exists": 409,
+    "backup_invalid": 422,  # not a backup xrayq wrote (no manifest, a file missing, a bad name)
+    "backup_corrupt": 422,  # a file whose size or sha256 differs from the manifest's
+    "backup_mode_mismatch": 422,  # a SQLite backup into Postgres, or the reverse
+    "backup_newer_than_code": 409,
+    "backup_target_not_empty": 409,
+    "backup_tool_unavailable": 500,  # pg_dump/pg_restore missing, or older than the server
+    "backup_failed": 500,
 }
 
 

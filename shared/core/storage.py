@@ -5,10 +5,14 @@ Both backends have the same small interface, so no caller knows which mode it ru
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import boto3
 from botocore.client import Config
@@ -21,12 +25,38 @@ class ObjectNotFound(KeyError):
     pass
 
 
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# Name prefix of a local object still being written: never listed, never a key of its own.
+_PARTIAL_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing names it."""
+
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ObjectReader:
+    """An object opened for reading in pieces: backups copy objects of any size without holding one whole."""
+
+    body: BinaryIO
+    size: int
+    content_type: str
+
+
 class ObjectStore(Protocol):
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> None: ...
     def get(self, key: str) -> bytes: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def ping(self) -> None: ...
+    # Whole-store access (backup and restore): every object in key order, and streamed reads and writes.
+    def list_objects(self) -> Iterator[StoredObject]: ...
+    def open_object(self, key: str) -> contextlib.AbstractContextManager[ObjectReader]: ...
+    def put_stream(self, key: str, stream: BinaryIO, content_type: str = DEFAULT_CONTENT_TYPE) -> None: ...
 
 
 class LocalObjectStore:
@@ -44,13 +74,23 @@ class LocalObjectStore:
             raise ValueError(f"object key escapes the store: {key!r}")
         return Path(path)
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
+        with self._atomic_file(key) as handle:
+            handle.write(data)
+
+    def put_stream(self, key: str, stream: BinaryIO, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
+        with self._atomic_file(key) as handle:
+            shutil.copyfileobj(stream, handle, 1024 * 1024)
+
+    @contextlib.contextmanager
+    def _atomic_file(self, key: str) -> Iterator[BinaryIO]:
+        """A temporary file beside the object's path, renamed onto it once written: readers see all or nothing."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PARTIAL_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                yield handle
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -71,6 +111,26 @@ class LocalObjectStore:
     def ping(self) -> None:
         if not self.root.is_dir():
             raise OSError(f"object store folder {self.root} is missing")
+
+    def list_objects(self) -> Iterator[StoredObject]:
+        found = []
+        for folder, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(_PARTIAL_PREFIX):
+                    continue
+                path = Path(folder, name)
+                found.append(StoredObject(path.relative_to(self.root).as_posix(), path.stat().st_size))
+        yield from sorted(found, key=lambda item: item.key)
+
+    @contextlib.contextmanager
+    def open_object(self, key: str) -> Iterator[ObjectReader]:
+        path = self._path(key)
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        with handle:
+            yield ObjectReader(handle, os.fstat(handle.fileno()).st_size, DEFAULT_CONTENT_TYPE)
 
 
 class S3ObjectStore:
@@ -100,17 +160,38 @@ class S3ObjectStore:
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
 
+    def put_stream(self, key: str, stream: BinaryIO, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
+        # Multipart above boto3's threshold (8 MiB), so an object of any size is sent in bounded pieces.
+        self.client.upload_fileobj(stream, self.bucket, key, ExtraArgs={"ContentType": content_type})
+
     def get(self, key: str) -> bytes:
+        return self._get_object(key)["Body"].read()
+
+    def _get_object(self, key: str) -> dict:
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return self.client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ObjectNotFound(key) from None
             raise
-        return response["Body"].read()
+
+    def list_objects(self) -> Iterator[StoredObject]:
+        # S3 lists keys in UTF-8 binary order, a page of at most 1000 at a time.
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            for item in page.get("Contents", []):
+                yield StoredObject(item["Key"], item["Size"])
+
+    @contextlib.contextmanager
+    def open_object(self, key: str) -> Iterator[ObjectReader]:
+        response = self._get_object(key)
+        body = response["Body"]
+        try:
+            yield ObjectReader(body, response["ContentLength"], response.get("ContentType") or DEFAULT_CONTENT_TYPE)
+        finally:
+            body.close()
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)

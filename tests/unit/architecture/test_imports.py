@@ -23,6 +23,7 @@ SHARED_MAY_IMPORT = {
     "auth": {"core", "db", "schemas"},
     "sessions": {"core", "db", "auth"},
     "schemas": {"core", "db"},
+    "backup": {"core", "db"},
 }
 
 

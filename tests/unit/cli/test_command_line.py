@@ -26,6 +26,8 @@ DOCUMENTED = {
     "ensure-model",
     "healthcheck",
     "train",
+    "backup",
+    "restore",
     "keys create",
     "keys list",
     "keys revoke",

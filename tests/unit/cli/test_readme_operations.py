@@ -17,8 +17,6 @@ from shared.core.queue import PREDICT_QUEUE
 ROOT = Path(__file__).resolve().parents[3]
 README = (ROOT / "README.md").read_text()
 SECTIONS = ("## Running with docker compose", "## Runbook")
-# Commands another branch adds (backup and restore); the integrator removes them from here on merging.
-COMING = {"backup", "restore"}
 # The `xrayq` API client's own variables (--server, --api-key), not settings of a service.
 CLIENT_VARIABLES = {"XRAYQ_SERVER", "XRAYQ_API_KEY"}
 # Options of `docker compose` sub-commands that take a value.
@@ -90,7 +88,7 @@ def test_every_xrayq_command_exists() -> None:
             first, second = match[1], match[2]
             named.add(f"{first} {second}" if f"{first} {second}" in commands else first)
     assert {"migrate", "healthcheck", "keys create", "keys revoke", "models rollback", "models promote"} <= named
-    assert named - COMING <= commands, sorted(named - commands)
+    assert named <= commands, sorted(named - commands)
 
 
 def test_every_variable_named_is_documented_in_env_example() -> None:
