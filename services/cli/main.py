@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -43,19 +43,21 @@ def up(
 
 @app.command()
 def gateway() -> None:
-    """Run the HTTP gateway (uvicorn)."""
+    """Run the HTTP gateway (uvicorn; XRAYQ_GATEWAY_PROCESSES processes on one socket)."""
+    settings = get_settings()
+    options: dict[str, Any] = {
+        "log_level": settings.log_level.lower(),
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.gateway_processes > 1:
+        from services.cli.gateway_processes import run_gateway_processes
+
+        run_gateway_processes(settings, **options)
+        return
     import uvicorn
 
-    settings = get_settings()
-    uvicorn.run(
-        "services.gateway.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run("services.gateway.app:create_app", factory=True, host=settings.host, port=settings.port, **options)
 
 
 @app.command()
