@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     model_cache_size: int = 3
     max_attempts: int = 3
 
-    # Reconciler (runs in each gateway): republishes jobs whose message was lost.
+    # Reconciler (in one gateway process at a time, see shared/db/process_lock.py): republishes jobs
+    # whose message was lost.
     reconcile_interval_s: float = 10.0  # 0: off
     # A queued job published this long before the oldest message still waiting on `predict` (or before
     # now, when it is empty) is lost: covers commit-to-publish, a prefetched message, and clock skew.

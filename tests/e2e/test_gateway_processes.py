@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -170,24 +171,49 @@ def test_exactly_one_process_runs_the_housekeeping(gateway) -> None:
 
 
 def test_killing_a_process_leaves_the_gateway_answering(gateway) -> None:
+    counted = gateway.healthz_count()
+    kill_the_housekeeping_process(gateway, PROCESSES)
+    assert gateway.healthz_count() >= counted + 40, "a dead process's requests stay in the sums"
+
+
+def test_embedded_processes_take_turns_through_a_file_lock(tmp_path) -> None:
+    """The embedded mode (SQLite, file-system broker) with two processes: the lock is a file beside the database."""
+    env = {
+        "XRAYQ_HOME": str(tmp_path / "home"),
+        "XRAYQ_PORT": str(free_port()),
+        "XRAYQ_GATEWAY_PROCESSES": "2",
+        "XRAYQ_STUDY_CHECK_INTERVAL_S": "0.2",
+    }
+    migrated = subprocess.run(
+        [sys.executable, "-m", "services.cli", "migrate"], env={**os.environ, **env}, capture_output=True, timeout=120
+    )
+    assert migrated.returncode == 0, migrated.stderr[-2000:]
+    embedded = Gateway(env, tmp_path / "gateway.log")
+    try:
+        assert wait_ready(embedded.url, 90, path="/healthz", process=embedded.process, interval=0.3)
+        until(lambda: len(embedded.by_pid("xrayq_gateway_process_requests")) == 2, 90, "both processes up")
+        assert (tmp_path / "home" / "xrayq.db.gateway-housekeeping.lock").exists()
+        kill_the_housekeeping_process(embedded, 2)
+    finally:
+        stop_process(embedded.process)
+
+
+def kill_the_housekeeping_process(gateway: Gateway, processes: int) -> None:
+    """Kill -9 the process that runs the housekeeping: the gateway goes on answering, another process
+    takes the housekeeping over, and uvicorn starts a replacement, while the dead one leaves the gauges."""
     active = until(lambda: _one_leader(gateway), 20, "exactly one housekeeping process")
     leader = next(pid for pid, value in active.items() if value == 1)
-    counted = gateway.healthz_count()
     os.kill(leader, signal.SIGKILL)
 
     with gateway.fresh_client() as client, ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: client.get("/healthz").status_code, range(40)))
     assert codes == [200] * 40
 
-    # Another process took over the housekeeping; the dead one left the per-process gauges, and uvicorn
-    # started a replacement; its requests stay in the sums.
     def recovered() -> dict[int, float] | None:
         now = _one_leader(gateway)
-        return now if now and leader not in now and len(now) == PROCESSES else None
+        return now if now and leader not in now and len(now) == processes else None
 
-    after = until(recovered, 60, "a new housekeeping process and a replacement for the killed one")
-    assert leader not in after
-    assert gateway.healthz_count() >= counted + 40
+    until(recovered, 60, "a new housekeeping process and a replacement for the killed one")
     assert gateway.process.poll() is None
 
 
