@@ -15,7 +15,6 @@ are counted in Redis (services/gateway/throttle.py; per process in embedded mode
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import shutil
@@ -31,7 +30,6 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 from services.cli.supervisor import die_with_parent
 from shared.core.settings import Settings
 
-log = logging.getLogger("xrayq.gateway")
 MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's name, read at its import
 
 
@@ -45,6 +43,9 @@ def run_gateway_processes(settings: Settings, **uvicorn_options: Any) -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.gateway_processes,
+        # A process that does not answer the supervisor's ping this long is killed and replaced: long
+        # enough that a busy machine's scheduling never passes for a hang.
+        timeout_worker_healthcheck=30,
         **uvicorn_options,
     )
     listener = config.bind_socket()
@@ -68,21 +69,22 @@ def gateway_process_app() -> FastAPI:
 
 
 class GatewayProcesses(Multiprocess):
-    """uvicorn's supervisor, which also marks each process that died as dead for prometheus_client."""
+    """uvicorn's supervisor, which also tells prometheus_client which processes are gone: those that
+    died and were replaced, and those it retired itself (SIGHUP restarts, SIGTTOU)."""
 
     def __init__(self, config: Config, sockets: list[socket.socket], metrics_dir: Path) -> None:
         super().__init__(config, sockets)
         self.metrics_dir = metrics_dir
 
     def keep_subprocess_alive(self) -> None:
-        before = {process.pid for process in self.processes}
         super().keep_subprocess_alive()  # replaces each process that died (or hangs) with a new one
-        for pid in before - {process.pid for process in self.processes}:
-            if pid is not None:
-                self.mark_dead(pid)
+        self.forget_dead_processes()
 
-    def mark_dead(self, pid: int) -> None:
+    def forget_dead_processes(self) -> None:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, str(self.metrics_dir))
-        log.warning("gateway process %s died; a new one replaces it", pid)
+        live = {process.pid for process in self.processes}
+        for path in self.metrics_dir.glob("gauge_live*.db"):  # gauge_liveall_<pid>.db, gauge_livesum_<pid>.db
+            pid = int(path.stem.rsplit("_", 1)[1])
+            if pid not in live:
+                multiprocess.mark_process_dead(pid, str(self.metrics_dir))
