@@ -89,8 +89,13 @@ class AdvisoryLock:
 
     def release(self) -> None:
         with self._mutex:
-            if self._connection is not None:
-                self._discard()
+            if self._connection is None:
+                return
+            try:  # at once: the server ends a closed connection's session (and its locks) a moment later
+                self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+            except Exception:
+                log.warning("could not unlock %s; closing its connection instead", self.key, exc_info=True)
+            self._discard()
 
     def _discard(self) -> None:
         # Closed, never pooled: a pooled connection would keep the session's lock for whoever takes it next.
