@@ -9,7 +9,8 @@ What it measures, all in one run, against the model version the stack serves:
   sent until the last job finished; the median of three rounds, each on images of its own;
 - single: single-image jobs at concurrency 1, 8 and 32 (submit, then long-poll), with latencies;
 - overhead_ms_p50: single-job latency at idle minus the model's time for one image;
-- submit_rps: submissions accepted per second by a gateway whose messages no worker reads;
+- submit_rps: submissions accepted per second by a gateway whose messages no worker reads (of
+  XRAYQ_GATEWAY_PROCESSES processes; `--gateway-processes 1,3` measures each count);
 - baseline: a synchronous endpoint running the same model inside the request, at concurrency 32;
 - peak RSS of the stack's gateway and worker processes (when they run on this machine);
 - idle_cpu: percent of one core each of the stack's processes uses while nothing is sent;
@@ -18,6 +19,7 @@ What it measures, all in one run, against the model version the stack serves:
   outside the model's forward pass (the pipeline's own cost; `model_only.forward_cpu_ms_per_image`).
 
 Usage: python -m loadtest.bench [--url URL] [--start] [--images N] [--output FILE]
+       python -m loadtest.bench --submit-only --gateway-processes 1,3   (submissions/s by gateway processes)
 The stack's XRAYQ_* settings must be in the environment (the benchmark reads the model from the same
 registry and storage). With --start, it starts `xrayq up` itself when nothing answers at URL.
 """
@@ -267,11 +269,15 @@ def measure_single(url: str, images: list[tuple[str, bytes]], concurrency: int, 
 # --- measurements that run processes of their own ----------------------------------------------
 
 
-def measure_submit_rps(settings: Settings, images: list[tuple[str, bytes]], total: int, workdir: Path) -> dict:
-    """A second gateway on the same database and storage whose messages go where no worker listens."""
+def measure_submit_rps(
+    settings: Settings, images: list[tuple[str, bytes]], total: int, workdir: Path, processes: int = 1
+) -> dict:
+    """A second gateway (of `processes` processes) on the same database and storage whose messages go
+    where no worker listens."""
     port = free_port()
     env = {
         "XRAYQ_PORT": str(port),
+        "XRAYQ_GATEWAY_PROCESSES": str(processes),
         "XRAYQ_DATABASE_URL": settings.database_url,
         "XRAYQ_STORAGE_DIR": str(settings.storage_dir),
     }
@@ -283,7 +289,7 @@ def measure_submit_rps(settings: Settings, images: list[tuple[str, bytes]], tota
     url = f"http://127.0.0.1:{port}"
     marker = f"bench-submit-{uuid.uuid4().hex[:8]}"
     try:
-        if not wait_ready(url, 60):
+        if not wait_ready(url, 180, process=process) or not wait_for_processes(url, processes, 180):
             return {"error": "isolated gateway did not start"}
         client = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64), headers=auth_headers())
 
@@ -295,10 +301,24 @@ def measure_submit_rps(settings: Settings, images: list[tuple[str, bytes]], tota
         one(0)  # warm-up
         result = summarise(*run_clients(32, total, one))
         client.close()
-        return {"concurrency": 32, "rps": result.pop("ips"), **result}
+        return {"concurrency": 32, "gateway_processes": processes, "rps": result.pop("ips"), **result}
     finally:
         stop_process(process)
         _delete_jobs(settings, marker)
+
+
+def wait_for_processes(url: str, processes: int, timeout: float) -> bool:
+    """Until each of the gateway's processes is serving: the first answers while the others still start
+    (and take the CPU a measurement would be timed on)."""
+    if processes == 1:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        scraped = httpx.get(f"{url}/metrics", headers=auth_headers(), timeout=30).text
+        if scraped.count("xrayq_gateway_process_requests{pid=") >= processes:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _delete_jobs(settings: Settings, client_ref: str) -> None:
@@ -357,6 +377,14 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--single-total", type=int, default=160, help="jobs per single-job concurrency level")
     parser.add_argument("--submit-total", type=int, default=1000, help="submissions for submit_rps")
     parser.add_argument("--idle-seconds", type=float, default=10, help="window for the idle stack's CPU")
+    parser.add_argument(
+        "--gateway-processes",
+        default="1",
+        help="XRAYQ_GATEWAY_PROCESSES of the submit_rps gateway; several (1,3) measure each in turn",
+    )
+    parser.add_argument(
+        "--submit-only", action="store_true", help="only submit_rps (needs no running stack, only its database)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     return parser.parse_args()
 
@@ -437,10 +465,22 @@ def measure_everything(args: argparse.Namespace, settings: Settings, url: str, w
     }
     report["pipeline_cpu_ms_per_image_outside_forward"] = pipeline_cost_ms_per_image(report)
     report["overhead_ms_p50"] = round(report["single"]["c1"]["p50_ms"] - report["model_only"]["one_image_ms_p50"], 2)
-    report["submit"] = measure_submit_rps(settings, images, args.submit_total, workdir)
+    report.update(measure_submits(args, settings, images, workdir))
     report["baseline_sync"] = measure_baseline(model_ref, images, 32, args.single_total, workdir)
     report["peak_rss_mb"] = peak_rss_mb(("gateway", "worker"))
     report["ratios"] = ratios(report)
+    return report
+
+
+def measure_submits(
+    args: argparse.Namespace, settings: Settings, images: list[tuple[str, bytes]], workdir: Path
+) -> dict[str, Any]:
+    """`submit` for the first of --gateway-processes; with several, each one's under its count."""
+    counts = [int(count) for count in args.gateway_processes.split(",")]
+    by_count = {count: measure_submit_rps(settings, images, args.submit_total, workdir, count) for count in counts}
+    report: dict[str, Any] = {"submit": by_count[counts[0]]}
+    if len(counts) > 1:
+        report["submit_by_gateway_processes"] = {str(count): result for count, result in by_count.items()}
     return report
 
 
@@ -449,11 +489,15 @@ def main() -> int:
     settings = get_settings()
     url = args.url or settings.public_url
     workdir = Path(tempfile.mkdtemp(prefix="xrayq-bench-"))
-    stack = start_stack_unless_ready(url, args.start, workdir)
-    try:
-        report = measure_everything(args, settings, url, workdir)
-    finally:
-        stop_process(stack)
+    if args.submit_only:
+        report: dict[str, Any] = {"mode": "embedded" if settings.embedded else "services", "cpu_count": os.cpu_count()}
+        report.update(measure_submits(args, settings, load_images(settings.data_dir, 64), workdir))
+    else:
+        stack = start_stack_unless_ready(url, args.start, workdir)
+        try:
+            report = measure_everything(args, settings, url, workdir)
+        finally:
+            stop_process(stack)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

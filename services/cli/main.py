@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from services.cli.api_commands import datasets, models, runs
-from services.cli.healthcheck import healthcheck
 from services.cli.backups import backup, restore
+from services.cli.healthcheck import healthcheck
 from services.cli.keys import keys
 from services.cli.train import train
 from shared.core.settings import get_settings
@@ -51,19 +51,21 @@ def up(
 
 @app.command()
 def gateway() -> None:
-    """Run the HTTP gateway (uvicorn)."""
+    """Run the HTTP gateway (uvicorn; XRAYQ_GATEWAY_PROCESSES processes on one socket)."""
+    settings = get_settings()
+    options: dict[str, Any] = {
+        "log_level": settings.log_level.lower(),
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.gateway_processes > 1:
+        from services.cli.gateway_processes import run_gateway_processes
+
+        run_gateway_processes(settings, **options)
+        return
     import uvicorn
 
-    settings = get_settings()
-    uvicorn.run(
-        "services.gateway.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run("services.gateway.app:create_app", factory=True, host=settings.host, port=settings.port, **options)
 
 
 @app.command()

@@ -34,11 +34,11 @@ class Child:
     next_start: float = 0.0
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", self.role], preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", self.role], preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if the supervisor dies, even by SIGKILL (Linux), so no
     orphaned worker keeps consuming from the queue of a stack that is gone."""
     if sys.platform.startswith("linux"):

@@ -17,7 +17,7 @@ from services.gateway.access import Gatekeeper, PrincipalCache
 from services.gateway.admission import AdmissionQueue
 from services.gateway.browsers import BrowserGuard
 from services.gateway.limits import BodySizeLimit
-from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector, WorkerCensus
+from services.gateway.metrics import HOUSEKEEPING_ACTIVE, RequestMetrics, StateCollector, WorkerCensus, scrape_registry
 from services.gateway.printable_urls import PrintableUrls
 from services.gateway.problems import install_problem_handlers
 from services.gateway.routes import (
@@ -43,13 +43,14 @@ from shared.core.logs import configure_logging
 from shared.core.queue import make_celery
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
+from shared.db.process_lock import ProcessLock, process_lock
 from shared.db.session import database_for
 from shared.jobs.deliveries import finish_pass
 from shared.jobs.reconciler import purge_old_inputs, reconcile_once
 from shared.training.reconciler import reconcile_runs
 
 log = logging.getLogger(__name__)
-_collectors: dict[str, StateCollector] = {}
+HOUSEKEEPING_LOCK = "gateway-housekeeping"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -72,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.principals = PrincipalCache(settings.auth_cache_s)
     app.state.gatekeeper = Gatekeeper(settings, app.state.principals, app.state.database)
     app.state.admission = AdmissionQueue(settings, app.state.database, app.state.store, app.state.celery)
-    _register_state_collector(StateCollector(settings, app.state.database, WorkerCensus(app.state.celery)))
+    state = StateCollector(settings, app.state.database, WorkerCensus(app.state.celery))
+    app.state.metrics = scrape_registry(settings, state)
 
     install_problem_handlers(app)
     routes = (
@@ -119,21 +121,35 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Housekeeping and deliveries run on threads of their own: a slow pass (a PACS that trickles, a big
     # purge) then waits for its own pool, never for, or instead of, the one request handlers share.
     housekeeping = anyio.CapacityLimiter(settings.housekeeping_threads)
-    tasks = [asyncio.create_task(_finish_batches_forever(app, housekeeping))]
+    # ...and in one gateway process at a time, among every process and replica on this database.
+    lock = process_lock(app.state.database, HOUSEKEEPING_LOCK)
+    tasks = [asyncio.create_task(_finish_batches_forever(app, lock, housekeeping))]
     if settings.reconcile_interval_s > 0:
-        tasks.append(asyncio.create_task(_reconcile_forever(app, housekeeping)))
+        tasks.append(asyncio.create_task(_reconcile_forever(app, lock, housekeeping)))
     yield
     for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await task  # a pass under way finishes first: the lock is never let go in the middle of one
+    lock.release()
+    HOUSEKEEPING_ACTIVE.set(0)
 
 
-async def _reconcile_forever(app: FastAPI, limiter: anyio.CapacityLimiter) -> None:
+async def _holds(lock: ProcessLock, limiter: anyio.CapacityLimiter) -> bool:
+    """Whether this process runs the housekeeping now. The holder keeps the lock while it lives; the
+    others ask again at each pass, so one of them takes over within a pass of the holder's death."""
+    held = await anyio.to_thread.run_sync(lock.hold, limiter=limiter)
+    HOUSEKEEPING_ACTIVE.set(1 if held else 0)
+    return held
+
+
+async def _reconcile_forever(app: FastAPI, lock: ProcessLock, limiter: anyio.CapacityLimiter) -> None:
     state = app.state
     while True:
         await asyncio.sleep(state.settings.reconcile_interval_s)
         try:
+            if not await _holds(lock, limiter):
+                continue
             queue = (state.settings, state.database, state.celery)
             await anyio.to_thread.run_sync(reconcile_once, *queue, limiter=limiter)
             await anyio.to_thread.run_sync(reconcile_runs, *queue, limiter=limiter)
@@ -142,22 +158,15 @@ async def _reconcile_forever(app: FastAPI, limiter: anyio.CapacityLimiter) -> No
             log.exception("housekeeping pass failed")
 
 
-async def _finish_batches_forever(app: FastAPI, limiter: anyio.CapacityLimiter) -> None:
+async def _finish_batches_forever(app: FastAPI, lock: ProcessLock, limiter: anyio.CapacityLimiter) -> None:
     """Seal stable studies, make their reports, send results out: a study's stability timeout is short,
     so this runs on its own, quicker interval."""
     state = app.state
     while True:
         await asyncio.sleep(state.settings.study_check_interval_s)
         try:
+            if not await _holds(lock, limiter):
+                continue
             await anyio.to_thread.run_sync(finish_pass, state.settings, state.database, state.store, limiter=limiter)
         except Exception:
             log.exception("finishing batches failed")
-
-
-def _register_state_collector(collector: StateCollector) -> None:
-    # The registry is process-wide; tests build several apps in one process.
-    previous = _collectors.pop("state", None)
-    if previous is not None:
-        REGISTRY.unregister(previous)
-    _collectors["state"] = collector
-    REGISTRY.register(collector)

@@ -13,6 +13,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Form, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session
 
 from services.gateway.access import PrincipalCache, RoleRequirement
@@ -69,6 +70,11 @@ async def get_principal_cache(request: Request) -> PrincipalCache:
     return request.app.state.principals
 
 
+async def get_metrics(request: Request) -> CollectorRegistry:
+    """The registry a scrape reads (every gateway process's samples; see metrics.scrape_registry)."""
+    return request.app.state.metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 # Who calls, and the role each route needs: read by `AccessControl` before the body (see access.py).
 PrincipalDep = Annotated[Principal, Depends(RoleRequirement(None))]
@@ -78,6 +84,7 @@ AdminDep = Annotated[Principal, Depends(RoleRequirement("admin"))]
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
+MetricsDep = Annotated[CollectorRegistry, Depends(get_metrics)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 PrincipalCacheDep = Annotated[PrincipalCache, Depends(get_principal_cache)]
 AdmissionDep = Annotated[AdmissionQueue, Depends(get_admission)]

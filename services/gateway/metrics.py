@@ -3,6 +3,12 @@
 Job counts, active versions and queue depths come from the database and the broker (the sources of
 truth), so they are right however many gateway and worker processes there are. The worker's own
 timings are served by each `xrayq worker` (see services/worker/metrics.py).
+
+With several gateway processes (`XRAYQ_GATEWAY_PROCESSES`), prometheus_client's multiprocess mode
+is on: each process writes its counters and histograms to files in `PROMETHEUS_MULTIPROC_DIR`, and
+whichever process answers a scrape serves their sum (`scrape_registry`). A gauge states how it sums
+across processes (`multiprocess_mode`); `liveall` keeps one sample per live process, with a `pid`
+label, and forgets a process once it has died (`xrayq gateway` marks it dead).
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 
 from celery import Celery
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,6 +47,37 @@ HTTP_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+# Per process (a `pid` label with several processes): how requests spread, and which process runs the
+# reconciler and deliveries (the sum is 1 while the gateway works; see shared/db/process_lock.py).
+PROCESS_REQUESTS = Gauge(
+    "xrayq_gateway_process_requests",
+    "HTTP requests answered by this gateway process since it started",
+    multiprocess_mode="liveall",
+    registry=REGISTRY,
+)
+HOUSEKEEPING_ACTIVE = Gauge(
+    "xrayq_gateway_housekeeping_active",
+    "1 in the gateway process that runs the reconciler and deliveries, else 0",
+    multiprocess_mode="liveall",
+    registry=REGISTRY,
+)
+_state_collectors: list[Collector] = []
+
+
+def scrape_registry(settings: Settings, state: Collector) -> CollectorRegistry:
+    """What `/metrics` and the Operations page read: the metrics above (this process's, or with
+    several processes the sum of all of theirs, read from their files) plus `state`, read at scrape time."""
+    if settings.prometheus_multiproc_dir is None:
+        # The module's registry is process-wide, and tests build several apps in one process.
+        while _state_collectors:
+            REGISTRY.unregister(_state_collectors.pop())
+        REGISTRY.register(state)
+        _state_collectors.append(state)
+        return REGISTRY
+    registry = CollectorRegistry(auto_describe=True)
+    MultiProcessCollector(registry, path=str(settings.prometheus_multiproc_dir))
+    registry.register(state)
+    return registry
 
 
 class WorkerCensus:
@@ -136,3 +174,4 @@ class RequestMetrics:
             template = getattr(route, "path", "unmatched")
             HTTP_REQUESTS.labels(scope["method"], template, str(status)).inc()
             HTTP_LATENCY.labels(scope["method"], template).observe(time.perf_counter() - started)
+            PROCESS_REQUESTS.inc()

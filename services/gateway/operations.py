@@ -1,7 +1,8 @@
 """The Operations page's numbers, read from the registry `/metrics` serves: one bookkeeping, not two.
 
 Counts come as Prometheus would scrape them (the state collector's gauges are read from the database
-and the broker at that moment; the request counters and latency histograms are this gateway process's).
+and the broker at that moment; the request counters and latency histograms are summed over every
+process of this gateway).
 Rates are left to the reader, as Prometheus leaves them to `rate()`: the page takes two snapshots.
 """
 

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str = ""  # how clients reach the gateway, for Location headers; default http://host:port
+    # Processes `xrayq gateway` serves HTTP with, on one socket (1: the plain uvicorn process). With
+    # more, /metrics sums every process's samples and one process at a time runs the housekeeping.
+    gateway_processes: int = Field(default=1, ge=1, le=64)
+    # Set by `xrayq gateway` for its processes, not by operators: prometheus_client's own variable
+    # (read when it is imported), the folder where each process writes its samples.
+    prometheus_multiproc_dir: Path | None = Field(default=None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
 
     # Upload limits: a request body, a single file, decoded pixels, a ZIP's contents.
     max_request_bytes: int = 256 * 1024 * 1024
@@ -117,7 +123,8 @@ class Settings(BaseSettings):
     model_cache_size: int = 3
     max_attempts: int = 3
 
-    # Reconciler (runs in each gateway): republishes jobs whose message was lost.
+    # Reconciler (in one gateway process at a time, see shared/db/process_lock.py): republishes jobs
+    # whose message was lost.
     reconcile_interval_s: float = 10.0  # 0: off
     # A queued job published this long before the oldest message still waiting on `predict` (or before
     # now, when it is empty) is lost: covers commit-to-publish, a prefetched message, and clock skew.

@@ -13,8 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from services.gateway.access import GuardedRoute
-from services.gateway.deps import CeleryDep, DatabaseDep, SettingsDep, StoreDep
-from services.gateway.metrics import REGISTRY
+from services.gateway.deps import CeleryDep, DatabaseDep, MetricsDep, SettingsDep, StoreDep
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.session import Database
@@ -74,5 +73,5 @@ def _timed(check: Callable[[], None]) -> dict[str, Any]:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def metrics(registry: MetricsDep) -> Response:
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from services.gateway.access import GuardedRoute
-from services.gateway.deps import AdminDep
-from services.gateway.metrics import REGISTRY
+from services.gateway.deps import AdminDep, MetricsDep
 from services.gateway.operations import operations_snapshot
 from services.gateway.problems import PROBLEMS
 from shared.schemas import OperationsView
@@ -15,7 +14,7 @@ router = APIRouter(prefix="/v1/operations", tags=["dashboard"], route_class=Guar
 
 
 @router.get("", response_model=OperationsView, responses=PROBLEMS)
-def read_operations(_: AdminDep) -> OperationsView:
+def read_operations(_: AdminDep, registry: MetricsDep) -> OperationsView:
     """Jobs by status, the error rates, request latency percentiles per route, queue depths, workers
     answering, active versions (admin: the counts span every organisation)."""
-    return OperationsView(**operations_snapshot(REGISTRY))
+    return OperationsView(**operations_snapshot(registry))

@@ -32,7 +32,11 @@ _DOCUMENTED = re.compile(r"^# (?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)$")
 
 
 def setting_names() -> set[str]:
-    return {f"XRAYQ_{name.upper()}" for name in Settings.model_fields}
+    """The settings an operator sets: every field read from its XRAYQ_ variable (not, e.g., the
+    PROMETHEUS_MULTIPROC_DIR that `xrayq gateway` sets for its own processes)."""
+    return {
+        f"XRAYQ_{name.upper()}" for name, field in Settings.model_fields.items() if field.validation_alias is None
+    }
 
 
 def documented() -> tuple[dict[str, str], dict[str, str]]:
@@ -73,6 +77,8 @@ def test_every_setting_is_documented_once_in_env_example() -> None:
 def test_env_example_shows_the_default_each_service_gets(monkeypatch: pytest.MonkeyPatch) -> None:
     """The value beside each commented setting is the program's default, or the one compose passes."""
     environment = compose()["x-xrayq-env"]
+    for name in setting_names():  # the program's defaults, not the test run's environment (tests/conftest.py)
+        monkeypatch.delenv(name, raising=False)
     program_default = Settings()
     for name, shown in documented()[0].items():
         monkeypatch.setenv(name, shown)
