@@ -20,6 +20,7 @@ from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import REGISTRY, RequestMetrics, StateCollector, WorkerCensus
 from services.gateway.printable_urls import PrintableUrls
 from services.gateway.problems import install_problem_handlers
+from services.gateway.request_log import RequestLog
 from services.gateway.routes import (
     api_keys,
     batches,
@@ -54,7 +55,7 @@ _collectors: dict[str, StateCollector] = {}
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    configure_logging(settings)
+    configure_logging(settings, "gateway")
     app = FastAPI(
         lifespan=_lifespan,
         title="xrayq",
@@ -90,7 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
-    # Outermost last: metrics, CORS, the browser guard, the body cap (keys are checked by `GuardedRoute`).
+    # Outermost last: request ids and the access log, metrics, CORS, the browser guard, the body cap
+    # (keys are checked by `GuardedRoute`).
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestLog)
     return app
 
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from services.worker.explaining import Outcome
 from services.worker.inference import ModelCache, Predictor
@@ -64,9 +64,16 @@ def get_predictor() -> Predictor:
     return _predictor
 
 
+@setup_logging.connect
+def _configure_main_process_logging(**_: object) -> None:
+    # Connected, this replaces Celery's own set-up: the main process's lines ("ready", a lost
+    # process) are in the same format as the pool's.
+    configure_logging(settings, "worker")
+
+
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
-    configure_logging(settings)
+    configure_logging(settings, "worker")
     # Threads beyond the cores only make the processes wait on each other.
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // _processes))
 

@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     # Logging: "json" for services, "text" for a person at a terminal.
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+    # Celery task events, which Flower (`xrayq flower`) shows; "auto": on in services mode (a few
+    # publishes per message on Redis, measured in the README), off in embedded mode.
+    task_events: Literal["auto", "on", "off"] = "auto"
+    # OpenTelemetry traces (gateway -> broker -> worker), sent by OTLP over HTTP to this collector
+    # (e.g. http://otel-collector:4318); empty: no tracing. Needs the `otel` extra.
+    otel_endpoint: str = ""
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
@@ -206,6 +212,10 @@ class Settings(BaseSettings):
         if self.auth != "auto":
             return self.auth == "on"
         return not (self.embedded and self.host in ("127.0.0.1", "localhost", "::1"))
+
+    @property
+    def sends_task_events(self) -> bool:
+        return self.task_events == "on" or (self.task_events == "auto" and not self.uses_filesystem_broker)
 
     @property
     def dicom_bind_host(self) -> str:

@@ -53,6 +53,8 @@ _CLAIMED_COLUMNS = (
     Job.dicom,
     Job.attempts,
     Job.explanation_status,
+    Job.batch_id,
+    Job.organisation,
 )
 
 
@@ -173,6 +175,9 @@ class ClaimedJob:
     # Its explanation is pending: the worker explains the answer once it is written. Read by the claim
     # itself, so a job that asked nothing costs nothing more.
     explain: bool = False
+    # For the worker's log lines.
+    batch_id: str | None = None
+    organisation: str | None = None
 
 
 @dataclass
@@ -263,6 +268,8 @@ def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings, *, 
                 row.dicom,
                 {"queue_ms": ms_since(created, now)},
                 explain=row.explanation_status == ExplanationStatus.pending,
+                batch_id=row.batch_id,
+                organisation=row.organisation,
             )
         )
     return Claim(jobs, versions)
