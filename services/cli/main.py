@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from services.cli.api_commands import datasets, models, runs
+from services.cli.flower import flower
 from services.cli.keys import keys
 from services.cli.train import train
 from shared.core.settings import get_settings
@@ -23,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # a plain traceback, as in every other log line
 )
 app.command("train")(train)
+app.command("flower")(flower)
 app.add_typer(keys, name="keys")
 app.add_typer(datasets, name="datasets")
 app.add_typer(runs, name="runs")

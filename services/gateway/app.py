@@ -44,6 +44,7 @@ from shared.core.logs import configure_logging
 from shared.core.queue import make_celery
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
+from shared.core.tracing import configure_tracing
 from shared.db.session import database_for
 from shared.jobs.deliveries import finish_pass
 from shared.jobs.reconciler import purge_old_inputs, reconcile_once
@@ -56,6 +57,7 @@ _collectors: dict[str, StateCollector] = {}
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings, "gateway")
+    configure_tracing(settings, "gateway")  # before the database engine: its statements are traced
     app = FastAPI(
         lifespan=_lifespan,
         title="xrayq",

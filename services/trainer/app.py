@@ -12,6 +12,7 @@ from shared.core import log_context
 from shared.core.logs import configure_logging
 from shared.core.queue import TRAIN_RUN_TASK, make_celery
 from shared.core.settings import get_settings
+from shared.core.tracing import configure_tracing
 
 settings = get_settings()
 app = make_celery(settings, "xrayq-trainer")
@@ -26,6 +27,7 @@ def _configure_main_process_logging(**_: object) -> None:
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
     configure_logging(settings, "trainer")
+    configure_tracing(settings, "trainer")
 
 
 # Acked on receipt, unlike predictions: a run lasts up to hours, and its row, not the message, is what

@@ -21,6 +21,7 @@ from shared.core.logs import configure_logging
 from shared.core.queue import EXPLAIN_TASK, PREDICT_TASK, PUBLISHED_AT_HEADER, make_celery
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
+from shared.core.tracing import configure_tracing
 from shared.db.session import database_for
 from shared.models.nets import pick_device
 
@@ -74,6 +75,7 @@ def _configure_main_process_logging(**_: object) -> None:
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
     configure_logging(settings, "worker")
+    configure_tracing(settings, "worker")
     # Threads beyond the cores only make the processes wait on each other.
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // _processes))
 

@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     # Celery task events, which Flower (`xrayq flower`) shows; "auto": on in services mode (a few
     # publishes per message on Redis, measured in the README), off in embedded mode.
     task_events: Literal["auto", "on", "off"] = "auto"
+    # `xrayq flower`: its port, and `user:password` for its basic authentication (required off loopback).
+    flower_port: int = 5555
+    flower_basic_auth: str = ""
     # OpenTelemetry traces (gateway -> broker -> worker), sent by OTLP over HTTP to this collector
     # (e.g. http://otel-collector:4318); empty: no tracing. Needs the `otel` extra.
     otel_endpoint: str = ""

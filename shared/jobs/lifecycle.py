@@ -69,14 +69,17 @@ def publish_jobs(celery: Celery, job_ids: Sequence[str], chunk_size: int) -> boo
     """
     try:
         for start in range(0, len(job_ids), chunk_size):
+            chunk = list(job_ids[start : start + chunk_size])
             celery.send_task(
                 PREDICT_TASK,
-                args=[list(job_ids[start : start + chunk_size])],
+                args=[chunk],
                 queue=PREDICT_QUEUE,
                 headers={PUBLISHED_AT_HEADER: time.time()},
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
             )
+            # Names the request's jobs in its log context: a grep for the request id finds its job ids.
+            log.info("published %d jobs on %s", len(chunk), PREDICT_QUEUE, extra={"job_ids": chunk})
     except Exception:
         log.exception("could not publish %d jobs; they stay queued", len(job_ids))
         return False
