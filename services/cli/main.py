@@ -12,6 +12,7 @@ import typer
 
 from services.cli.api_commands import datasets, models, runs
 from services.cli.backups import backup, restore
+from services.cli.flower import flower
 from services.cli.healthcheck import healthcheck
 from services.cli.keys import keys
 from services.cli.train import train
@@ -31,6 +32,7 @@ app.command("train")(train)
 app.command("healthcheck")(healthcheck)
 app.command("backup")(backup)
 app.command("restore")(restore)
+app.command("flower")(flower)
 app.add_typer(keys, name="keys")
 app.add_typer(datasets, name="datasets")
 app.add_typer(runs, name="runs")

@@ -160,7 +160,7 @@ def start_receiver(settings: Settings) -> GuardedAssociationServer:
 
 def run_scp(settings: Settings) -> int:
     """Serve until SIGTERM / SIGINT; associations in progress are aborted on the way out."""
-    configure_logging(settings)
+    configure_logging(settings, "dicom")
     try:
         server = start_receiver(settings)
     except AllowListError as exc:

@@ -25,6 +25,7 @@ from starlette.types import Scope
 from services.gateway.problems import error_response
 from services.gateway.throttle import RequestLimits
 from shared.auth import OPEN, Principal, authenticate, hash_key, require
+from shared.core import log_context
 from shared.core.errors import XrayqError
 from shared.core.settings import Settings
 from shared.db.session import Database
@@ -128,12 +129,14 @@ class GuardedRoute(APIRoute):
         async def admit_then_handle(request: Request) -> Response:
             gatekeeper: Gatekeeper = request.app.state.gatekeeper
             try:
-                request.scope[PRINCIPAL_SCOPE_KEY] = await gatekeeper.admit(request.scope, requirement)
+                principal = request.scope[PRINCIPAL_SCOPE_KEY] = await gatekeeper.admit(request.scope, requirement)
             except XrayqError as refusal:
                 response = error_response(refusal, request.url.path)
                 if _body_pending(request.headers):  # what the client still sends is never read: close
                     response.headers["Connection"] = "close"
                 return response
+            # The lines this request logs from here on name its key; `RequestLog` resets the context.
+            log_context.bind(key_id=principal.key_id, organisation=principal.organisation)
             return await handler(request)
 
         return admit_then_handle

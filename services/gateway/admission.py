@@ -16,12 +16,14 @@ then 202. A publish that fails leaves the rows `queued` for the reconciler, as e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from shared.core import log_context
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.models import Job
@@ -43,6 +45,8 @@ class _Pending:
     organisation: str | None
     explain: bool = False
     done: Future[Job] = field(default_factory=Future)
+    # The request's context (log fields, trace): the admission thread publishes in it.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
 
 
 class AdmissionQueue:
@@ -96,13 +100,21 @@ class AdmissionQueue:
             group = [pending for pending in group if pending.done.set_running_or_notify_cancel()]
             if not group:
                 continue
+            # The group's messages carry every request id of the group (comma-separated) and the first
+            # request's context otherwise (its trace, when tracing is on): one message serves them all.
+            ids = dict.fromkeys(log_context.field_in(pending.context, "request_id") for pending in group)
+            request_ids = ",".join(request_id for request_id in ids if request_id) or None
             try:
-                self._admit(group)
+                group[0].context.run(self._admit_as, request_ids, group)
             except BaseException as exc:  # every waiting request answers with it (e.g. 503), none hangs
                 log.warning("could not admit %d submissions: %s", len(group), exc)
                 for pending in group:
                     if not pending.done.done():
                         pending.done.set_exception(exc)
+
+    def _admit_as(self, request_ids: str | None, group: list[_Pending]) -> None:
+        with log_context.bound(request_id=request_ids):
+            self._admit(group)
 
     def _admit(self, group: list[_Pending]) -> None:
         requests = [

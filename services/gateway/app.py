@@ -20,6 +20,7 @@ from services.gateway.limits import BodySizeLimit
 from services.gateway.metrics import HOUSEKEEPING_ACTIVE, RequestMetrics, StateCollector, WorkerCensus, scrape_registry
 from services.gateway.printable_urls import PrintableUrls
 from services.gateway.problems import install_problem_handlers
+from services.gateway.request_log import RequestLog
 from services.gateway.routes import (
     api_keys,
     batches,
@@ -43,6 +44,7 @@ from shared.core.logs import configure_logging
 from shared.core.queue import make_celery
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
+from shared.core.tracing import configure_tracing
 from shared.db.process_lock import ProcessLock, process_lock
 from shared.db.session import database_for
 from shared.jobs.deliveries import finish_pass
@@ -55,7 +57,8 @@ HOUSEKEEPING_LOCK = "gateway-housekeeping"
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    configure_logging(settings)
+    configure_logging(settings, "gateway")
+    configure_tracing(settings, "gateway")  # before the database engine: its statements are traced
     app = FastAPI(
         lifespan=_lifespan,
         title="xrayq",
@@ -92,7 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
-    # Outermost last: metrics, CORS, the browser guard, the body cap (keys are checked by `GuardedRoute`).
+    # Outermost last: request ids and the access log, metrics, CORS, the browser guard, the body cap
+    # (keys are checked by `GuardedRoute`).
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
@@ -112,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestLog)
     return app
 
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from services.worker.explaining import Outcome
 from services.worker.inference import ModelCache, Predictor
@@ -21,6 +21,7 @@ from shared.core.logs import configure_logging
 from shared.core.queue import EXPLAIN_TASK, PREDICT_TASK, PUBLISHED_AT_HEADER, make_celery
 from shared.core.settings import Settings, get_settings
 from shared.core.storage import make_object_store
+from shared.core.tracing import configure_tracing
 from shared.db.session import database_for
 from shared.models.nets import pick_device
 
@@ -64,9 +65,17 @@ def get_predictor() -> Predictor:
     return _predictor
 
 
+@setup_logging.connect
+def _configure_main_process_logging(**_: object) -> None:
+    # Connected, this replaces Celery's own set-up: the main process's lines ("ready", a lost
+    # process) are in the same format as the pool's.
+    configure_logging(settings, "worker")
+
+
 @worker_process_init.connect
 def _init_process(**_: object) -> None:
-    configure_logging(settings)
+    configure_logging(settings, "worker")
+    configure_tracing(settings, "worker")
     # Threads beyond the cores only make the processes wait on each other.
     torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // _processes))
 

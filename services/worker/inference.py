@@ -262,6 +262,32 @@ class Predictor:
                     metrics.RESULT_FLAGS.labels(model_name, warning["code"]).inc()
         for job, _ in failures:
             metrics.JOBS_FINISHED.labels(job.model_name, "failed").inc()
+        _log_outcomes(predictions, failures, unwritable)
+
+
+def _log_outcomes(
+    predictions: Sequence[Prediction], failures: Sequence[tuple[ClaimedJob, XrayqError]], unwritable: set[str]
+) -> None:
+    """One line per finished job: its ids and outcome, never its answer (a finding about a patient)."""
+    outcomes: list[tuple[ClaimedJob, str, str | None]] = [
+        (p.job, "failed" if p.job.id in unwritable else "succeeded", None) for p in predictions
+    ]
+    outcomes += [(job, "failed", error.code) for job, error in failures]
+    for job, status, code in outcomes:
+        log.info(
+            "job %s %s",
+            job.id,
+            status,
+            extra={
+                "job_id": job.id,
+                "batch_id": job.batch_id,
+                "organisation": job.organisation,
+                "model": job.model_name,
+                "status": status,
+                "code": code,
+                "duration_ms": job.timings.get("inference_ms"),
+            },
+        )
 
 
 def _guarded(code: str, what: str, step: Callable[..., T], *args: Any) -> T:

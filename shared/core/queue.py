@@ -11,6 +11,7 @@ import json
 from celery import Celery
 from kombu import Exchange, Queue
 
+from shared.core import message_context  # noqa: F401  (connects the signals that carry request ids)
 from shared.core.settings import Settings
 
 PREDICT_QUEUE = "predict"
@@ -84,7 +85,8 @@ def make_celery(settings: Settings, name: str = "xrayq") -> Celery:
         worker_soft_shutdown_timeout=10.0,
         worker_enable_soft_shutdown_on_idle=True,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events (received, started, succeeded, ...) for Flower: see Settings.task_events.
+        worker_send_task_events=settings.sends_task_events,
         enable_utc=True,
     )
     return app

@@ -203,6 +203,15 @@ class Settings(BaseSettings):
     # Logging: "json" for services, "text" for a person at a terminal.
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+    # Celery task events, which Flower (`xrayq flower`) shows; "auto": on in services mode (a few
+    # publishes per message on Redis, measured in the README), off in embedded mode.
+    task_events: Literal["auto", "on", "off"] = "auto"
+    # `xrayq flower`: its port, and `user:password` for its basic authentication (required off loopback).
+    flower_port: int = 5555
+    flower_basic_auth: str = ""
+    # OpenTelemetry traces (gateway -> broker -> worker), sent by OTLP over HTTP to this collector
+    # (e.g. http://otel-collector:4318); empty: no tracing. Needs the `otel` extra.
+    otel_endpoint: str = ""
 
     @field_validator("admin_key")
     @classmethod
@@ -238,6 +247,10 @@ class Settings(BaseSettings):
         if self.auth != "auto":
             return self.auth == "on"
         return not (self.embedded and self.host in ("127.0.0.1", "localhost", "::1"))
+
+    @property
+    def sends_task_events(self) -> bool:
+        return self.task_events == "on" or (self.task_events == "auto" and not self.uses_filesystem_broker)
 
     @property
     def dicom_bind_host(self) -> str:

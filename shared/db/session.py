@@ -7,13 +7,16 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+import sqlalchemy
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.core.settings import Settings
 
 
 def make_engine(database_url: str) -> Engine:
+    # `sqlalchemy.create_engine` looked up at each call: tracing (shared/core/tracing.py) wraps it.
+    create_engine = sqlalchemy.create_engine
     if database_url.startswith("sqlite"):
         path = database_url.split("///", 1)[-1]
         if path and path != ":memory:":

@@ -55,6 +55,7 @@ _CLAIMED_COLUMNS = (
     Job.explanation_status,
     Job.organisation,
     Job.input_sha256,
+    Job.batch_id,
 )
 
 
@@ -69,14 +70,17 @@ def publish_jobs(celery: Celery, job_ids: Sequence[str], chunk_size: int) -> boo
     """
     try:
         for start in range(0, len(job_ids), chunk_size):
+            chunk = list(job_ids[start : start + chunk_size])
             celery.send_task(
                 PREDICT_TASK,
-                args=[list(job_ids[start : start + chunk_size])],
+                args=[chunk],
                 queue=PREDICT_QUEUE,
                 headers={PUBLISHED_AT_HEADER: time.time()},
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
             )
+            # Names the request's jobs in its log context: a grep for the request id finds its job ids.
+            log.info("published %d jobs on %s", len(chunk), PREDICT_QUEUE, extra={"job_ids": chunk})
     except Exception:
         log.exception("could not publish %d jobs; they stay queued", len(job_ids))
         return False
@@ -175,9 +179,11 @@ class ClaimedJob:
     # Its explanation is pending: the worker explains the answer once it is written. Read by the claim
     # itself, so a job that asked nothing costs nothing more.
     explain: bool = False
-    # Whose job it is and its input's sha256: what the result cache is keyed by, with the version.
+    # Whose job it is and its input's sha256: what the result cache is keyed by, with the version
+    # (the organisation and batch also go on the worker's log lines).
     organisation: str | None = None
     input_sha256: str | None = None
+    batch_id: str | None = None
 
 
 @dataclass
@@ -270,6 +276,7 @@ def claim_jobs(session: Session, job_ids: Sequence[str], settings: Settings, *, 
                 explain=row.explanation_status == ExplanationStatus.pending,
                 organisation=row.organisation,
                 input_sha256=row.input_sha256,
+                batch_id=row.batch_id,
             )
         )
     return Claim(jobs, versions)

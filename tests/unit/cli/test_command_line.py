@@ -22,6 +22,7 @@ DOCUMENTED = {
     "worker",
     "trainer",
     "dicom",
+    "flower",
     "migrate",
     "ensure-model",
     "healthcheck",

@@ -27,16 +27,14 @@ FIXED_BY_COMPOSE = {
     "XRAYQ_DICOM_PORT",
 }
 # What the host may reach: the HTTP API, the DICOM receiver, and Prometheus in its opt-in profile.
-PUBLISHED = {"gateway", "dicom", "prometheus"}
+PUBLISHED = {"gateway", "dicom", "prometheus", "flower"}  # flower on the host's loopback only
 _DOCUMENTED = re.compile(r"^# (?P<name>[A-Z][A-Z0-9_]*)=(?P<value>.*)$")
 
 
 def setting_names() -> set[str]:
     """The settings an operator sets: every field read from its XRAYQ_ variable (not, e.g., the
     PROMETHEUS_MULTIPROC_DIR that `xrayq gateway` sets for its own processes)."""
-    return {
-        f"XRAYQ_{name.upper()}" for name, field in Settings.model_fields.items() if field.validation_alias is None
-    }
+    return {f"XRAYQ_{name.upper()}" for name, field in Settings.model_fields.items() if field.validation_alias is None}
 
 
 def documented() -> tuple[dict[str, str], dict[str, str]]:
