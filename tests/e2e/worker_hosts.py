@@ -32,6 +32,7 @@ from loadtest.harness.processes import start_process, stop_process
 # loopback ports this test session's servers happen to use.
 REDIS_PORT, POSTGRES_PORT, S3_PORT = 6379, 5432, 9000
 WORKER_METRICS_PORT = 9101  # every host serves its metrics on the same port, at its own address
+KEEPALIVE = "keepalive,keepidle=2,keepintvl=1,keepcnt=3"
 
 
 def ip(*args: str) -> str:
@@ -105,7 +106,7 @@ class WorkerHost:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker on {self.name} exited:\n{self.log_text()[-3000:]}")
-            if " ready." in self.log_text(since_start=True) and self.finished_jobs() is not None:
+            if " ready." in self.log_text(since_start=True) and self.job_counts() is not None:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"worker on {self.name} not ready within {timeout}s:\n{self.log_text()[-3000:]}")
@@ -114,22 +115,25 @@ class WorkerHost:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text[self.log_offsets[-1] :] if since_start and self.log_offsets else text
 
-    def finished_jobs(self) -> int | None:
-        """`xrayq_jobs_finished_total` summed over models and outcomes, read from this host's own
-        metrics endpoint over the network (None: no answer). Counts from the worker's current start."""
+    def job_counts(self) -> tuple[int, int] | None:
+        """Jobs this start of the worker has claimed and finished, read from the host's own metrics
+        endpoint over the network (None: no answer). A job is claimed and not yet finished while the
+        worker has it in hand."""
         try:
             text = httpx.get(self.metrics_url, timeout=2).text
         except httpx.HTTPError:
             return None
-        return int(
-            sum(
-                sample.value
-                for family in text_string_to_metric_families(text)
-                if family.name == "xrayq_jobs_finished"
-                for sample in family.samples
-                if sample.name == "xrayq_jobs_finished_total"
-            )
-        )
+        totals = {"xrayq_job_queue_wait_seconds_count": 0.0, "xrayq_jobs_finished_total": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+        return int(totals["xrayq_job_queue_wait_seconds_count"]), int(totals["xrayq_jobs_finished_total"])
+
+    def finished_jobs(self) -> int:
+        counts = self.job_counts()
+        assert counts is not None, f"the metrics of {self.name} do not answer"
+        return counts[1]
 
     def tasks_since_start(self) -> tuple[list[str], set[str]]:
         """The task ids this start of the worker received, in order, and those that succeeded (its log)."""
@@ -171,12 +175,26 @@ class WorkerHost:
         self.start_worker()
         return stopped
 
-    def power_off(self) -> None:
-        """The host vanishes: its link goes down first (no FIN, no RST reaches Redis or Postgres, as
-        when a machine loses power), then every process in the namespace is killed with -9."""
+    def power_off_holding_jobs(self, timeout: float = 120) -> tuple[int, int]:
+        """The host stops dead while it holds claimed jobs: its processes freeze the moment its metrics
+        show jobs claimed and not finished, its link goes down (no FIN or RST reaches Redis or Postgres,
+        as when a machine loses power), then its processes are killed. Returns its job counts (claimed,
+        finished) as they last were."""
+        pids = [int(pid) for pid in ip("netns", "pids", self.name).split()]  # known before: no delay later
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.job_counts()
+            if counts is not None and counts[0] > counts[1]:
+                break
+            assert time.monotonic() < deadline, f"{self.name} held no job within {timeout}s"
+            time.sleep(0.01)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         ip("link", "set", self.veth, "down")
         self.kill()
         self.lost = True
+        return counts
 
     def kill(self) -> None:
         """Every process of the namespace, at once (the end of a test: no shutdown to wait for)."""
@@ -211,7 +229,10 @@ class HostNetwork:
         ip("addr", "add", f"{self.gateway_address}/{self.subnet.prefixlen}", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
         for port, (target_host, target_port) in self.targets.items():
-            listen = f"TCP-LISTEN:{port},bind={self.gateway_address},fork,reuseaddr"
+            # TCP keepalive towards the hosts, as the servers of a deployment should have it (Postgres'
+            # `tcp_keepalives_*`, Redis' `tcp-keepalive`): the connections of a host that vanished are
+            # closed within seconds, and with them any transaction (and its row locks) it left open.
+            listen = f"TCP-LISTEN:{port},bind={self.gateway_address},fork,reuseaddr,{KEEPALIVE}"
             self.forwarders.append(
                 start_process(["socat", listen, f"TCP:{target_host}:{target_port}"], {}, self.workdir / "socat.log")
             )
