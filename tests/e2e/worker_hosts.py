@@ -56,8 +56,9 @@ def missing_prerequisites() -> str | None:
 def unused_subnet() -> ipaddress.IPv4Network:
     """A /24 in 10.0.0.0/8 that no interface or route of this machine uses (several runs may share it)."""
     taken = ip("-4", "-o", "addr", "show") + ip("-4", "route", "show")
+    pick = random.SystemRandom()  # not the `random` module's state, which training seeds
     for _ in range(100):
-        candidate = ipaddress.IPv4Network(f"10.{random.randint(64, 250)}.{random.randint(0, 255)}.0/24")
+        candidate = ipaddress.IPv4Network(f"10.{pick.randint(64, 250)}.{pick.randint(0, 255)}.0/24")
         prefix = ".".join(str(candidate.network_address).split(".")[:3]) + "."
         if prefix not in taken:
             return candidate
