@@ -13,6 +13,7 @@ import typer
 from services.cli.api_commands import datasets, models, runs
 from services.cli.keys import keys
 from services.cli.train import train
+from shared.core.metrics_server import serve_process_metrics
 from shared.core.settings import get_settings
 
 app = typer.Typer(
@@ -66,8 +67,7 @@ def worker(
 ) -> None:
     """Run an inference worker (Celery, queue 'predict')."""
     settings = get_settings()
-    if settings.worker_metrics_port:
-        serve_worker_metrics(settings.worker_metrics_port)
+    serve_process_metrics(settings.worker_metrics_port, "worker")
     from services.worker.app import pool_size
 
     run_celery_worker("services.worker.app", "predict", pool_size(concurrency or settings.worker_concurrency))
@@ -76,15 +76,18 @@ def worker(
 @app.command()
 def trainer() -> None:
     """Run the trainer (Celery, queue 'train')."""
+    serve_process_metrics(get_settings().trainer_metrics_port, "trainer")
     run_celery_worker("services.trainer.app", "train", 1)  # one run at a time per trainer
 
 
 @app.command()
 def dicom() -> None:
     """Run the DICOM receiver (C-STORE SCP on XRAYQ_DICOM_PORT)."""
+    settings = get_settings()
+    serve_process_metrics(settings.dicom_metrics_port, "dicom")
     from services.dicom.receiver import run_scp
 
-    raise typer.Exit(run_scp(get_settings()))
+    raise typer.Exit(run_scp(settings))
 
 
 @app.command()
@@ -125,26 +128,6 @@ def run_celery_worker(app_module: str, queue: str, concurrency: int) -> None:
             "--without-gossip",
         ]
     )
-
-
-def serve_worker_metrics(port: int) -> None:
-    """Pool processes write samples to a folder of their own; this process serves their sum."""
-    import atexit
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="xrayq-worker-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # before anything imports prometheus_client
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=folder)
-    try:
-        start_http_server(port, addr="0.0.0.0", registry=registry)
-    except OSError as exc:  # e.g. a second worker on one host: it still works, without its own endpoint
-        typer.echo(f"worker metrics not served on port {port}: {exc}", err=True)
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
