@@ -70,7 +70,9 @@ class Prometheus:
         alerts = self.http.get("/api/v1/alerts").json()["data"]["alerts"]
         return {alert["labels"]["alertname"] for alert in alerts if alert["state"] == "firing"}
 
-    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    def wait_for(
+        self, what: str, check: Callable[[], bool], timeout: float = 30, missing: Callable[[], object] = list
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             # Not listening yet, or still starting (503 in plain text).
@@ -79,7 +81,7 @@ class Prometheus:
                     return
             assert self.process.poll() is None, self.log.read_text()[-3000:]
             time.sleep(0.2)  # polling interval, not a wait for an event
-        raise AssertionError(f"not within {timeout}s: {what}\n{self.log.read_text()[-2000:]}")
+        raise AssertionError(f"not within {timeout}s: {what} {missing()}\n{self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         self.http.close()
@@ -103,7 +105,7 @@ def monitored_stack(services_env, tmp_path_factory, data_dir) -> Iterator[Stack]
     with services_env_of_its_own(services_env, home, "monitoring", data_dir) as env:
         stack = Stack(env, tmp_path_factory.mktemp("logs") / "monitoring.log")
         try:
-            stack.start()
+            stack.start(timeout=300)  # generous: on a loaded machine four processes start on two cores
             yield stack
         finally:
             stack.stop()
@@ -144,19 +146,23 @@ def test_prometheus_scrapes_the_stack_fires_an_alert_and_answers_the_dashboard(
     job_id = stack.http.post("/v1/jobs", files={"file": ("a.jpeg", chest_images["NORMAL"][0].read_bytes())}).json()[
         "id"
     ]
-    assert stack.http.get("/v1/jobs/no-such-job").status_code == 404
+    refusal = stack.http.get("/v1/jobs/no-such-job")
+    assert (refusal.status_code, refusal.json()["code"]) == (404, "job_not_found")
     assert echo(stack, SCU_AE_TITLE) and not echo(stack, "NOT-ALLOWED")
     deadline = time.monotonic() + 60
     while stack.http.get(f"/v1/jobs/{job_id}", params={"wait": 5}).json()["status"] != "succeeded":
         assert time.monotonic() < deadline, "the job did not succeed"
+    scraped = (
+        'xrayq_jobs_finished_total{status="succeeded"}',
+        'xrayq_http_errors_total{code="job_not_found", status="404"}',
+        'xrayq_dicom_associations_total{outcome="accepted"}',
+        'xrayq_dicom_associations_total{outcome="rejected"}',
+    )
     prometheus.wait_for(
         "the job, the refusal and the associations scraped",
-        lambda: bool(
-            prometheus.query('xrayq_jobs_finished_total{status="succeeded"}')
-            and prometheus.query('xrayq_http_errors_total{code="not_found"}')
-            and prometheus.query('xrayq_dicom_associations_total{outcome="rejected"}')
-            and prometheus.query('xrayq_dicom_associations_total{outcome="accepted"}')
-        ),
+        lambda: all(prometheus.query(expr) for expr in scraped),
+        timeout=60,
+        missing=lambda: [expr for expr in scraped if not prometheus.query(expr)],
     )
 
     # Every panel's query runs; those over state the stack has show it.
