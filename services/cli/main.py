@@ -16,6 +16,7 @@ from services.cli.flower import flower
 from services.cli.healthcheck import healthcheck
 from services.cli.keys import keys
 from services.cli.train import train
+from shared.core.metrics_server import serve_process_metrics
 from shared.core.settings import get_settings
 
 # The line `docker compose logs migrate` shows the first key on (the README's quick start greps it).
@@ -78,8 +79,7 @@ def worker(
 ) -> None:
     """Run an inference worker (Celery, queue 'predict')."""
     settings = get_settings()
-    if settings.worker_metrics_port:
-        serve_worker_metrics(settings.worker_metrics_port)
+    serve_process_metrics(settings.worker_metrics_port, "worker")
     from services.worker.app import pool_size
 
     run_celery_worker(
@@ -90,15 +90,18 @@ def worker(
 @app.command()
 def trainer() -> None:
     """Run the trainer (Celery, queue 'train')."""
+    serve_process_metrics(get_settings().trainer_metrics_port, "trainer")
     run_celery_worker("services.trainer.app", "train", 1, role="trainer")  # one run at a time per trainer
 
 
 @app.command()
 def dicom() -> None:
     """Run the DICOM receiver (C-STORE SCP on XRAYQ_DICOM_PORT)."""
+    settings = get_settings()
+    serve_process_metrics(settings.dicom_metrics_port, "dicom")
     from services.dicom.receiver import run_scp
 
-    raise typer.Exit(run_scp(get_settings()))
+    raise typer.Exit(run_scp(settings))
 
 
 @app.command()
@@ -151,26 +154,6 @@ def run_celery_worker(app_module: str, queue: str, concurrency: int, role: str) 
             "--without-gossip",
         ]
     )
-
-
-def serve_worker_metrics(port: int) -> None:
-    """Pool processes write samples to a folder of their own; this process serves their sum."""
-    import atexit
-    import shutil
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="xrayq-worker-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # before anything imports prometheus_client
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=folder)
-    try:
-        start_http_server(port, addr="0.0.0.0", registry=registry)
-    except OSError as exc:  # e.g. a second worker on one host: it still works, without its own endpoint
-        typer.echo(f"worker metrics not served on port {port}: {exc}", err=True)
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

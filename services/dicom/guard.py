@@ -23,6 +23,7 @@ from typing import Any
 from pynetdicom import _config, dimse_messages, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from services.dicom import metrics
 from services.dicom.peers import (
     AllowedSender,
     address_allowed,
@@ -104,6 +105,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         super().__init__(*args, **{**kwargs, "request_handler": BoundedRequestHandler})
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self._admits(client_address):
+            return True
+        metrics.ASSOCIATIONS.labels("refused").inc()
+        return False
+
+    def _admits(self, client_address: Any) -> bool:
         host = str(peer_address(client_address[0]))
         if self.senders and not (address_allowed(self.senders, host) or is_health_check_address(host)):
             log.warning("connection from %s refused: no allow-list entry names this address", host)

@@ -29,6 +29,7 @@ from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
 
+from services.dicom import metrics
 from services.dicom.guard import GuardedAssociationServer, screen_association, stream_data_sets_to_disk
 from services.dicom.peers import AllowedSender, AllowListError, admitted, allowed_senders
 from shared.core.errors import XrayqError
@@ -102,6 +103,7 @@ class StoreHandler:
             return _status(OUT_OF_RESOURCES, XrayqError("internal_error", "storage unavailable"))
         batch = intake.batches[0]
         log.info("instance from %s joined study batch %s (%d instances)", calling, batch.id, batch.total)
+        metrics.INSTANCES.labels("stored").inc()
         return SUCCESS
 
     def _received(self, event: Any) -> bytes:
@@ -117,6 +119,7 @@ def _status(code: int, error: XrayqError) -> Dataset:
     status.Status = code
     status.ErrorComment = f"{error.code}: {error.detail}"[:64]  # LO: 64 characters
     log.warning("C-STORE refused with 0x%04X: %s", code, error.code)
+    metrics.INSTANCES.labels(error.code).inc()
     return status
 
 
@@ -142,6 +145,8 @@ def start_receiver(settings: Settings) -> GuardedAssociationServer:
         (evt.EVT_REQUESTED, screen_association, [senders]),
         (evt.EVT_C_STORE, StoreHandler(settings, senders)),
         (evt.EVT_C_ECHO, lambda _event: SUCCESS),
+        (evt.EVT_ACCEPTED, metrics.association_accepted),
+        (evt.EVT_REJECTED, metrics.association_rejected),
     ]
     address = (settings.dicom_bind_host, settings.dicom_port)
     server: GuardedAssociationServer = ae.make_server(  # type: ignore[assignment]

@@ -29,8 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.core.queue import queue_depths
 from shared.core.settings import Settings
-from shared.db.models import Job, ModelVersion
+from shared.db.models import Batch, Job, ModelVersion, TrainingRun
 from shared.db.session import Database
+from shared.jobs.dispatch import DELIVERY_ATTEMPTS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ JOBS_SUBMITTED = Counter("xrayq_jobs_submitted", "Jobs accepted by the gateway",
 HTTP_REQUESTS = Counter(
     "xrayq_http_requests", "HTTP requests handled", ["method", "route", "status"], registry=REGISTRY
 )
+# Every problem the gateway answers, by its stable code: what failed, not only how many (the status).
+HTTP_ERRORS = Counter(
+    "xrayq_http_errors", "Problems (error answers) sent, by code and status", ["code", "status"], registry=REGISTRY
+)
+# Counted where deliveries are made (`shared.jobs.dispatch`, in this process); served here.
+REGISTRY.register(DELIVERY_ATTEMPTS)
 HTTP_LATENCY = Histogram(
     "xrayq_http_request_duration_seconds",
     "Time to answer an HTTP request",
@@ -104,8 +111,8 @@ class WorkerCensus:
 
 
 class StateCollector(Collector):
-    """Read at scrape time from the sources of truth: jobs by status, active versions, queue depths,
-    and the workers that answer."""
+    """Read at scrape time from the sources of truth: jobs and training runs by status, active
+    versions, batches with deliveries pending, queue depths, and the workers that answer."""
 
     def __init__(self, settings: Settings, database: Database, workers: WorkerCensus) -> None:
         self.settings = settings
@@ -119,6 +126,8 @@ class StateCollector(Collector):
         )
         depth = GaugeMetricFamily("xrayq_queue_depth", "Messages waiting in the broker", labels=["queue"])
         workers = GaugeMetricFamily("xrayq_workers", "Worker processes answering a ping, by queue", labels=["queue"])
+        runs = GaugeMetricFamily("xrayq_training_runs", "Training runs in the database by status", labels=["status"])
+        pending = GaugeMetricFamily("xrayq_deliveries_pending", "Completed batches with a delivery still to make")
         try:
             with self.database.session() as session:
                 rows = session.execute(
@@ -129,10 +138,20 @@ class StateCollector(Collector):
                         ModelVersion.is_active.is_(True)
                     )
                 ).all()
+                run_counts = session.execute(
+                    select(TrainingRun.status, func.count()).group_by(TrainingRun.status)
+                ).all()
+                # `delivery_due_at` is set while any delivery (SR, callback) of the batch is pending.
+                pending_count = session.scalar(
+                    select(func.count()).select_from(Batch).where(Batch.delivery_due_at.is_not(None))
+                )
             for status, model, count in rows:
                 jobs.add_metric([status.value, model], count)
             for name, version, architecture in versions:
                 active.add_metric([name, str(version), architecture], 1)
+            for status, count in run_counts:
+                runs.add_metric([status.value], count)
+            pending.add_metric([], pending_count or 0)
         except Exception:  # a scrape must not fail because the database hiccuped
             log.warning("could not read job counts for /metrics", exc_info=True)
         try:
@@ -145,7 +164,7 @@ class StateCollector(Collector):
                 workers.add_metric([queue], count)
         except Exception:
             log.warning("could not ping the workers for /metrics", exc_info=True)
-        yield from (jobs, active, depth, workers)
+        yield from (jobs, active, depth, workers, runs, pending)
 
 
 class RequestMetrics:

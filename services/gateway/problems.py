@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway.metrics import HTTP_ERRORS
 from shared.core.errors import XrayqError
 from shared.schemas import Problem
 
@@ -49,6 +50,7 @@ def problem_response(
     if instance:
         body["instance"] = instance
     body.update({k: v for k, v in extra.items() if v is not None})
+    HTTP_ERRORS.labels(code, str(status)).inc()
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 

@@ -7,12 +7,14 @@ from typing import Any
 
 from celery.signals import setup_logging, worker_process_init
 
+from services.trainer import metrics
 from services.trainer.runs import execute_run
 from shared.core import log_context
 from shared.core.logs import configure_logging
 from shared.core.queue import TRAIN_RUN_TASK, make_celery
 from shared.core.settings import get_settings
 from shared.core.tracing import configure_tracing
+from shared.db.session import database_for
 
 settings = get_settings()
 app = make_celery(settings, "xrayq-trainer")
@@ -28,6 +30,7 @@ def _configure_main_process_logging(**_: object) -> None:
 def _init_process(**_: object) -> None:
     configure_logging(settings, "trainer")
     configure_tracing(settings, "trainer")
+    metrics.idle()  # over whatever a killed predecessor last reported
 
 
 # Acked on receipt, unlike predictions: a run lasts up to hours, and its row, not the message, is what
@@ -36,5 +39,11 @@ def _init_process(**_: object) -> None:
 @app.task(name=TRAIN_RUN_TASK, acks_late=False)
 def train_run(run_id: str) -> dict[str, Any] | None:
     """Execute a queued training run (POST /v1/training-runs)."""
-    with log_context.bound(run_id=run_id):
-        return execute_run(settings, run_id)
+    database = database_for(settings)
+    before = metrics.run_status(database, run_id)
+    try:
+        with log_context.bound(run_id=run_id):
+            return execute_run(settings, run_id)
+    finally:
+        metrics.count_finished(before, metrics.run_status(database, run_id))
+        metrics.idle()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from services.trainer import metrics
 from services.trainer.training import ProgressCallback
 from shared.db.session import Database
 from shared.training.runs import record_progress
@@ -39,7 +40,7 @@ class RunReporter:
 
     def beat(self, *_: object) -> None:
         """The heartbeat alone (progress unchanged), during long steps without progress of their own."""
-        self._write(dict(self._last_progress), force=False)
+        self._write(dict(self._last_progress), force=False, moved=False)
 
     def loading(self, done: int, total: int) -> None:
         self._write({"phase": "loading", "step": done, "steps": total, "percent": 0.0}, force=done == total)
@@ -81,10 +82,12 @@ class RunReporter:
         }
         self._write(progress, force=event["event"] == "epoch")
 
-    def _write(self, progress: dict[str, Any], force: bool) -> None:
+    def _write(self, progress: dict[str, Any], force: bool, moved: bool = True) -> None:
         now = time.monotonic()
         if not force and now - self._last_write < self.interval_s:
             return
+        if moved:
+            metrics.progressed(progress)
         self._last_write = now
         self._last_progress = progress
         progress["elapsed_seconds"] = round(now - self.started, 1)

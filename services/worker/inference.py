@@ -260,8 +260,9 @@ class Predictor:
                 metrics.END_TO_END.labels(model_name).observe(ms_since(prediction.job.created_at, finished) / 1000)
                 for warning in prediction.warnings or ():
                     metrics.RESULT_FLAGS.labels(model_name, warning["code"]).inc()
-        for job, _ in failures:
+        for job, error in failures:
             metrics.JOBS_FINISHED.labels(job.model_name, "failed").inc()
+            metrics.JOB_FAILURES.labels(job.model_name, error.code).inc()
         _log_outcomes(predictions, failures, unwritable)
 
 

@@ -12,6 +12,8 @@ from prometheus_client import Counter, Histogram
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 JOBS_FINISHED = Counter("xrayq_jobs_finished", "Jobs finished by the worker", ["model", "status"])
+# The failed ones by their error code (`image_unreadable`, `input_missing`, ...: a fixed set of ours).
+JOB_FAILURES = Counter("xrayq_job_failures", "Jobs the worker failed, by error code", ["model", "code"])
 QUEUE_WAIT = Histogram("xrayq_job_queue_wait_seconds", "Submission to start of work", buckets=LATENCY_BUCKETS)
 PREPROCESS = Histogram(
     "xrayq_job_preprocess_seconds", "Fetch, decode and preprocess of one image", buckets=LATENCY_BUCKETS

@@ -118,8 +118,11 @@ class Settings(BaseSettings):
     # model: decoding holds the GIL, and two single-threaded forward passes beat one two-threaded pass
     # on a busy machine), on a GPU one per 4 cores, at most 4. Each holds its own copy of the model.
     worker_concurrency: int = Field(default=0, ge=0)
-    # Where `xrayq worker` serves its Prometheus metrics (0: not at all).
+    # Where `xrayq worker`, `xrayq trainer` and `xrayq dicom` serve their Prometheus metrics, on all
+    # interfaces (0: not at all); the gateway serves its own at /metrics.
     worker_metrics_port: int = 9101
+    trainer_metrics_port: int = 9102
+    dicom_metrics_port: int = 9103
     model_cache_size: int = 3
     max_attempts: int = 3
 

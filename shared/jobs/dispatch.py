@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from prometheus_client import Counter as MetricCounter
 from sqlalchemy import select, update
 
 from shared.core.errors import XrayqError
@@ -41,6 +42,15 @@ from shared.jobs.views import batch_view
 log = logging.getLogger(__name__)
 LEASE_MARGIN_S = 10.0  # reading the batch and writing its states back, beyond the attempts' deadlines
 BUSY_RETRY_S = 1.0  # a batch whose destination or organisation has no free share waits this long
+
+# Each attempt by its outcome: `delivered`, `pending` (failed, to be tried again) or `failed` (given up).
+# Unregistered: the process that delivers serves it (the gateway registers it in its /metrics).
+DELIVERY_ATTEMPTS = MetricCounter(
+    "xrayq_delivery_attempts",
+    "Delivery attempts (SR, callback) by kind and outcome",
+    ["kind", "outcome"],
+    registry=None,
+)
 
 
 @dataclass
@@ -239,11 +249,13 @@ class DeliveryDispatcher:
             except (XrayqError, ObjectNotFound, OSError) as exc:
                 self._outcome(key, delivered=False)
                 _record_failure(state, exc, settings)
+                DELIVERY_ATTEMPTS.labels(_kind(name), state["status"]).inc()  # pending (to retry) or failed
                 log.warning(
                     "delivery %s of batch %s failed (attempt %d): %s", name, plan.batch_id, state["attempts"], exc
                 )
                 continue
             self._outcome(key, delivered=True)
+            DELIVERY_ATTEMPTS.labels(_kind(name), "delivered").inc()
             state.update(status="delivered", attempts=state["attempts"] + 1, delivered_at=utcnow().isoformat())
             state.pop("next_at", None)
             delivered += 1
@@ -263,6 +275,10 @@ class DeliveryDispatcher:
             )
             if not written.rowcount:  # type: ignore[attr-defined]
                 log.error("lease on the deliveries of batch %s ran out before they were recorded", plan.batch_id)
+
+
+def _kind(name: str) -> str:
+    return "sr" if is_sr_delivery(name) else "callback"
 
 
 def _is_due(state: dict[str, Any]) -> bool:

@@ -54,7 +54,9 @@ class Stack:
         self.port = free_port()
         self.dicom_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.worker_metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        # Every process's metrics endpoint on a port of its own: never the defaults another stack may hold.
+        self.metrics_ports = {role: free_port() for role in ("worker", "trainer", "dicom")}
+        self.worker_metrics_url = f"http://127.0.0.1:{self.metrics_ports['worker']}/metrics"
         self.env = {
             **os.environ,
             **env,
@@ -70,7 +72,9 @@ class Stack:
             "XRAYQ_DELIVERY_RETRY_AFTER_S": "0.5",
             # The tests' callback receivers listen on loopback, which callbacks may reach only when allowed.
             "XRAYQ_CALLBACK_ALLOW_NETWORKS": "127.0.0.0/8",
-            "XRAYQ_WORKER_METRICS_PORT": self.worker_metrics_url.rsplit(":", 1)[1].split("/")[0],
+            "XRAYQ_WORKER_METRICS_PORT": str(self.metrics_ports["worker"]),
+            "XRAYQ_TRAINER_METRICS_PORT": str(self.metrics_ports["trainer"]),
+            "XRAYQ_DICOM_METRICS_PORT": str(self.metrics_ports["dicom"]),
             "PYTHONUNBUFFERED": "1",
             # Quick reconciler: a message lost with a killed worker is republished within seconds.
             "XRAYQ_RECONCILE_INTERVAL_S": "1",

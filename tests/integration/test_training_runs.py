@@ -14,6 +14,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select, update
 
 from services.gateway.app import create_app
@@ -212,6 +213,11 @@ def test_a_run_trains_evaluates_registers_and_promotes_if_better(client, chest_d
     outcome = execute_run(services_settings, run["id"])
     assert outcome is not None
     assert execute_run(services_settings, run["id"]) is None  # a redelivered message does nothing
+    # The trainer's gauges (services/trainer/metrics.py, served by `xrayq trainer`) show where it got to.
+    assert REGISTRY.get_sample_value("xrayq_training_run_epoch") == 1
+    assert REGISTRY.get_sample_value("xrayq_training_run_progress_ratio") == 1.0
+    assert REGISTRY.get_sample_value("xrayq_training_run_phase", {"phase": "registering"}) == 1
+    assert REGISTRY.get_sample_value("xrayq_training_run_phase", {"phase": "training"}) == 0
 
     done = client.get(f"/v1/training-runs/{run['id']}").json()
     assert done["status"] == "succeeded", done

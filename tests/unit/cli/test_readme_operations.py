@@ -20,7 +20,7 @@ SECTIONS = ("## Running with docker compose", "## Runbook")
 # The `xrayq` API client's own variables (--server, --api-key), not settings of a service.
 CLIENT_VARIABLES = {"XRAYQ_SERVER", "XRAYQ_API_KEY"}
 # Options of `docker compose` sub-commands that take a value.
-_VALUED_OPTIONS = {"--index", "--profile", "--scale", "-d", "-v", "--volume", "-e"}
+_VALUED_OPTIONS = {"--index", "--profile", "--scale", "-d", "-v", "--volume", "-e", "--since", "--tail"}
 
 
 def section(heading: str) -> str:
