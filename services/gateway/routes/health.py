@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,19 @@ from shared.models.registry import any_active_version
 from shared.schemas import ReadinessView
 
 router = APIRouter(tags=["health"], route_class=GuardedRoute)
+log = logging.getLogger(__name__)
+
+# What /readyz says of a failed check: a fixed sentence. The exception's own text (driver messages
+# with host names, ports, user names, paths) goes to the gateway's log only: /readyz answers anyone.
+UNANSWERED = {
+    "database": "the database did not answer",
+    "broker": "the message broker did not answer",
+    "storage": "the object store did not answer",
+}
+
+
+class NotReady(Exception):
+    """A check's failure whose message is ours and safe to show."""
 
 
 @router.get("/healthz")
@@ -55,19 +69,22 @@ def _run_checks(
     def active_model() -> None:
         with database.session() as session:
             if not any_active_version(session, settings.default_model):
-                raise RuntimeError(f"no active version of {settings.default_model!r}")
+                raise NotReady(f"no active version of {settings.default_model!r}")
 
     checks = {"database": database_answers, "broker": broker_answers, "storage": store.ping, "model": active_model}
-    return {name: _timed(check) for name, check in checks.items()}
+    return {name: _timed(name, check) for name, check in checks.items()}
 
 
-def _timed(check: Callable[[], None]) -> dict[str, Any]:
+def _timed(name: str, check: Callable[[], None]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         check()
         result: dict[str, Any] = {"ok": True}
-    except Exception as exc:
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    except NotReady as exc:
+        result = {"ok": False, "error": str(exc)}
+    except Exception:
+        log.warning("readiness check %s failed", name, exc_info=True)
+        result = {"ok": False, "error": UNANSWERED.get(name, "the check failed")}
     result["ms"] = round((time.perf_counter() - started) * 1000, 1)
     return result
 
