@@ -5,6 +5,9 @@ main process starts its warm shutdown and waits for the running task; the run's 
 here. The run stops at its next step, abandoning the epoch in progress, goes back to `queued` with its
 last epoch's checkpoint, and is published again: the next trainer continues it. A second SIGTERM, or one
 while no run is in hand, ends the process as before.
+
+The main process tells its pool process with SIGUSR2, which only ever asks for the hand-back: a SIGTERM
+to the whole process group reaches the pool process too, and the two together must not count as two.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from contextlib import contextmanager, suppress
 
 _stop = threading.Event()
 _running = threading.Event()
+HANDBACK_SIGNAL = signal.SIGUSR2  # from Celery's main process to its pool process
 
 
 class RunHandedBack(Exception):
@@ -42,6 +46,12 @@ def holding_a_run() -> Iterator[None]:
 def hand_back_on_sigterm() -> None:
     """In the process that runs the task (Celery's pool process)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(HANDBACK_SIGNAL, _on_handback_signal)
+
+
+def _on_handback_signal(_signum: int, _frame: object) -> None:
+    if _running.is_set():
+        _stop.set()
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
@@ -60,4 +70,4 @@ def forward_stop_to_pool() -> None:
     for child in active_children():
         if child.pid:
             with suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
+                os.kill(child.pid, HANDBACK_SIGNAL)

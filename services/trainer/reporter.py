@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any
 
 from services.trainer.handback import check_handback
 from services.trainer.training import ProgressCallback
 from shared.db.session import Database
-from shared.training.runs import record_progress
+from shared.training.runs import record_progress, touch_heartbeat
+
+log = logging.getLogger(__name__)
 
 
 class RunCancelled(Exception):
@@ -43,6 +47,32 @@ class RunReporter:
         self.resumed_done = 0.0
         self._last_write = 0.0
         self._last_progress: dict[str, Any] = {"phase": "loading"}
+        self._closed: threading.Event | None = None  # set: the heartbeat thread stops
+
+    def keep_alive(self) -> None:
+        """Write the heartbeat from a thread of its own until `close`, so that steps without progress
+        (evaluation, the out-of-distribution reference, a slow checkpoint upload, a busy machine) never
+        look like a lost trainer, whose run would be taken away and resumed elsewhere."""
+        if self.trainer is None:
+            return
+        self._closed = threading.Event()
+        thread = threading.Thread(
+            target=self._beat_until_closed, args=(self.trainer, self._closed), name="run-heartbeat", daemon=True
+        )
+        thread.start()
+
+    def close(self) -> None:
+        if self._closed is not None:
+            self._closed.set()
+
+    def _beat_until_closed(self, trainer: str, closed: threading.Event) -> None:
+        while not closed.wait(max(self.interval_s, 0.2)):
+            try:
+                with self.database.session() as session:
+                    if not touch_heartbeat(session, self.run_id, trainer):
+                        return  # no longer ours: the next progress write stops the run
+            except Exception:
+                log.warning("training run %s: heartbeat not written", self.run_id, exc_info=True)
 
     def resumed(self, epoch: int, epochs: int, history: list[dict[str, Any]]) -> None:
         """The run continues after `epoch` of `epochs`, with the history of those epochs."""

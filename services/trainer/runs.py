@@ -96,6 +96,7 @@ def execute_run(
             return None
     store = make_object_store(settings)
     reporter = RunReporter(database, run_id, settings.run_heartbeat_s, listener, trainer=trainer)
+    reporter.keep_alive()
     outcome: dict[str, Any] | None = None
     try:
         outcome = _run_steps(settings, database, store, run_id, reporter)
@@ -124,6 +125,7 @@ def execute_run(
                 error_detail=f"{type(error).__name__}: {error}"[:2000], progress={"phase": "failed"},
             )  # fmt: skip
     finally:
+        reporter.close()
         if torch.cuda.is_initialized():
             # The trainer waits for the next run holding nothing: the caching allocator would keep
             # the run's GPU memory (2.5 GiB for the chest recipe on an H100) from other processes.

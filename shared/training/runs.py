@@ -240,6 +240,12 @@ def record_progress(
     return bool(session.scalar(select(TrainingRun.cancel_requested).where(TrainingRun.id == run_id)))
 
 
+def touch_heartbeat(session: Session, run_id: str, trainer: str) -> bool:
+    """The heartbeat alone; False when `trainer` no longer holds the run."""
+    touched = session.execute(update(TrainingRun).where(*_held(run_id, trainer)).values(heartbeat_at=utcnow()))
+    return bool(touched.rowcount)  # type: ignore[attr-defined]
+
+
 def record_checkpoint(session: Session, run_id: str, trainer: str, epoch: int) -> None:
     """The run's checkpoint now holds `epoch` (written to the object store just before)."""
     written = session.execute(

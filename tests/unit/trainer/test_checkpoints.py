@@ -152,14 +152,20 @@ def test_a_checkpoint_of_another_recipe_or_a_missing_one_means_starting_afresh(t
 
 
 def test_sigterm_while_holding_a_run_asks_for_a_hand_back_instead_of_ending_the_process() -> None:
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, handback.HANDBACK_SIGNAL)}
     try:
         handback.hand_back_on_sigterm()
-        with handback.holding_a_run():
-            handback.check_handback()  # nothing asked yet
-            os.kill(os.getpid(), signal.SIGTERM)
-            with pytest.raises(handback.RunHandedBack):
-                handback.check_handback()
+        os.kill(os.getpid(), handback.HANDBACK_SIGNAL)  # no run in hand: nothing to give back
+        handback.check_handback()
+        for sig in (signal.SIGTERM, handback.HANDBACK_SIGNAL):  # the process's own, or its main process's
+            with handback.holding_a_run():
+                handback.check_handback()  # nothing asked yet
+                os.kill(os.getpid(), sig)
+                os.kill(os.getpid(), handback.HANDBACK_SIGNAL)  # the forwarded one on top: still one request
+                with pytest.raises(handback.RunHandedBack):
+                    handback.check_handback()
+            handback._stop.clear()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         handback._stop.clear()
