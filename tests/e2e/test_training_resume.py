@@ -43,9 +43,9 @@ def env(services_env, tmp_path_factory) -> dict[str, str]:
             "XRAYQ_BROKER_KEY_PREFIX": services_env["XRAYQ_BROKER_KEY_PREFIX"] + "resume:",
             "XRAYQ_S3_BUCKET": "xrayq-resume",
             "XRAYQ_RUN_HEARTBEAT_S": "0.3",
-            # A killed trainer's run is presumed lost after 10 s without a heartbeat (minutes in production;
-            # less would take runs from live trainers that a loaded machine holds up for seconds).
-            "XRAYQ_RUN_STALE_AFTER_S": "10",
+            # A killed trainer's run is presumed lost after 30 s without a heartbeat (2 minutes by default;
+            # much less would take runs from live trainers that a loaded machine stalls for seconds).
+            "XRAYQ_RUN_STALE_AFTER_S": "30",
             # One thread: on a busy machine more only fight over the cores.
             "XRAYQ_TORCH_THREADS": "1",
             "PYTHONUNBUFFERED": "1",

@@ -15,6 +15,7 @@ from services.gateway.app import create_app
 from services.trainer import handback
 from services.trainer.runs import execute_run
 from shared.core.queue import make_celery
+from shared.core.settings import Settings
 from shared.core.storage import make_object_store
 from shared.db.models import TrainingRun, utcnow
 from shared.db.session import database_for
@@ -115,7 +116,12 @@ def test_a_lost_trainers_run_is_queued_again_and_continues_from_its_last_epoch(c
     assert not store.exists(checkpoint_key(run_id))  # deleted when the run ended
 
 
-def test_a_run_lost_once_more_than_the_budget_allows_fails_trainer_lost(client, dataset, settings) -> None:
+def test_a_run_lost_once_more_than_the_budget_allows_fails_trainer_lost(client, dataset, settings, monkeypatch) -> None:
+    # The budget as an operator sets it: XRAYQ_RUN_MAX_RESUMES (default 3).
+    assert settings.run_max_resumes == 3
+    monkeypatch.setenv("XRAYQ_RUN_MAX_RESUMES", "1")
+    settings = Settings(**settings.model_dump(exclude={"run_max_resumes"}))
+    assert settings.run_max_resumes == 1
     run_id = start_run(client, dataset)
     store = make_object_store(settings)
     store.put(checkpoint_key(run_id), b"a checkpoint")
