@@ -148,6 +148,7 @@ def test_a_run_whose_trainer_is_killed_resumes_on_the_restarted_trainer(stack, d
     while (view := stack.http.get(f"/v1/training-runs/{run['id']}").json())["status"] not in ("succeeded", "failed"):
         assert time.monotonic() < deadline, f"not finished four minutes after its trainer died: {view}"
         time.sleep(0.5)
-    assert view["status"] == "succeeded" and view["resumes"] == 1, view
+    # At least once: a loaded machine may stall the new trainer past the stale window too (it resumes again).
+    assert view["status"] == "succeeded" and view["resumes"] >= 1, view
     assert [h["epoch"] for h in view["history"]] == list(range(1, epochs + 1))
     assert stack.child_pid("trainer") != trainer  # the supervisor started a new one
