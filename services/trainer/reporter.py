@@ -130,10 +130,13 @@ class RunReporter:
             "percent": round(100 * done, 1),
             "eta_seconds": round(elapsed / done_here * (1 - done), 1) if done_here > 0 else None,
         }
-        self._write(progress, force=event["event"] == "epoch")
+        # An epoch's end is no place to hand back: its checkpoint, written next, keeps the epoch's work.
+        epoch_end = event["event"] == "epoch"
+        self._write(progress, force=epoch_end, may_hand_back=not epoch_end)
 
-    def _write(self, progress: dict[str, Any], force: bool) -> None:
-        check_handback()
+    def _write(self, progress: dict[str, Any], force: bool, may_hand_back: bool = True) -> None:
+        if may_hand_back:
+            check_handback()
         now = time.monotonic()
         if not force and now - self._last_write < self.interval_s:
             return
