@@ -425,6 +425,11 @@ class TrainingRunView(BaseModel):
     promotion_decision: dict[str, Any] | None = None
     error: JobError | None = None
     cancel_requested: bool = False
+    checkpoint_epoch: int | None = Field(
+        None, description="The last epoch checkpointed: where the run continues if its trainer stops."
+    )
+    resumes: int = Field(0, description="Times the run was queued again after its trainer was lost.")
+    handbacks: int = Field(0, description="Times a stopping trainer (SIGTERM, a redeploy) handed the run back.")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -157,6 +157,8 @@ def run_summary(run: dict[str, Any]) -> None:
             ("dataset", run["dataset_id"]),
             ("progress", f"{progress.get('phase') or '-'} {progress.get('percent') or 0:.1f}%"),
             ("epochs done", len(run["history"])),
+            ("checkpoint", f"epoch {run['checkpoint_epoch']}" if run.get("checkpoint_epoch") else "-"),
+            ("resumes", f"{run.get('resumes', 0)} after a lost trainer, {run.get('handbacks', 0)} handed back"),
             ("accuracy", figure(summary.get("accuracy"))),
             ("ROC-AUC", figure(summary.get("roc_auc"))),
             ("sensitivity", figure(summary.get("sensitivity"))),

@@ -11,6 +11,10 @@ The steps: `load_run` (what the row asks for), `load_data` (the dataset's images
 (the active version on the model's held-out set, `services.trainer.comparison`), `register`, `promote`
 (the run's policy). Only the model's owner or an admin may register into it: checked when the run is
 queued, when it starts and when it registers (`shared.models.ownership`).
+
+Each epoch ends with a checkpoint (`services.trainer.checkpoints`); a run that comes back to a trainer
+(its trainer lost, or stopping and handing it back: `services.trainer.handback`) continues after the
+checkpoint's epoch. The checkpoint is deleted once the run has ended.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import logging
 import os
 import platform
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
@@ -29,6 +35,7 @@ from safetensors.torch import load as load_safetensors
 from sqlalchemy.orm import Session
 
 from services.trainer.calibration import calibrate, calibrated_evaluation
+from services.trainer.checkpoints import RunCheckpoints, recipe_fingerprint
 from services.trainer.comparison import (
     choose_held_out,
     compare_with_active,
@@ -47,6 +54,7 @@ from services.trainer.data import (
     train_val_split,
 )
 from services.trainer.evaluation import classification_report, roc_points
+from services.trainer.handback import RunHandedBack
 from services.trainer.held_out import record_model_set
 from services.trainer.ood_reference import ReferenceArtifacts, build_reference
 from services.trainer.plots import render_plots, robustness_plot
@@ -62,59 +70,96 @@ from shared.models.artifacts import register_version
 from shared.models.nets import build_model, pick_device
 from shared.models.ownership import Actor, check_may_manage
 from shared.models.registry import activate_version
+from shared.training.checkpoints import discard_checkpoint
 from shared.training.datasets import blob_key, load_manifest
-from shared.training.runs import claim_run, class_balance_of, finish_run
+from shared.training.runs import RunNotHeld, claim_run, class_balance_of, finish_run, hand_back_run
 
 log = logging.getLogger(__name__)
 
 
-def execute_run(settings: Settings, run_id: str, listener: ProgressCallback | None = None) -> dict[str, Any] | None:
+def execute_run(
+    settings: Settings,
+    run_id: str,
+    listener: ProgressCallback | None = None,
+    requeue: Callable[[str], object] | None = None,
+) -> dict[str, Any] | None:
     """Claim and run `run_id`; a run already claimed (a redelivered message) is left alone.
 
-    How a run ends is recorded on its row (a failure as its error code), never raised.
+    How a run ends is recorded on its row (a failure as its error code), never raised. A run handed
+    back (the trainer is stopping) is queued again and given to `requeue` (publishes it).
     """
     database = database_for(settings)
+    trainer = f"{platform.node()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this claim, unique
     with database.session() as session:
-        if not claim_run(session, run_id, f"{platform.node()}:{os.getpid()}"):
+        if not claim_run(session, run_id, trainer):
             log.info("training run %s is not queued (taken, finished or cancelled): nothing to do", run_id)
             return None
-    reporter = RunReporter(database, run_id, settings.run_heartbeat_s, listener)
+    store = make_object_store(settings)
+    reporter = RunReporter(database, run_id, settings.run_heartbeat_s, listener, trainer=trainer)
+    reporter.keep_alive()
     outcome: dict[str, Any] | None = None
     try:
-        outcome = _run_steps(settings, database, make_object_store(settings), run_id, reporter)
+        outcome = _run_steps(settings, database, store, run_id, reporter)
+    except RunHandedBack:
+        _hand_back(database, run_id, trainer, requeue)
+        return None
+    except RunNotHeld:
+        log.warning("training run %s was taken from this trainer (its heartbeat was late): left alone", run_id)
+        return None
     except RunCancelled:
         log.info("training run %s cancelled", run_id)
         with database.session() as session:
-            finish_run(session, run_id, RunStatus.cancelled, progress={"phase": "cancelled"})
+            finish_run(session, run_id, RunStatus.cancelled, held_by=trainer, progress={"phase": "cancelled"})
     except XrayqError as error:
         log.warning("training run %s failed: %s", run_id, error)
         with database.session() as session:
             finish_run(
-                session, run_id, RunStatus.failed, error_code=error.code, error_detail=error.detail,
-                progress={"phase": "failed"},
+                session, run_id, RunStatus.failed, held_by=trainer, error_code=error.code,
+                error_detail=error.detail, progress={"phase": "failed"},
             )  # fmt: skip
     except Exception as error:
         log.exception("training run %s failed", run_id)
         with database.session() as session:
             finish_run(
-                session, run_id, RunStatus.failed, error_code="training_failed",
+                session, run_id, RunStatus.failed, held_by=trainer, error_code="training_failed",
                 error_detail=f"{type(error).__name__}: {error}"[:2000], progress={"phase": "failed"},
             )  # fmt: skip
     finally:
+        reporter.close()
         if torch.cuda.is_initialized():
             # The trainer waits for the next run holding nothing: the caching allocator would keep
             # the run's GPU memory (2.5 GiB for the chest recipe on an H100) from other processes.
             torch.cuda.empty_cache()
+    discard_checkpoint(store, run_id)  # the run has ended: nothing will continue it
     return outcome
+
+
+def _hand_back(database: Database, run_id: str, trainer: str, requeue: Callable[[str], object] | None) -> None:
+    with database.session() as session:
+        handed = hand_back_run(session, run_id, trainer)
+    if not handed:
+        return
+    log.info("training run %s handed back (the trainer is stopping): it resumes from its checkpoint", run_id)
+    if requeue is not None:
+        requeue(run_id)  # a failed publish leaves it queued: the reconciler publishes it
 
 
 def _run_steps(
     settings: Settings, database: Database, store: ObjectStore, run_id: str, reporter: RunReporter
 ) -> dict[str, Any]:
     run = load_run(settings, database, store, run_id)
+    assert reporter.trainer is not None
+    fingerprint = recipe_fingerprint(run.config.to_dict(), run.manifest["classes"])
+    checkpoints = RunCheckpoints(database, store, run_id, reporter.trainer, fingerprint)
+    resume = checkpoints.load(run.checkpoint_epoch)
+    if resume is not None:
+        reporter.resumed(resume.epoch, run.config.epochs, resume.history)
     data = load_data(store, run, reporter)
-    reporter.phase("training", percent=0.0)
-    result = fit(data.train, data.val, run.config, reporter.on_training_event, initial_state=run.base_weights)
+    reporter.phase("training", percent=reporter.resumed_percent)
+    result = fit(
+        data.train, data.val, run.config, reporter.on_training_event, initial_state=run.base_weights,
+        resume=resume, checkpoint=checkpoints.save,
+    )  # fmt: skip
     reporter.phase("evaluating", percent=100.0)
     calibrated = calibrate_on_validation(run, data, result)
     evaluation = evaluate(run, data, result, reporter.history, calibrated)
@@ -136,6 +181,7 @@ def _run_steps(
             session,
             run_id,
             RunStatus.succeeded,
+            held_by=reporter.trainer,
             model_version_id=row.id,
             promotion_decision=decision,
             history=reporter.history,
@@ -178,6 +224,7 @@ class RunInputs:
     model_scope: str | None = None
     api_key_id: str | None = None
     organisation: str | None = None
+    checkpoint_epoch: int | None = None  # the epoch of its checkpoint: a resumed run continues after it
 
 
 def load_run(settings: Settings, database: Database, store: ObjectStore, run_id: str) -> RunInputs:
@@ -194,6 +241,7 @@ def load_run(settings: Settings, database: Database, store: ObjectStore, run_id:
         manifest = load_manifest(store, dataset)
         name, policy, run_config = run.model_name, run.promotion, dict(run.config)
         requester = {"model_scope": run.model_scope, "api_key_id": run.api_key_id, "organisation": run.organisation}
+        checkpoint_epoch = run.checkpoint_epoch
     # Runs queued before these options existed: their class_weighting, and the normalisation of then.
     run_config["class_balance"] = class_balance_of(run_config)
     run_config.setdefault("normalization", "fixed")
@@ -213,6 +261,7 @@ def load_run(settings: Settings, database: Database, store: ObjectStore, run_id:
         manifest=manifest,
         base={"name": base.name, "version": base.version} if base is not None else None,
         base_weights=base_weights,
+        checkpoint_epoch=checkpoint_epoch,
         **requester,
     )
 

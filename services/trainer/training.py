@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from services.trainer.augmentation import ShiftAugmentation
+from services.trainer.checkpoints import TrainingState, capture, restore
 from services.trainer.data import LabelledImages
 from services.trainer.evaluation import classification_report
 from shared.imaging.preprocess import RECIPE_NORMALIZATION, Normalization, PreprocessSpec, normalize, recipe_spec
@@ -69,6 +70,8 @@ class TrainResult:
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+# Called with the state after each epoch, to keep it (`services.trainer.checkpoints.RunCheckpoints.save`).
+CheckpointCallback = Callable[[TrainingState], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -169,10 +172,14 @@ def fit(
     config: TrainConfig,
     progress: ProgressCallback | None = None,
     initial_state: dict[str, torch.Tensor] | None = None,
+    resume: TrainingState | None = None,
+    checkpoint: CheckpointCallback | None = None,
 ) -> TrainResult:
     """Train (from scratch, or from `initial_state`), evaluate on `val` after every epoch.
 
-    Returns the last epoch's weights and report. `progress` may raise to stop training (cancellation).
+    `resume`: continue after the epoch of that checkpoint, exactly as the run would have gone on;
+    `checkpoint` receives the state after every epoch. Returns the last epoch's weights and report.
+    `progress` may raise to stop training (cancellation, a hand-back).
     """
     started = time.monotonic()
     seed_everything(config.seed)
@@ -197,7 +204,13 @@ def fit(
     generator = torch.Generator().manual_seed(config.seed)
     history: list[EpochStats] = []
     report: dict[str, Any] = {}
-    for epoch in range(1, config.epochs + 1):
+    trained_before = 0.0  # seconds, by the trainers that held the run before
+    if resume is not None:
+        restore(resume, model, optimizer, scheduler, generator)
+        history = [EpochStats(**entry) for entry in resume.history]
+        report, trained_before = resume.report, resume.seconds
+    first_epoch = resume.epoch + 1 if resume is not None else 1
+    for epoch in range(first_epoch, config.epochs + 1):
         epoch_start = time.monotonic()
 
         def on_step(step: int, steps: int, loss: float, epoch: int = epoch) -> None:
@@ -230,5 +243,10 @@ def fit(
         history.append(stats)
         if progress is not None:
             progress({"event": "epoch", **asdict(stats), "epochs": config.epochs})
+        if checkpoint is not None:
+            seconds = trained_before + time.monotonic() - started
+            history_dicts = [asdict(entry) for entry in history]
+            checkpoint(capture(epoch, model, optimizer, scheduler, generator, history_dicts, report, seconds))
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return TrainResult(state_dict=state_dict, report=report, history=history, seconds=time.monotonic() - started)
+    seconds = trained_before + time.monotonic() - started
+    return TrainResult(state_dict=state_dict, report=report, history=history, seconds=seconds)

@@ -138,9 +138,11 @@ class Settings(BaseSettings):
     default_model: str = "chest-xray"
 
     # Trainer. A running training run whose trainer has not written a heartbeat for this long lost its
-    # trainer (killed, machine gone): the reconciler fails it with `trainer_lost`.
+    # trainer (killed, machine gone): the reconciler queues it again, to continue from its last epoch's
+    # checkpoint, at most `run_max_resumes` times; the next loss fails it with `trainer_lost`.
     run_heartbeat_s: float = 5.0
     run_stale_after_s: float = 120.0
+    run_max_resumes: int = Field(default=3, ge=0)
     max_training_epochs: int = 500
     # DICOM receiver (`xrayq dicom`, a C-STORE SCP; its own process under `xrayq up`).
     dicom_port: int = 11112  # 0: no receiver

@@ -291,7 +291,12 @@ class TrainingRun(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_detail: Mapped[str | None] = mapped_column(Text)
-    trainer: Mapped[str | None] = mapped_column(String(256))  # host:pid that runs it
+    trainer: Mapped[str | None] = mapped_column(String(256))  # host:pid:claim of the trainer that runs it
+    # The last epoch checkpointed to the object store (`shared.training.checkpoints`); None: none yet.
+    checkpoint_epoch: Mapped[int | None] = mapped_column(Integer)
+    # Requeued after its trainer was lost (at most `run_max_resumes`), and given back by a stopping trainer.
+    resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    handbacks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     organisation: Mapped[str | None] = mapped_column(String(128), index=True)
     # Whose models the run may register into: the submitting key's organisation; None for an admin's or a
     # local command's run (any model; a new name becomes shared). Checked again by the trainer.

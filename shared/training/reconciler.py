@@ -1,5 +1,6 @@
 """Housekeeping for training runs, run by each gateway beside the jobs' reconciler: a run whose
-trainer died is failed (`trainer_lost`), a queued run whose message was lost is published again."""
+trainer died is queued again to resume from its checkpoint (failed `trainer_lost` once its resume
+budget is spent), a queued run whose message was lost is published again."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from sqlalchemy import func, select
 
 from shared.core.queue import TRAIN_QUEUE, queue_depths
 from shared.core.settings import Settings
+from shared.core.storage import make_object_store
 from shared.db.models import RunStatus, TrainingRun
 from shared.db.session import Database
-from shared.training.runs import fail_lost_runs, publish_run, queued_runs_older_than
+from shared.training.checkpoints import discard_checkpoint
+from shared.training.runs import publish_run, queued_runs_older_than, recover_lost_runs
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -21,17 +24,24 @@ log = logging.getLogger(__name__)
 
 
 def reconcile_runs(settings: Settings, database: Database, celery: Celery) -> dict[str, int]:
-    """Fail runs whose trainer died (no heartbeat), and publish again queued runs whose message was lost.
+    """Requeue (or, past the budget, fail) runs whose trainer died, and publish again queued runs whose
+    message was lost.
 
     A queued run is only presumed lost while the `train` queue is empty: one trainer works through
     runs one at a time, so a run may legitimately wait behind another for hours.
     """
     with database.session() as session:
-        lost = fail_lost_runs(session, settings)
+        requeued, failed = recover_lost_runs(session, settings)
+    for run_id in requeued:
+        publish_run(celery, run_id)  # a failed publish leaves it queued: the check below publishes it later
+    if failed:
+        store = make_object_store(settings)
+        for run_id in failed:
+            discard_checkpoint(store, run_id)
     try:
         queue_empty = queue_depths(settings).get(TRAIN_QUEUE, 0) == 0
     except Exception:
-        return {"failed": len(lost), "republished": 0}
+        return {"failed": len(failed), "resumed": len(requeued), "republished": 0}
     republished = 0
     if queue_empty:
         with database.session() as session:
@@ -43,4 +53,4 @@ def reconcile_runs(settings: Settings, database: Database, celery: Celery) -> di
                 republished += publish_run(celery, run_id)
     if republished:
         log.warning("reconciler: republished %d training runs whose messages were lost", republished)
-    return {"failed": len(lost), "republished": republished}
+    return {"failed": len(failed), "resumed": len(requeued), "republished": republished}

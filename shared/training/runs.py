@@ -2,8 +2,13 @@
 
 The row is the durable record of a run. The trainer claims it (queued -> running) in one conditional
 UPDATE, so a message delivered twice never starts a second execution; it writes progress and a heartbeat
-every few seconds and learns of a cancellation from the same row. A running run whose heartbeat stops
-lost its trainer: the reconciler fails it with `trainer_lost` rather than leave it `running` forever.
+every few seconds and learns of a cancellation from the same row. Each epoch ends with a checkpoint in
+the object store (`shared.training.checkpoints`), its epoch on the row. A running run whose heartbeat
+stops lost its trainer: the reconciler queues it again, to continue from that checkpoint, up to
+`run_max_resumes` times, then fails it with `trainer_lost`; a trainer that is stopping (SIGTERM, a
+redeploy) hands its run back the same way, without counting against that budget. Every write of the
+trainer's names its claim (`trainer`), so a trainer presumed lost that wakes up again cannot touch the
+run another trainer has taken since.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.core.errors import XrayqError
@@ -182,64 +187,145 @@ def cancel_run(session: Session, run_id: str, organisation: str | None = None) -
 # --- the trainer's side ---------------------------------------------------------------------------
 
 
+class RunNotHeld(Exception):
+    """The run is no longer this trainer's: requeued after its heartbeat stopped (another trainer may hold
+    it now), or finished. The trainer stops working on it and writes nothing more."""
+
+
 def claim_run(session: Session, run_id: str, trainer: str) -> bool:
-    """queued -> running, only once: a redelivered message finds the run taken and does nothing."""
+    """queued -> running, only once: a redelivered message finds the run taken and does nothing.
+
+    `trainer` names this claim (unique per claim: host, pid and a random part); the trainer's later
+    writes are conditional on it."""
     now = utcnow()
     claimed = session.execute(
         update(TrainingRun)
         .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.queued)
         .values(
-            status=RunStatus.running, started_at=now, heartbeat_at=now, trainer=trainer, progress={"phase": "loading"}
+            status=RunStatus.running,
+            # A resumed run keeps the start of its first claim.
+            started_at=func.coalesce(TrainingRun.started_at, now),
+            heartbeat_at=now,
+            trainer=trainer,
+            progress={"phase": "loading"},
         )
     )
     return bool(claimed.rowcount)  # type: ignore[attr-defined]
 
 
+def _held(run_id: str, trainer: str | None) -> list[Any]:
+    """The conditions of a write by the trainer holding the run (`trainer` None: whoever holds it)."""
+    conditions: list[Any] = [TrainingRun.id == run_id, TrainingRun.status == RunStatus.running]
+    if trainer is not None:
+        conditions.append(TrainingRun.trainer == trainer)
+    return conditions
+
+
 def record_progress(
-    session: Session, run_id: str, progress: dict[str, Any], history: list[dict[str, Any]] | None = None
+    session: Session,
+    run_id: str,
+    progress: dict[str, Any],
+    history: list[dict[str, Any]] | None = None,
+    trainer: str | None = None,
 ) -> bool:
-    """Write progress and the heartbeat; returns whether a cancellation was asked for."""
+    """Write progress and the heartbeat; returns whether a cancellation was asked for.
+
+    Raises `RunNotHeld` when `trainer` no longer holds the run."""
     values: dict[str, Any] = {"progress": progress, "heartbeat_at": utcnow()}
     if history is not None:
         values["history"] = history
-    session.execute(
-        update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.running).values(**values)
-    )
+    written = session.execute(update(TrainingRun).where(*_held(run_id, trainer)).values(**values))
+    if trainer is not None and not written.rowcount:  # type: ignore[attr-defined]
+        raise RunNotHeld(run_id)
     return bool(session.scalar(select(TrainingRun.cancel_requested).where(TrainingRun.id == run_id)))
 
 
-def finish_run(session: Session, run_id: str, status: RunStatus, **values: Any) -> None:
-    """Record the outcome of a running run (never overwriting one already finished)."""
-    session.execute(
+def touch_heartbeat(session: Session, run_id: str, trainer: str) -> bool:
+    """The heartbeat alone; False when `trainer` no longer holds the run."""
+    touched = session.execute(update(TrainingRun).where(*_held(run_id, trainer)).values(heartbeat_at=utcnow()))
+    return bool(touched.rowcount)  # type: ignore[attr-defined]
+
+
+def record_checkpoint(session: Session, run_id: str, trainer: str, epoch: int) -> None:
+    """The run's checkpoint now holds `epoch` (written to the object store just before)."""
+    written = session.execute(
+        update(TrainingRun).where(*_held(run_id, trainer)).values(checkpoint_epoch=epoch, heartbeat_at=utcnow())
+    )
+    if not written.rowcount:  # type: ignore[attr-defined]
+        raise RunNotHeld(run_id)
+
+
+def hand_back_run(session: Session, run_id: str, trainer: str) -> bool:
+    """running -> queued by a stopping trainer: another trainer continues from the checkpoint.
+
+    Not counted against the resume budget: the run did nothing wrong; its trainer was told to stop."""
+    handed = session.execute(
         update(TrainingRun)
-        .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.running)
-        .values(status=status, finished_at=utcnow(), **values)
+        .where(*_held(run_id, trainer))
+        .values(
+            status=RunStatus.queued,
+            trainer=None,
+            handbacks=TrainingRun.handbacks + 1,
+            progress={"phase": "queued"},
+        )
+    )
+    return bool(handed.rowcount)  # type: ignore[attr-defined]
+
+
+def finish_run(session: Session, run_id: str, status: RunStatus, held_by: str | None = None, **values: Any) -> None:
+    """Record the outcome of a running run (never overwriting one already finished), by the trainer
+    `held_by` when given (a trainer that lost the run records nothing)."""
+    session.execute(
+        update(TrainingRun).where(*_held(run_id, held_by)).values(status=status, finished_at=utcnow(), **values)
     )
 
 
-def fail_lost_runs(session: Session, settings: Settings) -> list[str]:
-    """Running runs whose trainer stopped writing heartbeats: failed with `trainer_lost`."""
+def recover_lost_runs(session: Session, settings: Settings) -> tuple[list[str], list[str]]:
+    """Running runs whose trainer stopped writing heartbeats: queued again to resume from their
+    checkpoint while `resumes` is under `run_max_resumes`, else failed with `trainer_lost`.
+
+    Returns (requeued, failed). Each change is conditional on the run still being stale, so several
+    reconcilers (one per gateway) count each loss once."""
     cutoff = utcnow() - timedelta(seconds=settings.run_stale_after_s)
-    lost = list(
-        session.scalars(
-            select(TrainingRun.id).where(TrainingRun.status == RunStatus.running, TrainingRun.heartbeat_at < cutoff)
+    stale = session.execute(
+        select(TrainingRun.id, TrainingRun.resumes).where(
+            TrainingRun.status == RunStatus.running, TrainingRun.heartbeat_at < cutoff
         )
-    )
-    if lost:
-        session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id.in_(lost), TrainingRun.status == RunStatus.running)
-            .values(
-                status=RunStatus.failed,
-                finished_at=utcnow(),
-                error_code="trainer_lost",
-                error_detail=f"The trainer stopped reporting for over {settings.run_stale_after_s:.0f} s "
-                "(killed or its machine lost); start the run again.",
-                progress={"phase": "failed"},
-            )
+    ).all()
+    requeued: list[str] = []
+    failed: list[str] = []
+    for run_id, resumes in stale:
+        still_lost = (
+            TrainingRun.id == run_id,
+            TrainingRun.status == RunStatus.running,
+            TrainingRun.heartbeat_at < cutoff,
         )
-        log.warning("training runs %s lost their trainer: failed", lost)
-    return lost
+        if resumes < settings.run_max_resumes:
+            values: dict[str, Any] = {
+                "status": RunStatus.queued,
+                "trainer": None,
+                "resumes": TrainingRun.resumes + 1,
+                "progress": {"phase": "queued"},
+            }
+            chosen = requeued
+        else:
+            values = {
+                "status": RunStatus.failed,
+                "finished_at": utcnow(),
+                "error_code": "trainer_lost",
+                "error_detail": f"The trainer stopped reporting for over {settings.run_stale_after_s:.0f} s "
+                f"(killed or its machine lost), after the run had been resumed {resumes} times "
+                "(XRAYQ_RUN_MAX_RESUMES); start the run again.",
+                "progress": {"phase": "failed"},
+            }
+            chosen = failed
+        if session.execute(update(TrainingRun).where(*still_lost).values(**values)).rowcount:  # type: ignore[attr-defined]
+            chosen.append(run_id)
+    if requeued:
+        log.warning("training runs %s lost their trainer: queued again to resume from their checkpoints", requeued)
+    if failed:
+        log.warning("training runs %s lost their trainer once more than allowed: failed", failed)
+    return requeued, failed
 
 
 def queued_runs_older_than(session: Session, seconds: float) -> list[str]:
@@ -272,6 +358,9 @@ def run_view(session: Session, run: TrainingRun) -> TrainingRunView:
         promotion_decision=run.promotion_decision,
         error=JobError(code=run.error_code, detail=run.error_detail) if run.error_code else None,
         cancel_requested=run.cancel_requested,
+        checkpoint_epoch=run.checkpoint_epoch,
+        resumes=run.resumes or 0,
+        handbacks=run.handbacks or 0,
         created_at=as_utc(run.created_at),
         started_at=as_utc(run.started_at),
         finished_at=as_utc(run.finished_at),

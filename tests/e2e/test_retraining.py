@@ -128,22 +128,27 @@ def test_another_label_set_becomes_another_model(stack, data_dir) -> None:
     assert models["chest-xray"]["classes"] == ["NORMAL", "PNEUMONIA"]
 
 
-def test_a_run_whose_trainer_is_killed_ends_failed_not_running_forever(stack, data_dir) -> None:
+def test_a_run_whose_trainer_is_killed_resumes_on_the_restarted_trainer(stack, data_dir) -> None:
     malaria = stack.http.get("/v1/datasets").json()
     dataset = next(d for d in malaria if d["name"].startswith("malaria-cells"))
+    epochs = 30  # a fraction of a second each: enough left to kill the trainer mid-run
     run = stack.http.post(
-        "/v1/training-runs", json={"dataset": dataset["id"], **TINY_RUN, "epochs": 500, "batch_size": 4}
+        "/v1/training-runs", json={"dataset": dataset["id"], **TINY_RUN, "epochs": epochs, "batch_size": 4}
     ).json()
-    deadline = time.monotonic() + 60
-    while stack.http.get(f"/v1/training-runs/{run['id']}").json()["progress"].get("phase") != "training":
-        assert time.monotonic() < deadline, "the run never started training"
-        time.sleep(0.1)
+    deadline = time.monotonic() + 120
+    while not stack.http.get(f"/v1/training-runs/{run['id']}").json()["checkpoint_epoch"]:
+        assert time.monotonic() < deadline, "the run never checkpointed an epoch"
+        time.sleep(0.05)
     trainer = stack.child_pid("trainer")
     os.kill(trainer, signal.SIGKILL)
 
-    deadline = time.monotonic() + 60
-    while (view := stack.http.get(f"/v1/training-runs/{run['id']}").json())["status"] == "running":
-        assert time.monotonic() < deadline, f"still running a minute after its trainer died: {view}"
+    # The supervisor starts a new trainer; the reconciler queues the run again after
+    # XRAYQ_RUN_STALE_AFTER_S; the new trainer continues after the checkpoint's epoch.
+    deadline = time.monotonic() + 240
+    while (view := stack.http.get(f"/v1/training-runs/{run['id']}").json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, f"not finished four minutes after its trainer died: {view}"
         time.sleep(0.5)
-    assert view["status"] == "failed" and view["error"]["code"] == "trainer_lost"
+    # At least once: a loaded machine may stall the new trainer past the stale window too (it resumes again).
+    assert view["status"] == "succeeded" and view["resumes"] >= 1, view
+    assert [h["epoch"] for h in view["history"]] == list(range(1, epochs + 1))
     assert stack.child_pid("trainer") != trainer  # the supervisor started a new one

@@ -7,10 +7,12 @@ from functools import partial
 from fastapi import APIRouter, Response
 
 from services.gateway.access import GuardedRoute
-from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, TrainerDep
+from services.gateway.deps import CeleryDep, SessionDep, SettingsDep, StoreDep, TrainerDep
 from services.gateway.problems import PROBLEMS
+from shared.db.models import RunStatus
 from shared.db.session import after_commit
 from shared.schemas import TrainingRunCreate, TrainingRunView
+from shared.training.checkpoints import discard_checkpoint
 from shared.training.runs import cancel_run, create_run, find_run, list_runs, publish_run, run_view
 
 router = APIRouter(prefix="/v1/training-runs", tags=["training runs"], route_class=GuardedRoute)
@@ -50,6 +52,10 @@ def read_run(run_id: str, principal: TrainerDep, session: SessionDep) -> Trainin
 
 
 @router.post("/{run_id}/cancel", status_code=202, response_model=TrainingRunView, responses=PROBLEMS)
-def cancel(run_id: str, principal: TrainerDep, session: SessionDep) -> TrainingRunView:
+def cancel(run_id: str, principal: TrainerDep, session: SessionDep, store: StoreDep) -> TrainingRunView:
     """A queued run is cancelled at once; a running one stops within seconds (no version is registered)."""
-    return run_view(session, cancel_run(session, run_id, principal.scope))
+    run = cancel_run(session, run_id, principal.scope)
+    if run.status == RunStatus.cancelled and run.checkpoint_epoch is not None:
+        # A run queued again to resume: no trainer will hold it now to delete its checkpoint.
+        after_commit(session, partial(discard_checkpoint, store, run.id))
+    return run_view(session, run)

@@ -126,3 +126,16 @@ def test_training_progress_prints_data_and_epoch_lines_without_a_bar_in_a_pipe()
         "data: 90 train / 10 validation images, classes {'A': 50, 'B': 50} (loaded in 0.5 s)",
         "epoch 1/2: train loss 0.7000, val loss 0.6000, val accuracy 0.8000, val ROC-AUC 0.9123 (3 s)",
     ]
+
+
+def test_runs_show_tells_where_a_resumed_run_continued_from(capsys) -> None:
+    from services.cli.api_commands import run_summary
+
+    run = {
+        "id": "r1", "status": "running", "model_name": "chest-xray", "dataset_id": "d1", "promotion": "manual",
+        "progress": {"phase": "training", "percent": 60.0}, "history": [{"epoch": 1}, {"epoch": 2}],
+        "checkpoint_epoch": 2, "resumes": 1, "handbacks": 2,
+    }  # fmt: skip
+    run_summary(run)
+    printed = capsys.readouterr().out
+    assert "epoch 2" in printed and "1 after a lost trainer, 2 handed back" in printed

@@ -75,6 +75,9 @@
     const epochs = p.epochs ? `epoch ${p.epoch ?? 0} / ${p.epochs}` : "";
     const step = p.steps ? ` · step ${p.step ?? 0} / ${p.steps}` : "";
     const eta = p.eta_seconds ? ` · about ${Math.round(p.eta_seconds)} s left` : "";
+    // A run that outlived its trainer: where it continued from (its last epoch's checkpoint).
+    const comebacks = (run.resumes ?? 0) + (run.handbacks ?? 0);
+    const resumed = comebacks ? ` · resumed ${comebacks}× (checkpoint: epoch ${run.checkpoint_epoch ?? "none"})` : "";
     const history = run.history || [];
     const lossChart = el("div", { class: "chart loss-chart" });
     const metricChart = el("div", { class: "chart metric-chart" });
@@ -91,7 +94,7 @@
           ? el("button", { type: "button", class: "danger cancel", text: "Cancel", onclick: () => cancel(run) }) : null),
       el("div", { class: "run-progress" }, el("span", { class: "phase", text: p.phase ?? run.status }),
         progressBar((p.percent ?? (run.status === "succeeded" ? 100 : 0)) / 100, `${number(p.percent ?? 0, 0)}%`),
-        el("span", { class: "muted", text: `${epochs}${step}${eta}` })),
+        el("span", { class: "muted", text: `${epochs}${step}${eta}${resumed}` })),
       charts);
     if (run.error) card.append(el("p", { class: "error" }, el("strong", { text: run.error.code }), ` — ${run.error.detail ?? ""}`));
     if (run.model) card.append(el("p", { text: `Registered ${run.model.name} v${run.model.version}.` }));
