@@ -53,7 +53,9 @@ def answer_jobs(settings, uploads: list[Upload]) -> list[str]:
     """Jobs submitted and answered by the worker's own predictor, in this process: their ids."""
     ids = [job.id for job in submit(settings, uploads, as_batch=True)]
     store = make_object_store(settings)
-    predictor = Predictor(settings, database_for(settings), store, ModelCache(store, torch.device("cpu")))
+    # Coalescing off: the predictor takes exactly these jobs, not other tests' waiting singles.
+    own = settings.model_copy(update={"coalesce_singles": False})
+    predictor = Predictor(own, database_for(own), store, ModelCache(store, torch.device("cpu")))
     assert predictor.run(ids) == {"claimed": len(ids)}
     return ids
 
