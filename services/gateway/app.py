@@ -65,6 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Asynchronous classification of medical images, with retrainable models.",
         description="Submit images as jobs, get ids at once, poll or long-poll for results.",
+        # XRAYQ_API_DOCS=off: /docs, /redoc and /openapi.json are not served.
+        docs_url="/docs" if settings.api_docs == "on" else None,
+        redoc_url="/redoc" if settings.api_docs == "on" else None,
+        openapi_url="/openapi.json" if settings.api_docs == "on" else None,
     )
     app.state.settings = settings
     app.state.database = database_for(settings)
@@ -95,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
+    app.include_router(health.metrics_router(settings.metrics_access))
     # Outermost last: request ids and the access log, metrics, CORS, the browser guard, the body cap
     # (keys are checked by `GuardedRoute`).
     app.add_middleware(

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
 
     # Gateway.
     host: str = "127.0.0.1"
+    # Who may read the gateway's /metrics: anyone ("open", what a Prometheus on a private network
+    # scrapes), only an admin key as a bearer token ("key"), or nobody ("off": 404).
+    metrics_access: Literal["open", "key", "off"] = "open"
+    # The interactive API documentation (/docs, /redoc) and the schema (/openapi.json): "off" hides all
+    # three, so the gateway does not describe itself to whoever reaches it.
+    api_docs: Literal["on", "off"] = "on"
     port: int = 8000
     public_url: str = ""  # how clients reach the gateway, for Location headers; default http://host:port
     # Processes `xrayq gateway` serves HTTP with, on one socket (1: the plain uvicorn process). With
