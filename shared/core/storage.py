@@ -18,6 +18,7 @@ import boto3
 from botocore.client import Config
 from botocore.exceptions import ClientError
 
+from shared.core.durable import STORE_PARTIAL_PREFIX, make_folders, sync_directory, sync_file
 from shared.core.settings import Settings
 
 
@@ -27,7 +28,7 @@ class ObjectNotFound(KeyError):
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # Name prefix of a local object still being written: never listed, never a key of its own.
-_PARTIAL_PREFIX = ".tmp-"
+_PARTIAL_PREFIX = STORE_PARTIAL_PREFIX
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class ObjectStore(Protocol):
 
 
 class LocalObjectStore:
-    """Objects as files under one folder; writes are atomic (temp file + rename)."""
+    """Objects as files under one folder; writes are atomic (temp file + rename) and durable (synced)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
@@ -86,12 +87,14 @@ class LocalObjectStore:
     def _atomic_file(self, key: str) -> Iterator[BinaryIO]:
         """A temporary file beside the object's path, renamed onto it once written: readers see all or nothing."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent, self.root)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PARTIAL_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 yield handle
+                sync_file(handle)  # the bytes on disk before the name points at them
             os.replace(tmp, path)
+            sync_directory(path.parent)  # and the name itself: an accepted job's input survives a power loss
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
