@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     allowed_hosts: str = ""
     # Inputs of finished jobs are deleted from storage after this many days (0: kept forever).
     input_retention_days: float = 30.0
+    # An input object no job row refers to (a submission that failed after storing it) is deleted once
+    # it is this old (0: never); the grace covers uploads whose transaction has not committed yet.
+    orphaned_input_grace_s: float = Field(default=3600.0, ge=0)
 
     # Gateway.
     host: str = "127.0.0.1"

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -37,6 +38,7 @@ class StoredObject:
 
     key: str
     size: int
+    modified: datetime | None = None  # when it was last written (UTC), where the store says
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def ping(self) -> None: ...
     # Whole-store access (backup and restore): every object in key order, and streamed reads and writes.
-    def list_objects(self) -> Iterator[StoredObject]: ...
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]: ...
     def open_object(self, key: str) -> contextlib.AbstractContextManager[ObjectReader]: ...
     def put_stream(self, key: str, stream: BinaryIO, content_type: str = DEFAULT_CONTENT_TYPE) -> None: ...
 
@@ -115,14 +117,19 @@ class LocalObjectStore:
         if not self.root.is_dir():
             raise OSError(f"object store folder {self.root} is missing")
 
-    def list_objects(self) -> Iterator[StoredObject]:
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
         found = []
-        for folder, _dirs, files in os.walk(self.root):
+        # The folder the prefix names (prefixes here end at a folder: "inputs/2026/12/06/").
+        top = self._path(prefix) if prefix else self.root
+        for folder, _dirs, files in os.walk(top):
             for name in files:
                 if name.startswith(_PARTIAL_PREFIX):
                     continue
                 path = Path(folder, name)
-                found.append(StoredObject(path.relative_to(self.root).as_posix(), path.stat().st_size))
+                stat = path.stat()
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(StoredObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
         yield from sorted(found, key=lambda item: item.key)
 
     @contextlib.contextmanager
@@ -181,11 +188,11 @@ class S3ObjectStore:
                 raise ObjectNotFound(key) from None
             raise
 
-    def list_objects(self) -> Iterator[StoredObject]:
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
         # S3 lists keys in UTF-8 binary order, a page of at most 1000 at a time.
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                yield StoredObject(item["Key"], item["Size"])
+                yield StoredObject(item["Key"], item["Size"], item.get("LastModified"))
 
     @contextlib.contextmanager
     def open_object(self, key: str) -> Iterator[ObjectReader]:
