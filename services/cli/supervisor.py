@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from shared.core.durable import remove_crash_leftovers
 from shared.core.settings import Settings
 from shared.db.bootstrap import prepare_backends
 from shared.db.session import database_for
@@ -99,9 +100,15 @@ def ensure_starter_model(settings: Settings) -> bool:
     return True
 
 
+def prepare_stack(settings: Settings) -> None:
+    """Before any child starts: the schema and bucket, and the half-written files a crash left."""
+    prepare_backends(settings)
+    remove_crash_leftovers(settings)
+
+
 def run_stack(settings: Settings, train_starter: bool = True) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    prepare_backends(settings)
+    prepare_stack(settings)
     if train_starter:
         # In a child process: trained here, on CUDA, the model would leave this long-lived supervisor
         # holding a CUDA context and cached GPU memory (1.4 GiB on an H100) for the stack's whole life.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -48,7 +49,7 @@ from shared.core.tracing import configure_tracing
 from shared.db.process_lock import ProcessLock, process_lock
 from shared.db.session import database_for
 from shared.jobs.deliveries import finish_pass
-from shared.jobs.reconciler import purge_old_inputs, reconcile_once
+from shared.jobs.reconciler import SWEEP_EVERY_S, purge_old_inputs, reconcile_once, sweep_orphaned_inputs
 from shared.training.reconciler import reconcile_runs
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Asynchronous classification of medical images, with retrainable models.",
         description="Submit images as jobs, get ids at once, poll or long-poll for results.",
+        # XRAYQ_API_DOCS=off: /docs, /redoc and /openapi.json are not served.
+        docs_url="/docs" if settings.api_docs == "on" else None,
+        redoc_url="/redoc" if settings.api_docs == "on" else None,
+        openapi_url="/openapi.json" if settings.api_docs == "on" else None,
     )
     app.state.settings = settings
     app.state.database = database_for(settings)
@@ -95,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
+    app.include_router(health.metrics_router(settings.metrics_access))
     # Outermost last: request ids and the access log, metrics, CORS, the browser guard, the body cap
     # (keys are checked by `GuardedRoute`).
     app.add_middleware(
@@ -150,6 +156,7 @@ async def _holds(lock: ProcessLock, limiter: anyio.CapacityLimiter) -> bool:
 
 async def _reconcile_forever(app: FastAPI, lock: ProcessLock, limiter: anyio.CapacityLimiter) -> None:
     state = app.state
+    last_sweep = -SWEEP_EVERY_S  # the first pass sweeps
     while True:
         await asyncio.sleep(state.settings.reconcile_interval_s)
         try:
@@ -159,6 +166,10 @@ async def _reconcile_forever(app: FastAPI, lock: ProcessLock, limiter: anyio.Cap
             await anyio.to_thread.run_sync(reconcile_once, *queue, limiter=limiter)
             await anyio.to_thread.run_sync(reconcile_runs, *queue, limiter=limiter)
             await anyio.to_thread.run_sync(purge_old_inputs, state.settings, state.database, limiter=limiter)
+            if time.monotonic() - last_sweep >= SWEEP_EVERY_S:
+                last_sweep = time.monotonic()
+                sweep = (state.settings, state.database, state.store)
+                await anyio.to_thread.run_sync(sweep_orphaned_inputs, *sweep, limiter=limiter)
         except Exception:
             log.exception("housekeeping pass failed")
 

@@ -7,6 +7,7 @@ is made by `shared.jobs.lifecycle`; this module holds the model work between cla
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -235,9 +236,11 @@ class Predictor:
         try:
             if job.input_key is None:
                 raise ObjectNotFound("no input key")
-            return self.store.get(job.input_key)
+            payload = self.store.get(job.input_key)
         except ObjectNotFound:
             raise XrayqError("input_missing", "The job's input is no longer in storage.") from None
+        verify_input(job, payload)
+        return payload
 
     def _write(
         self,
@@ -289,6 +292,26 @@ def _log_outcomes(
                 "duration_ms": job.timings.get("inference_ms"),
             },
         )
+
+
+def verify_input(job: ClaimedJob, payload: bytes) -> None:
+    """The bytes fetched must be the bytes accepted: a changed or damaged object (storage corruption, a
+    write by someone else) would otherwise be classified as if it were the patient's image. Rows from
+    before intake recorded the sha256 carry none and are not checked."""
+    if job.input_sha256 is None:
+        return
+    found = hashlib.sha256(payload).hexdigest()
+    if found != job.input_sha256:
+        # The digests and the key only: never the bytes.
+        log.warning(
+            "input of job %s does not match its sha256 (key %s, %d bytes, expected %s, found %s)",
+            job.id,
+            job.input_key,
+            len(payload),
+            job.input_sha256,
+            found,
+        )
+        raise XrayqError("input_corrupted", "The job's input in storage differs from the one accepted.")
 
 
 def _guarded(code: str, what: str, step: Callable[..., T], *args: Any) -> T:

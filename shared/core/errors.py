@@ -98,6 +98,7 @@ ERROR_STATUS: dict[str, int] = {
     "inference_failed": 500,
     "input_missing": 500,
     "input_unavailable": 500,
+    "input_corrupted": 500,  # the stored input's sha256 differs from the one computed at intake
     "preprocess_failed": 500,
     "result_unwritable": 500,
     "too_many_attempts": 500,

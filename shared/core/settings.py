@@ -68,9 +68,18 @@ class Settings(BaseSettings):
     allowed_hosts: str = ""
     # Inputs of finished jobs are deleted from storage after this many days (0: kept forever).
     input_retention_days: float = 30.0
+    # An input object no job row refers to (a submission that failed after storing it) is deleted once
+    # it is this old (0: never); the grace covers uploads whose transaction has not committed yet.
+    orphaned_input_grace_s: float = Field(default=3600.0, ge=0)
 
     # Gateway.
     host: str = "127.0.0.1"
+    # Who may read the gateway's /metrics: anyone ("open", what a Prometheus on a private network
+    # scrapes), only an admin key as a bearer token ("key"), or nobody ("off": 404).
+    metrics_access: Literal["open", "key", "off"] = "open"
+    # The interactive API documentation (/docs, /redoc) and the schema (/openapi.json): "off" hides all
+    # three, so the gateway does not describe itself to whoever reaches it.
+    api_docs: Literal["on", "off"] = "on"
     port: int = 8000
     public_url: str = ""  # how clients reach the gateway, for Location headers; default http://host:port
     # Processes `xrayq gateway` serves HTTP with, on one socket (1: the plain uvicorn process). With

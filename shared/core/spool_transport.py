@@ -24,17 +24,21 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
+from shared.core.durable import SPOOL_PARTIAL_SUFFIX, sync_directory, sync_file
+
 
 class Channel(filesystem.Channel):
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         # Zero-padded nanoseconds first: consumers take files in name order, which is then arrival order.
         name = f"{monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
-        partial = f"{final}.part"  # not "<queue>.msg": consumers skip it
+        partial = f"{final}{SPOOL_PARTIAL_SUFFIX}"  # not "<queue>.msg": consumers skip it
         try:
             with open(partial, "wb") as handle:
                 handle.write(str_to_bytes(dumps(payload)))
+                sync_file(handle)
             os.replace(partial, final)
+            sync_directory(self.data_folder_out)  # the message of an accepted job survives a power loss
         except OSError as exc:
             raise filesystem.ChannelError(f"Cannot add message file to {self.data_folder_out!r}") from exc
 

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -18,6 +19,7 @@ import boto3
 from botocore.client import Config
 from botocore.exceptions import ClientError
 
+from shared.core.durable import STORE_PARTIAL_PREFIX, make_folders, sync_directory, sync_file
 from shared.core.settings import Settings
 
 
@@ -27,7 +29,7 @@ class ObjectNotFound(KeyError):
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # Name prefix of a local object still being written: never listed, never a key of its own.
-_PARTIAL_PREFIX = ".tmp-"
+_PARTIAL_PREFIX = STORE_PARTIAL_PREFIX
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class StoredObject:
 
     key: str
     size: int
+    modified: datetime | None = None  # when it was last written (UTC), where the store says
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,13 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def ping(self) -> None: ...
     # Whole-store access (backup and restore): every object in key order, and streamed reads and writes.
-    def list_objects(self) -> Iterator[StoredObject]: ...
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]: ...
     def open_object(self, key: str) -> contextlib.AbstractContextManager[ObjectReader]: ...
     def put_stream(self, key: str, stream: BinaryIO, content_type: str = DEFAULT_CONTENT_TYPE) -> None: ...
 
 
 class LocalObjectStore:
-    """Objects as files under one folder; writes are atomic (temp file + rename)."""
+    """Objects as files under one folder; writes are atomic (temp file + rename) and durable (synced)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
@@ -86,12 +89,14 @@ class LocalObjectStore:
     def _atomic_file(self, key: str) -> Iterator[BinaryIO]:
         """A temporary file beside the object's path, renamed onto it once written: readers see all or nothing."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent, self.root)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_PARTIAL_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 yield handle
+                sync_file(handle)  # the bytes on disk before the name points at them
             os.replace(tmp, path)
+            sync_directory(path.parent)  # and the name itself: an accepted job's input survives a power loss
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -112,14 +117,19 @@ class LocalObjectStore:
         if not self.root.is_dir():
             raise OSError(f"object store folder {self.root} is missing")
 
-    def list_objects(self) -> Iterator[StoredObject]:
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
         found = []
-        for folder, _dirs, files in os.walk(self.root):
+        # The folder the prefix names (prefixes here end at a folder: "inputs/2026/12/06/").
+        top = self._path(prefix) if prefix else self.root
+        for folder, _dirs, files in os.walk(top):
             for name in files:
                 if name.startswith(_PARTIAL_PREFIX):
                     continue
                 path = Path(folder, name)
-                found.append(StoredObject(path.relative_to(self.root).as_posix(), path.stat().st_size))
+                stat = path.stat()
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(StoredObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)))
         yield from sorted(found, key=lambda item: item.key)
 
     @contextlib.contextmanager
@@ -178,11 +188,11 @@ class S3ObjectStore:
                 raise ObjectNotFound(key) from None
             raise
 
-    def list_objects(self) -> Iterator[StoredObject]:
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
         # S3 lists keys in UTF-8 binary order, a page of at most 1000 at a time.
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                yield StoredObject(item["Key"], item["Size"])
+                yield StoredObject(item["Key"], item["Size"], item.get("LastModified"))
 
     @contextlib.contextmanager
     def open_object(self, key: str) -> Iterator[ObjectReader]:

@@ -36,9 +36,9 @@ def make_engine(database_url: str) -> Engine:
             # beside the one writer, and busy_timeout makes writers wait instead of failing.
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode NORMAL never corrupts the file; it may lose the last commits on power loss
-            # (not on a process crash), and spares an fsync per commit: the embedded mode's hot path.
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: in WAL mode each commit syncs the log, so a job answered 202 survives a power loss
+            # (NORMAL may lose the last commits); see the README's "Hardened deployment" for its cost.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()

@@ -1,4 +1,5 @@
-"""Housekeeping run by each gateway: republish jobs whose message was lost, purge old inputs.
+"""Housekeeping run by each gateway: republish jobs whose message was lost, purge old inputs, sweep
+away inputs no job refers to.
 
 A message can vanish between the two systems: the broker was down when the gateway published, or a
 worker was killed after Redis handed it a message but before it was recorded as unacknowledged. The
@@ -30,6 +31,8 @@ from shared.jobs.lifecycle import jobs_to_republish, mark_republished, publish_j
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from shared.core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +76,39 @@ def purge_old_inputs(settings: Settings, database: Database, limit: int = 1000) 
             session.execute(update(Job).where(Job.id.in_([job_id for job_id, _ in rows])).values(input_key=None))
         log.info("purged the inputs of %d jobs finished before %s", len(rows), cutoff.isoformat())
     return len(rows)
+
+
+# The day folders of inputs (`inputs/YYYY/MM/DD/<job id>`, shared/jobs/creation.py) the sweeper lists:
+# today's and the two before, so each sweep lists a few days of inputs, not the retention's thirty.
+SWEPT_DAYS = 3
+# How often a gateway sweeps (the reconciler's own passes are every few seconds; a listing is not).
+SWEEP_EVERY_S = 900.0
+
+
+def sweep_orphaned_inputs(settings: Settings, database: Database, store: ObjectStore | None = None) -> list[str]:
+    """Delete input objects that no job row refers to and that are older than `orphaned_input_grace_s`:
+    a submission that failed after storing its inputs (the database refused the commit, the process
+    died) leaves them behind, and nothing else would ever delete them. Returns the keys deleted."""
+    if settings.orphaned_input_grace_s <= 0:
+        return []
+    from shared.core.storage import make_object_store
+
+    store = store or make_object_store(settings)
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.orphaned_input_grace_s)
+    deleted: list[str] = []
+    for days_ago in range(SWEPT_DAYS):
+        prefix = f"inputs/{now - timedelta(days=days_ago):%Y/%m/%d}/"
+        old = [item.key for item in store.list_objects(prefix) if item.modified is not None and item.modified < cutoff]
+        for start in range(0, len(old), 500):
+            keys = old[start : start + 500]
+            job_ids = [key.rsplit("/", 1)[-1] for key in keys]
+            with database.session() as session:
+                referred = set(session.execute(select(Job.input_key).where(Job.id.in_(job_ids))).scalars())
+            for key in keys:
+                if key not in referred:
+                    store.delete(key)
+                    deleted.append(key)
+    if deleted:
+        log.warning("deleted %d stored inputs that no job refers to", len(deleted))
+    return deleted

@@ -227,7 +227,7 @@ def test_a_failed_or_cancelled_job_has_no_explanation(client, predictor, service
     make_object_store(services_settings).put(key, b"\xff\xd8\xff\xe0 not a whole jpeg")  # broken after intake
     predictor.run([failed])
     job = client.get(f"/v1/jobs/{failed}").json()
-    assert job["status"] == "failed" and job["error"]["code"] == "image_unreadable"
+    assert job["status"] == "failed" and job["error"]["code"] == "input_corrupted"
     assert job["explanation"]["status"] == "failed" and job["explanation"]["error"]["code"] == "job_not_succeeded"
 
     cancelled = submit(client, chest_images["NORMAL"][11])

@@ -74,3 +74,40 @@ def test_inputs_of_long_finished_jobs_are_purged_and_results_kept(services_setti
     with database_for(services_settings).session() as session:
         assert session.get(Job, old).input_key is None and session.get(Job, old).label == "NORMAL"
         assert session.get(Job, recent).input_key is not None
+
+
+def test_inputs_no_job_refers_to_are_swept_after_the_grace(services_settings, services_model, chest_images):
+    """A submission that failed after storing its input (no row committed) leaves an object that only
+    the sweeper deletes; the inputs of real jobs stay."""
+    import uuid
+
+    from shared.jobs.reconciler import sweep_orphaned_inputs
+
+    store = make_object_store(services_settings)
+    database = database_for(services_settings)
+    image = chest_images["NORMAL"][13].read_bytes()
+    (job,) = submit(services_settings, [Upload("kept.jpeg", image, "image/jpeg")])
+    orphan = f"inputs/{utcnow():%Y/%m/%d}/{uuid.uuid4()}"
+    store.put(orphan, image)
+
+    assert orphan not in sweep_orphaned_inputs(services_settings, database, store)  # still within the grace
+    assert store.exists(orphan)
+
+    past_grace = services_settings.model_copy(update={"orphaned_input_grace_s": 1e-6})
+    swept = sweep_orphaned_inputs(past_grace, database, store)
+    assert orphan in swept and not store.exists(orphan)
+    assert job.input_key not in swept and store.exists(job.input_key)
+    assert sweep_orphaned_inputs(services_settings.model_copy(update={"orphaned_input_grace_s": 0}), database) == []
+
+
+def test_the_local_store_lists_a_prefix_with_modification_times(tmp_path) -> None:
+    from shared.core.settings import Settings
+
+    store = make_object_store(Settings(home=tmp_path))
+    store.put("inputs/2026/12/06/a", b"a")
+    store.put("inputs/2026/12/07/b", b"b")
+    store.put("models/x", b"x")
+    listed = list(store.list_objects("inputs/2026/12/06/"))
+    assert [item.key for item in listed] == ["inputs/2026/12/06/a"]
+    assert listed[0].modified is not None and utcnow() - listed[0].modified < timedelta(minutes=1)
+    assert [item.key for item in store.list_objects("nothing/here/")] == []

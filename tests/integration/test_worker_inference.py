@@ -68,7 +68,9 @@ def test_redelivery_never_rewrites_a_finished_job(predictor, services_settings, 
         assert again.finished_at == finished and again.probabilities == probabilities and again.attempts == 1
 
 
-def test_an_unreadable_input_fails_alone(predictor, services_settings, chest_images) -> None:
+def test_an_input_changed_in_storage_fails_alone_and_is_counted(
+    predictor, services_settings, chest_images, caplog
+) -> None:
     good = chest_images["PNEUMONIA"][5].read_bytes()
     ids = submit(
         services_settings,
@@ -81,13 +83,19 @@ def test_an_unreadable_input_fails_alone(predictor, services_settings, chest_ima
     store = make_object_store(services_settings)
     with database_for(services_settings).session() as session:
         bad = session.get(Job, ids[1])
-        store.put(bad.input_key, good[:1500])  # corrupted in storage after it was accepted
+        model_name = bad.model_name
+        corrupted = good[:1500] + b"PATIENT-SECRET-BYTES"
+        store.put(bad.input_key, corrupted)  # corrupted in storage after it was accepted
+    labels = {"model": model_name, "code": "input_corrupted"}
+    before = REGISTRY.get_sample_value("xrayq_job_failures_total", labels) or 0
     predictor.run(ids)
     with database_for(services_settings).session() as session:
         statuses = [get_job(session, job_id).status for job_id in ids]
         bad = get_job(session, ids[1])
     assert statuses == [JobStatus.succeeded, JobStatus.failed, JobStatus.succeeded]
-    assert bad.error_code == "image_unreadable"
+    assert bad.error_code == "input_corrupted"
+    assert REGISTRY.get_sample_value("xrayq_job_failures_total", labels) == before + 1
+    assert "does not match its sha256" in caplog.text and "PATIENT-SECRET-BYTES" not in caplog.text
 
 
 def test_a_job_that_keeps_failing_its_worker_ends_failed(predictor, services_settings, chest_images) -> None:

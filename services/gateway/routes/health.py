@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from services.gateway.access import GuardedRoute
-from services.gateway.deps import CeleryDep, DatabaseDep, MetricsDep, SettingsDep, StoreDep
+from services.gateway.deps import AdminDep, CeleryDep, DatabaseDep, MetricsDep, SettingsDep, StoreDep
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
 from shared.db.session import Database
@@ -89,6 +89,19 @@ def _timed(name: str, check: Callable[[], None]) -> dict[str, Any]:
     return result
 
 
-@router.get("/metrics", include_in_schema=False)
-def metrics(registry: MetricsDep) -> Response:
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+def metrics_router(access: str) -> APIRouter:
+    """`/metrics` as `XRAYQ_METRICS_ACCESS` says: open, for admin keys only, or not served at all."""
+    metrics = APIRouter(tags=["health"], route_class=GuardedRoute)
+    if access == "open":
+
+        @metrics.get("/metrics", include_in_schema=False)
+        def open_metrics(registry: MetricsDep) -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    elif access == "key":
+
+        @metrics.get("/metrics", include_in_schema=False)
+        def admin_metrics(registry: MetricsDep, _: AdminDep) -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

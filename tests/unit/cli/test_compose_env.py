@@ -22,6 +22,7 @@ FIXED_BY_COMPOSE = {
     "XRAYQ_HOME",
     "XRAYQ_DATA_DIR",
     "XRAYQ_DATABASE_URL",
+    "XRAYQ_BROKER_URL",  # carries REDIS_PASSWORD
     "XRAYQ_HOST",
     "XRAYQ_PORT",
     "XRAYQ_DICOM_PORT",
@@ -109,7 +110,7 @@ def test_compose_variables_are_documented_and_used() -> None:
 def test_every_long_running_service_is_healthchecked_and_waited_for() -> None:
     services = compose()["services"]
     one_shots = {name for name, s in services.items() if s.get("restart") == "no"}
-    assert one_shots == {"migrate", "starter-model"}
+    assert one_shots == {"credentials-check", "migrate", "starter-model"}
     for name, service in services.items():
         if name not in one_shots:
             assert "healthcheck" in service, f"{name} has no healthcheck"
