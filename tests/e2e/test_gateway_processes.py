@@ -192,7 +192,8 @@ def test_embedded_processes_take_turns_through_a_file_lock(tmp_path) -> None:
     try:
         assert wait_ready(embedded.url, 90, path="/healthz", process=embedded.process, interval=0.3)
         until(lambda: len(embedded.by_pid("xrayq_gateway_process_requests")) == 2, 90, "both processes up")
-        assert (tmp_path / "home" / "xrayq.db.gateway-housekeeping.lock").exists()
+        lock_file = tmp_path / "home" / "xrayq.db.gateway-housekeeping.lock"
+        until(lock_file.exists, 30, "the housekeeping lock file")  # made by the first housekeeping pass
         kill_the_housekeeping_process(embedded, 2)
     finally:
         stop_process(embedded.process)
