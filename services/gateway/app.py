@@ -23,6 +23,7 @@ from services.gateway.problems import install_problem_handlers
 from services.gateway.request_log import RequestLog
 from services.gateway.routes import (
     api_keys,
+    audit_events,
     batches,
     callbacks,
     datasets,
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models,
         model_files,
         api_keys,
+        audit_events,
     )
     for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
