@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import datetime
 
 from sqlalchemy import text
 
@@ -124,3 +125,29 @@ def test_concurrent_writers_keep_the_chain_valid(client, services_settings) -> N
         check = verify_chain(session)
     assert check.ok, check
     assert len(events(client, action="test.concurrent", limit=1000)) >= 40
+
+
+def test_the_fhir_export_is_a_bundle_of_audit_events(client) -> None:
+    key = make_key(client, "hospital-a", ["submit"])
+    assert client.get("/v1/jobs", headers=bearer("xq_not-a-key")).status_code == 401
+    bundle = client.get("/v1/audit-events/fhir").json()
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "collection"
+    resources = [entry["resource"] for entry in bundle["entry"]]
+    assert bundle["total"] == len(resources) > 0
+    for resource in resources:  # AuditEvent's required elements (FHIR R4): type, recorded, agent, source
+        assert resource["resourceType"] == "AuditEvent"
+        assert resource["type"]["code"] and resource["type"]["system"].startswith("http")
+        assert datetime.fromisoformat(resource["recorded"]).tzinfo is not None
+        assert resource["agent"] and all(isinstance(agent["requestor"], bool) for agent in resource["agent"])
+        assert resource["source"]["observer"]
+        assert resource["outcome"] in {"0", "4", "8", "12"} and resource["action"] in set("CRUDE")
+    created = next(
+        r for r in resources if r.get("entity", [{}])[0].get("what", {}).get("identifier", {}).get("value") == key["id"]
+    )
+    assert created["type"]["code"] == "110113" and created["subtype"][0]["code"] == "key.created"
+    failed = [r for r in resources if r["subtype"][0]["code"] == "auth.failed"]
+    assert failed and failed[-1]["outcome"] == "4" and failed[-1]["type"]["code"] == "110114"
+    assert failed[-1]["agent"][0]["network"]["address"] == "testclient"
+    assert (
+        client.get("/v1/audit-events/fhir", headers=bearer(make_key(client, "h", ["submit"])["key"])).status_code == 403
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -11,6 +11,7 @@ from services.gateway.access import GuardedRoute
 from services.gateway.deps import PRINTABLE, AdminDep, SessionDep
 from services.gateway.problems import PROBLEMS
 from shared.audit import verify_chain
+from shared.audit.fhir import fhir_bundle
 from shared.audit.listing import AuditFilter, list_events
 from shared.db.models import AuditEvent, as_utc
 from shared.schemas import AuditChainCheck, AuditEventPage, AuditEventView
@@ -34,6 +35,20 @@ def list_audit_events(
     where = AuditFilter(action, organisation, entity_id, since, until)
     rows, next_cursor = list_events(session, where, cursor=cursor, limit=limit)
     return AuditEventPage(events=[_view(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/fhir", responses=PROBLEMS)
+def export_fhir(
+    session: SessionDep,
+    _: AdminDep,
+    since: Annotated[datetime | None, Query(description="Occurred at or after (ISO 8601).")] = None,
+    until: Annotated[datetime | None, Query(description="Occurred before (ISO 8601).")] = None,
+    cursor: Annotated[int | None, Query(ge=0, description="The last sequence already exported.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> dict[str, Any]:
+    """The events as a FHIR R4 Bundle of AuditEvent resources (IHE BALP style), oldest first."""
+    rows, _next = list_events(session, AuditFilter(since=since, until=until), cursor=cursor, limit=limit)
+    return fhir_bundle(rows)
 
 
 @router.get("/verify", response_model=AuditChainCheck, responses=PROBLEMS)
