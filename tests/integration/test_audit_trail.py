@@ -130,7 +130,7 @@ def test_concurrent_writers_keep_the_chain_valid(client, services_settings) -> N
 def test_the_fhir_export_is_a_bundle_of_audit_events(client) -> None:
     key = make_key(client, "hospital-a", ["submit"])
     assert client.get("/v1/jobs", headers=bearer("xq_not-a-key")).status_code == 401
-    bundle = client.get("/v1/audit-events/fhir").json()
+    bundle = client.get("/v1/audit-events/fhir", params={"since": "2000-01-01T00:00:00Z"}).json()
     assert bundle["resourceType"] == "Bundle" and bundle["type"] == "collection"
     resources = [entry["resource"] for entry in bundle["entry"]]
     assert bundle["total"] == len(resources) > 0
