@@ -41,6 +41,7 @@ from services.gateway.routes import (
 )
 from services.gateway.ui import pages
 from services.gateway.waiter import CompletionWaiter
+from shared.audit import purge_old_audit_events
 from shared.core.logs import configure_logging
 from shared.core.queue import make_celery
 from shared.core.settings import Settings, get_settings
@@ -161,6 +162,7 @@ async def _reconcile_forever(app: FastAPI, lock: ProcessLock, limiter: anyio.Cap
             await anyio.to_thread.run_sync(reconcile_once, *queue, limiter=limiter)
             await anyio.to_thread.run_sync(reconcile_runs, *queue, limiter=limiter)
             await anyio.to_thread.run_sync(purge_old_inputs, state.settings, state.database, limiter=limiter)
+            await anyio.to_thread.run_sync(purge_old_audit_events, state.settings, state.database, limiter=limiter)
         except Exception:
             log.exception("housekeeping pass failed")
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from shared.db.models import AuditEvent, as_utc, utcnow
@@ -123,3 +124,15 @@ def verify_chain(session: Session, page: int = 1000) -> ChainCheck:
             previous = row
         if len(rows) < page:
             return ChainCheck(checked, None)
+
+
+def purge_before(session: Session, cutoff: datetime) -> int:
+    """Delete the events that occurred before `cutoff`, as a prefix of the chain: everything up to the
+    last such sequence, so no hole opens. The oldest remaining row's prev_hash is then the chain's start
+    (`verify_chain` takes it as given). Returns how many were deleted."""
+    if session.get_bind().dialect.name == "postgresql":  # not while a writer appends
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK})
+    last = session.scalar(select(func.max(AuditEvent.sequence)).where(AuditEvent.occurred_at < cutoff))
+    if last is None:
+        return 0
+    return session.execute(delete(AuditEvent).where(AuditEvent.sequence <= last)).rowcount  # type: ignore[attr-defined]

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     allowed_hosts: str = ""
     # Inputs of finished jobs are deleted from storage after this many days (0: kept forever).
     input_retention_days: float = 30.0
+    # Audit events are deleted after this many days (0: kept forever); 2190 days is six years.
+    audit_retention_days: float = 2190.0
 
     # Gateway.
     host: str = "127.0.0.1"

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import text
 
 from shared.audit import Actor, record, verify_chain
+from shared.audit.recorder import event_hash
 from shared.db.session import database_for
 
 
@@ -151,3 +152,29 @@ def test_the_fhir_export_is_a_bundle_of_audit_events(client) -> None:
     assert (
         client.get("/v1/audit-events/fhir", headers=bearer(make_key(client, "h", ["submit"])["key"])).status_code == 403
     )
+
+
+def test_retention_purges_a_prefix_and_the_rest_still_verifies(tmp_path) -> None:
+    from shared.audit import purge_old_audit_events
+    from shared.core.settings import Settings
+    from shared.db.migrate import upgrade_database
+    from shared.db.models import AuditEvent, utcnow
+    from shared.db.session import Database
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'audit.db'}", audit_retention_days=1)
+    upgrade_database(settings)
+    database = Database(settings.database_url)
+    try:
+        for index in range(5):
+            with database.session() as session:
+                event = record(session, "key.created", Actor(organisation="a"), detail={"index": index})
+                if index < 3:  # recorded two days ago (the hash covers the time, so it is recorded so)
+                    event.occurred_at = utcnow() - timedelta(days=2)
+                    event.hash = event_hash(event)
+        assert purge_old_audit_events(settings, database) == 3
+        with database.session() as session:
+            assert [row.sequence for row in session.query(AuditEvent).order_by(AuditEvent.sequence)] == [4, 5]
+            assert verify_chain(session).ok
+        assert purge_old_audit_events(settings, database) == 0
+    finally:
+        database.engine.dispose()
