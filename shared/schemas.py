@@ -525,3 +525,30 @@ class OperationsView(BaseModel):
     queue_depths: dict[str, float]
     workers: dict[str, float] = Field(description="Worker processes answering a ping, by queue (predict, train).")
     active_versions: list[ActiveVersionView]
+
+
+class AuditEventView(BaseModel):
+    id: str
+    sequence: int
+    occurred_at: datetime
+    action: str = Field(description="A stable code: `auth.failed`, `key.created`, `key.revoked`, ...")
+    outcome: Literal["success", "failure"]
+    actor_key_id: str | None = Field(description="The acting API key (null: bootstrap admin, open mode, unknown).")
+    organisation: str | None
+    source_address: str | None
+    entity_type: str | None
+    entity_id: str | None
+    detail: dict[str, Any] | None
+    prev_hash: str
+    hash: str
+
+
+class AuditEventPage(BaseModel):
+    events: list[AuditEventView]
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page (null: no more).")
+
+
+class AuditChainCheck(BaseModel):
+    ok: bool
+    events: int = Field(description="How many events were checked before the first break (all of them if ok).")
+    first_broken_sequence: int | None = Field(description="The first event whose hash or link does not hold.")

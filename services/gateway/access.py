@@ -24,6 +24,7 @@ from starlette.types import Scope
 
 from services.gateway.problems import error_response
 from services.gateway.throttle import RequestLimits
+from shared.audit import Actor, record
 from shared.auth import OPEN, Principal, authenticate, hash_key, require
 from shared.core import log_context
 from shared.core.errors import XrayqError
@@ -199,11 +200,18 @@ class Gatekeeper:
                 raise throttled
         try:
             principal = await run_in_threadpool(look_up, token)
-        except XrayqError:
+        except XrayqError as refusal:
             await self.limits.record_failed_authentication(address)
+            await run_in_threadpool(self._record_failure, address, refusal.code, token.startswith(SESSION_PREFIX))
             raise
         self.principals.put(token, principal)
         return principal
+
+    def _record_failure(self, address: str, code: str, session_cookie: bool) -> None:
+        """An unknown or revoked key (or session) is audited: where it came from, never the token itself."""
+        with self.database.session() as session:
+            detail = {"code": code, "credential": "session" if session_cookie else "api_key"}
+            record(session, "auth.failed", Actor(address=address), outcome="failure", detail=detail)
 
     def _authenticate_in_database(self, token: str) -> Principal:
         with self.database.session() as session:

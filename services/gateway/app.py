@@ -24,6 +24,7 @@ from services.gateway.problems import install_problem_handlers
 from services.gateway.request_log import RequestLog
 from services.gateway.routes import (
     api_keys,
+    audit_events,
     batches,
     callbacks,
     datasets,
@@ -41,6 +42,7 @@ from services.gateway.routes import (
 )
 from services.gateway.ui import pages
 from services.gateway.waiter import CompletionWaiter
+from shared.audit import purge_old_audit_events
 from shared.core.logs import configure_logging
 from shared.core.queue import make_celery
 from shared.core.settings import Settings, get_settings
@@ -97,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models,
         model_files,
         api_keys,
+        audit_events,
     )
     for module in (*routes, sr_destinations, sessions, operations, health, pages):
         app.include_router(module.router)
@@ -170,6 +173,7 @@ async def _reconcile_forever(app: FastAPI, lock: ProcessLock, limiter: anyio.Cap
                 last_sweep = time.monotonic()
                 sweep = (state.settings, state.database, state.store)
                 await anyio.to_thread.run_sync(sweep_orphaned_inputs, *sweep, limiter=limiter)
+            await anyio.to_thread.run_sync(purge_old_audit_events, state.settings, state.database, limiter=limiter)
         except Exception:
             log.exception("housekeeping pass failed")
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from services.gateway.access import PrincipalCache, RoleRequirement
 from services.gateway.admission import AdmissionQueue
 from services.gateway.waiter import CompletionWaiter
+from shared.audit import Actor
 from shared.auth import Principal
 from shared.core.settings import Settings
 from shared.core.storage import ObjectStore
@@ -75,12 +76,25 @@ async def get_metrics(request: Request) -> CollectorRegistry:
     return request.app.state.metrics
 
 
+def client_address(request: Request) -> str | None:
+    """The address the request came from, as the audit trail records it."""
+    return request.client.host if request.client else None
+
+
+async def get_admin_actor(
+    request: Request, principal: Annotated[Principal, Depends(RoleRequirement("admin"))]
+) -> Actor:
+    """An admin request's actor for the audit trail: its key, organisation and address."""
+    return Actor(principal.key_id, principal.organisation, client_address(request))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 # Who calls, and the role each route needs: read by `AccessControl` before the body (see access.py).
 PrincipalDep = Annotated[Principal, Depends(RoleRequirement(None))]
 SubmitterDep = Annotated[Principal, Depends(RoleRequirement("submit"))]
 TrainerDep = Annotated[Principal, Depends(RoleRequirement("train"))]
 AdminDep = Annotated[Principal, Depends(RoleRequirement("admin"))]
+AdminActorDep = Annotated[Actor, Depends(get_admin_actor)]
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]

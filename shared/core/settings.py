@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # An input object no job row refers to (a submission that failed after storing it) is deleted once
     # it is this old (0: never); the grace covers uploads whose transaction has not committed yet.
     orphaned_input_grace_s: float = Field(default=3600.0, ge=0)
+    # Audit events are deleted after this many days (0: kept forever); 2190 days is six years.
+    audit_retention_days: float = 2190.0
 
     # Gateway.
     host: str = "127.0.0.1"

@@ -374,3 +374,25 @@ class ModelDownload(Base):
     api_key_id: Mapped[str | None] = mapped_column(String(36))  # None: the bootstrap admin key or open mode
     organisation: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """One security-relevant event, append-only and hash-chained (`shared/audit/`)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_action_sequence", "action", "sequence"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    sequence: Mapped[int] = mapped_column(BigInteger, unique=True)  # 1, 2, 3... in the order recorded
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    action: Mapped[str] = mapped_column(String(64))  # a stable code: `auth.failed`, `key.created`, ...
+    outcome: Mapped[str] = mapped_column(String(16))  # "success" or "failure"
+    actor_key_id: Mapped[str | None] = mapped_column(String(36))  # None: bootstrap admin, open mode, unknown
+    organisation: Mapped[str | None] = mapped_column(String(128))
+    source_address: Mapped[str | None] = mapped_column(String(64))
+    entity_type: Mapped[str | None] = mapped_column(String(32))
+    entity_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Codes and counts only: never patient identifiers, image bytes or secrets.
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -24,6 +24,7 @@ SHARED_MAY_IMPORT = {
     "sessions": {"core", "db", "auth"},
     "schemas": {"core", "db"},
     "backup": {"core", "db"},
+    "audit": {"core", "db"},
 }
 
 
