@@ -10,6 +10,7 @@ forward pass succeed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import tracemalloc
@@ -114,9 +115,12 @@ def single_jobs(settings, uploads: list[Upload], organisation: str) -> list[str]
 
 
 def behind_intake(settings, job_id: str, data: bytes) -> None:
-    """Replace a stored input with bytes intake never saw: a file accepted by an older intake."""
+    """Replace a stored input with bytes intake never saw: a file accepted by an older intake (so its
+    recorded sha256 is theirs; a mismatch would fail the job as `input_corrupted` before decoding)."""
     with database_for(settings).session() as session:
-        key = session.get(Job, job_id).input_key
+        job = session.get(Job, job_id)
+        key = job.input_key
+        job.input_sha256 = hashlib.sha256(data).hexdigest()
     make_object_store(settings).put(key, data)
 
 
