@@ -28,7 +28,7 @@ from shared.core.parallel_puts import STREAM_IN_FLIGHT_BYTES
 from shared.core.storage import S3ObjectStore
 from tests.conftest import ADMIN_HEADERS, free_port, png_bytes
 from tests.dicom_samples import part10, secondary_capture
-from tests.security.test_odd_input import gateway, served  # noqa: F401  (gateway: the app served on loopback)
+from tests.security.test_odd_input import served
 from tests.unit.intake.test_uploads import make_zip
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def streamed(body: bytes) -> Iterator[bytes]:
         yield bytes(view[start : start + MIB])
 
 
-def test_a_zip_batch_near_the_request_cap_is_never_in_memory_whole(gateway) -> None:  # noqa: F811
+def test_a_zip_batch_near_the_request_cap_is_never_in_memory_whole(gateway) -> None:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
         for index in range(3):  # each over the per-file limit: refused from its declared size
@@ -73,6 +73,19 @@ def test_a_zip_batch_near_the_request_cap_is_never_in_memory_whole(gateway) -> N
     assert peak < len(body) / 4, f"{peak / MIB:.0f} MiB allocated for a {len(body) / MIB:.0f} MiB ZIP"
 
 
+# No housekeeping in this process's gateways: its passes over the shared database and bucket (reconciler,
+# purges, the orphan sweeper's listing) allocate in threads of their own, which tracemalloc would count
+# as the request's.
+QUIET = {"reconcile_interval_s": 0}
+
+
+@pytest.fixture(scope="module")
+def gateway(services_settings, services_model) -> Iterator[httpx.Client]:
+    """The gateway app served by uvicorn on 127.0.0.1, and an HTTP client for it."""
+    with served(services_settings.model_copy(update=QUIET)) as client:
+        yield client
+
+
 @pytest.fixture(scope="module")
 def storing_gateway(services_settings, services_model, tmp_path_factory) -> Iterator[httpx.Client]:
     """The gateway app served in this process, storing into moto's S3 server running in another."""
@@ -81,9 +94,7 @@ def storing_gateway(services_settings, services_model, tmp_path_factory) -> Iter
     process = start_process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], {}, log)
     try:
         assert wait_for_port(port, 30), log.read_text()[-2000:]
-        # No housekeeping in this process: its passes over the shared database and bucket (reconciler,
-        # purges, the orphan sweeper) allocate in threads of their own, which tracemalloc would count.
-        own = {"s3_endpoint_url": f"http://127.0.0.1:{port}", "reconcile_interval_s": 0}
+        own = {"s3_endpoint_url": f"http://127.0.0.1:{port}", **QUIET}
         settings = services_settings.model_copy(update=own)
         S3ObjectStore(settings).ensure_bucket()
         with served(settings) as client:
@@ -167,7 +178,7 @@ def test_a_stow_rs_body_of_many_instances_is_stored_one_instance_at_a_time(stori
     assert peak < bound, f"{peak / MIB:.1f} MiB allocated to store {len(body) / MIB:.0f} MiB of instances"
 
 
-def test_a_stow_rs_body_near_the_request_cap_is_never_in_memory_whole(gateway) -> None:  # noqa: F811
+def test_a_stow_rs_body_near_the_request_cap_is_never_in_memory_whole(gateway) -> None:
     boundary = "bounded-memory"
     part = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + b"\1" * (4 * MIB) + b"\r\n"
     body = part * 25 + f"--{boundary}--\r\n".encode()
@@ -205,7 +216,7 @@ def huge_shape_npz() -> bytes:
         ("huge-shape", huge_shape_npz()),
     ],
 )
-def test_a_malicious_npz_is_refused_before_anything_is_allocated(gateway, name, data) -> None:  # noqa: F811
+def test_a_malicious_npz_is_refused_before_anything_is_allocated(gateway, name, data) -> None:
     files = {"file": (f"{name}.npz", data, "application/zip")}
     started = time.monotonic()
     response, peak = peak_allocated_while(lambda: gateway.post("/v1/datasets", files=files, data={"name": name}))
@@ -229,7 +240,7 @@ def deflate_bomb(inflated: int = 1 << 30) -> bytes:
     return head.getvalue() + body
 
 
-def test_a_deflate_bomb_dicom_is_refused(gateway) -> None:  # noqa: F811
+def test_a_deflate_bomb_dicom_is_refused(gateway) -> None:
     bomb = deflate_bomb()
     assert len(bomb) < 2 * MIB
     response, peak = peak_allocated_while(
